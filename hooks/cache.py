@@ -85,50 +85,68 @@ def harvest(
         "capture": {k: v for k, v in asdict(options).items() if k != "extra_drop_ids"},
         "package_version": _package_version(),
     }
-    manifest = _start_or_resume(out, wanted, n_tokens)
-    done = manifest["tokens"]
-    if done >= n_tokens:
-        return manifest
-    skip = manifest["shards"][-1]["windows_end"] if manifest["shards"] else 0
-    source = live_rows(
-        loaded, sites, itertools.islice(windows, skip, None), batch_windows, options, dtype
-    )
-    bar = tqdm(
-        total=n_tokens,
-        initial=done,
-        unit="tok",
-        unit_scale=True,
-        disable=not progress,
-        desc=f"harvest {','.join(sites)}",
-        dynamic_ncols=True,
-    )
-    parts: list[Rows] = []
-    pending = consumed = 0
-    for consumed, rows in source:
-        rows = rows.select(slice(0, n_tokens - done - pending))
-        parts.append(rows)
-        pending += len(rows)
-        bar.update(len(rows))
-        if pending >= shard_tokens or done + pending >= n_tokens:
-            _write_shard(out, manifest, Rows.cat(parts), skip + consumed)
-            done += pending
-            parts, pending = [], 0
-            if done >= n_tokens:
-                break
-    bar.close()
-    if consumed == 0 and done == 0:
+    # Look at the first window before creating anything, so an empty source leaves no folder.
+    windows = iter(windows)
+    first = next(windows, None)
+    if first is None:
         raise UserError(
             f"The text source '{describe.get('dataset')}' gave no full window of "
             f"{describe.get('context_size')} tokens; use more text or a smaller --context."
         )
+    stream = itertools.chain([first], windows)
+
+    def rows_after(skip: int) -> Iterator[tuple[int, Rows]]:
+        source = live_rows(loaded, sites, itertools.islice(stream, skip, None), batch_windows,
+                           options, dtype)
+        for consumed, rows in source:
+            yield skip + consumed, rows
+
+    return write_cache(out, wanted, rows_after, n_tokens, shard_tokens, progress,
+                       desc=f"harvest {','.join(sites)}")
+
+
+def write_cache(
+    out: Path,
+    wanted: dict,
+    rows_after,
+    n_tokens: int,
+    shard_tokens: int = 16384,
+    progress: bool = True,
+    desc: str = "cache",
+) -> dict:
+    """Fill (or resume filling) a cache with exactly `n_tokens` rows.
+
+    `rows_after(cursor)` must yield (cursor, Rows) for the deterministic stream that starts after
+    `cursor` units (windows, for a live model); `wanted` is the manifest's description.
+    """
+    manifest = _start_or_resume(Path(out), {"format": FORMAT, **wanted}, n_tokens)
+    done = manifest["tokens"]
+    if done >= n_tokens:
+        return manifest
+    skip = manifest["shards"][-1]["windows_end"] if manifest["shards"] else 0
+    parts: list[Rows] = []
+    pending = cursor = 0
+    with tqdm(total=n_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
+              desc=desc, dynamic_ncols=True) as bar:
+        for cursor, rows in rows_after(skip):
+            rows = rows.select(slice(0, n_tokens - done - pending))
+            parts.append(rows)
+            pending += len(rows)
+            bar.update(len(rows))
+            if pending >= shard_tokens or done + pending >= n_tokens:
+                _write_shard(out, manifest, Rows.cat(parts), cursor)
+                done += pending
+                parts, pending = [], 0
+                if done >= n_tokens:
+                    break
     if parts:
-        _write_shard(out, manifest, Rows.cat(parts), skip + consumed)
+        _write_shard(out, manifest, Rows.cat(parts), cursor)
         done += pending
     manifest["complete"] = True
     if done < n_tokens:
-        manifest["note"] = f"the text ran out after {done} of the {n_tokens} tokens asked for"
+        manifest["note"] = f"the data ran out after {done} of the {n_tokens} tokens asked for"
         print(f"[saewb] warning: {manifest['note']}; the cache holds {done} tokens.")
-    atomic_write_json(out / MANIFEST, manifest)
+    atomic_write_json(Path(out) / MANIFEST, manifest)
     return manifest
 
 

@@ -136,6 +136,7 @@ class Capture:
         self.early_exit = early_exit and all(s.depth >= 0 for s in self.sites)
         self.acts: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self._stopping = False  # only our own forward stops early; a user's model(...) runs whole
 
     def __enter__(self) -> Capture:
         modules = dict(self.model.named_modules())
@@ -155,7 +156,7 @@ class Capture:
 
     def _record(self, site: Site, value: torch.Tensor) -> None:
         self.acts[site.name] = value.detach()
-        if self.early_exit and len(self.acts) == len(self.sites):
+        if self._stopping and len(self.acts) == len(self.sites):
             raise StopForward
 
     def _pre_hook(self, site: Site):

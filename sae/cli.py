@@ -6,6 +6,7 @@ Every subcommand turns bad input into one sentence on stderr and exit status 2, 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -93,6 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
     harvest.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     harvest.add_argument("--shard-tokens", default="16k")
     _add_text_args(harvest)
+
+    train = sub.add_parser("train", help="train TopK SAEs from a live model or a cache")
+    _add_model_args(train)
+    train.add_argument("--site", action="append", help="repeat to train several sites at once")
+    train.add_argument("--latents", action="append", help="dictionary size; repeatable")
+    train.add_argument("--k", action="append", type=int, help="active latents per token; repeatable")
+    train.add_argument("--tokens", default="2M")
+    train.add_argument("--cache", default=None, help="train from this activation cache")
+    train.add_argument("--out", default=None, help="run directory (default checkpoints/<site>-n<N>-k<K>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    train.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    train.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="SAE kernel dtype")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--optimizer", default=None, choices=["adam", "signum"])
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--architecture", default="topk", choices=["topk", "batchtopk"])
+    train.add_argument("--multi-topk", action="store_true", help="add FVU(4k)/8 to the loss")
+    train.add_argument("--no-auxk", action="store_true", help="switch off the AuxK loss")
+    train.add_argument("--dead-tokens", default=None, help="tokens without firing = dead")
+    train.add_argument("--checkpoint-every", default="500k", help="tokens between checkpoints")
+    train.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    train.add_argument("--buffer-tokens", default=None, help="mixing buffer size in tokens")
+    train.add_argument("--model-batch", type=int, default=8, help="windows per model forward")
+    _add_text_args(train)
 
     cache = sub.add_parser("cache", help="inspect an activation cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -195,6 +220,57 @@ def cmd_harvest(args: argparse.Namespace) -> None:
     del manifest
 
 
+def train_config(args: argparse.Namespace):
+    from sae.train import TrainConfig
+
+    defaults = TrainConfig()
+    latents = [parse_count(v, "--latents") for v in args.latents] if args.latents else [9216]
+    cfg = TrainConfig(
+        model=args.model, sites=args.site or ["resid_post.9"], latents=latents,
+        ks=args.k or [32], architecture=args.architecture, multi_topk=args.multi_topk,
+        tokens=parse_count(args.tokens), batch=args.batch,
+        optimizer=args.optimizer or defaults.optimizer, lr=args.lr, dtype=args.dtype,
+        seed=args.seed, auxk=not args.no_auxk,
+        dead_tokens=parse_count(args.dead_tokens, "--dead-tokens") if args.dead_tokens else None,
+        log_every=args.log_every,
+        checkpoint_every=parse_count(args.checkpoint_every, "--checkpoint-every"),
+        cache=args.cache, dataset=args.dataset, text_column=args.text_column,
+        context=args.context, model_batch=args.model_batch,
+        buffer_tokens=parse_count(args.buffer_tokens, "--buffer-tokens") if args.buffer_tokens else None,
+        device=args.device, model_dtype=args.model_dtype,
+    )
+    if args.cache:
+        from hooks.cache import ActivationCache
+
+        manifest = ActivationCache(Path(args.cache)).manifest
+        cfg.sites = args.site or manifest["sites"][:1]
+        if args.model != "smollm2-135m" and args.model != manifest["model"]:
+            raise UserError(f"The cache {args.cache} holds activations of '{manifest['model']}', "
+                            f"not '{args.model}'.")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> list[Path]:
+    from sae.train import Trainer, run_name
+
+    cfg = train_config(args)
+    specs = cfg.specs()
+    out = Path(args.out or Path("checkpoints") / (
+        run_name(*specs[0]) if len(specs) == 1 else f"{cfg.model.replace('/', '_')}-multi"))
+    start = time.perf_counter()
+    trainer = Trainer(cfg, out, resume=args.resume)
+    runs = trainer.fit()
+    if trainer.world.main:
+        seconds = time.perf_counter() - start
+        print(f"trained {len(runs)} SAE(s) on {trainer.tokens:,} tokens in {seconds:.0f} s")
+        for run in runs:
+            lines = (run / "train_log.jsonl").read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else {}
+            print(f"  {run}: fvu {last.get('fvu', float('nan')):.3f}, l0 {last.get('l0', 0):.1f}, "
+                  f"dead {last.get('dead_frac', 0):.3f}")
+    return runs
+
+
 def cmd_cache_info(args: argparse.Namespace) -> None:
     from hooks.cache import ActivationCache
 
@@ -219,6 +295,7 @@ COMMANDS = {
     "sites": cmd_sites,
     "harvest": cmd_harvest,
     "cache": cmd_cache_info,
+    "train": cmd_train,
 }
 
 

@@ -1,0 +1,241 @@
+"""The TopK sparse autoencoder (and its BatchTopK variant).
+
+    z      = ReLU(TopK(((x * s) - b_dec) @ W_enc + b_enc))       (N, k) values + indices
+    x_hat  = (z @ W_dec + b_dec) / s
+
+`s` is one input scale, estimated from the first batches so that E||x * s||^2 = d_in, which makes
+the learning rate independent of the site's norm. At save time it is folded into the weights
+(W_enc * s, W_dec / s, b_dec / s), so a saved SAE takes raw activations like any other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from hooks.errors import UserError
+from sae.kernels import sparse_decode, topk_encode
+
+ARCHITECTURES = ("topk", "batchtopk")
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    n_latents: int
+    k: int
+    architecture: str = "topk"
+    k_aux: int | None = None  # latents in the AuxK loss; None: d_in // 2, as in Gao et al.
+    aux_alpha: float = 1 / 32
+    multi_topk: bool = False  # add FVU(4k) / 8 to the loss
+    model: str = ""  # where the activations came from
+    site: str = ""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise UserError(
+                f"Unknown SAE architecture '{self.architecture}'; use one of {ARCHITECTURES}."
+            )
+        if self.d_in <= 0 or self.n_latents <= 0:
+            raise UserError(
+                f"d_in and n_latents must be positive, got {self.d_in} and {self.n_latents}."
+            )
+        if not 0 < self.k <= self.n_latents:
+            raise UserError(
+                f"k must be between 1 and the number of latents ({self.n_latents}), got {self.k}."
+            )
+        if self.k_aux is None:
+            self.k_aux = min(self.d_in // 2, self.n_latents)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SAEConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+def variance(x: Tensor, reduce: Reduce | None = None) -> Tensor:
+    """sum ||x - mean x||^2 over the rows of x (N, d), and over all ranks when `reduce` sums.
+
+    Computed from float64 sums so that ranks can add their parts before subtracting.
+    """
+    stats = torch.cat([x.detach().double().pow(2).sum().view(1), x.detach().double().sum(0),
+                       x.new_tensor([x.shape[0]], dtype=torch.float64)])
+    if reduce is not None:
+        stats = reduce(stats)
+    total = stats[0] - stats[1:-1].pow(2).sum() / stats[-1].clamp_min(1)
+    return total.to(x.dtype)
+
+
+class ForwardOutput(NamedTuple):
+    recon: Tensor  # (N, d_in), in the input's units
+    fvu: Tensor  # scalar: sum ||x - x_hat||^2 / sum ||x - mean x||^2
+    aux_loss: Tensor  # scalar, AuxK (0 when no latent is dead)
+    multi_topk_fvu: Tensor  # scalar (0 unless multi_topk)
+    top_acts: Tensor  # (N, k)
+    top_idx: Tensor  # (N, k)
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.d_in, cfg.n_latents
+        self.W_enc = nn.Parameter(torch.empty(d, n, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(n, device=device))
+        self.W_dec = nn.Parameter(torch.empty(n, d, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d, device=device))
+        self.register_buffer("input_scale", torch.ones((), device=device))
+        # BatchTopK's inference threshold: an EMA of the smallest activation kept in training.
+        self.register_buffer("threshold", torch.zeros((), device=device))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Tied init: unit-norm random decoder rows, W_enc = W_dec^T."""
+        W = torch.randn(self.W_dec.shape, generator=generator, device="cpu")
+        W /= W.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(W)
+        self.W_enc.copy_(W.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # -- the forward pass ------------------------------------------------------------------
+
+    def encode(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 0,
+               k: int | None = None, dtype: torch.dtype | None = None):
+        """(top_acts, top_indices) for raw x (N, d_in); `dtype` runs the kernels in e.g. bf16."""
+        xs = (x.to(self.W_enc.dtype) * self.input_scale - self.b_dec)  # (N, d) centred
+        W_enc, b_enc = self.W_enc, self.b_enc
+        if dtype is not None and dtype != W_enc.dtype:
+            xs, W_enc, b_enc = xs.to(dtype), W_enc.to(dtype), b_enc.to(dtype)
+        return topk_encode(xs, W_enc, b_enc, k or self.cfg.k, dead_mask, k_aux)
+
+    def decode(self, top_acts: Tensor, top_idx: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Reconstruction in the input's units, (N, d_in)."""
+        return (self._decode_scaled(top_acts, top_idx, dtype) + self.b_dec) / self.input_scale
+
+    def _decode_scaled(self, top_acts, top_idx, dtype=None) -> Tensor:
+        W_dec = self.W_dec if dtype is None else self.W_dec.to(dtype)
+        return sparse_decode(top_acts.to(W_dec.dtype), top_idx, W_dec).to(self.W_dec.dtype)
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None,
+                dtype: torch.dtype | None = None, reduce: Reduce | None = None) -> ForwardOutput:
+        """Reconstruction and losses for raw x (N, d_in).
+
+        `reduce` sums statistics over data-parallel ranks, so that every rank divides by the
+        variance of the global batch and the ranks' summed gradients equal one process's.
+        """
+        cfg = self.cfg
+        xs = x.to(self.W_enc.dtype) * self.input_scale  # (N, d)
+        total_variance = variance(xs, reduce)
+        use_aux = dead_mask is not None and bool(dead_mask.any())
+        k_main = 4 * cfg.k if cfg.multi_topk else cfg.k
+        k_main = min(k_main, cfg.n_latents)
+        enc = self.encode(x, dead_mask if use_aux else None, cfg.k_aux if use_aux else 0,
+                          k=k_main, dtype=dtype)
+        acts, idx = enc.top_acts, enc.top_idx  # (N, k_main)
+        multi_fvu = xs.new_zeros(())
+        if cfg.multi_topk:
+            # FVU of the top 4k too (Gao et al.): the top k are the k largest of these.
+            multi = self._decode_scaled(acts, idx, dtype) + self.b_dec
+            multi_fvu = (xs - multi).pow(2).sum() / total_variance
+            order = acts.topk(cfg.k, dim=1).indices
+            acts, idx = acts.gather(1, order), idx.gather(1, order)  # (N, k)
+        if cfg.architecture == "batchtopk" and self.training:
+            acts = self._batch_topk(acts)
+        recon_s = self._decode_scaled(acts, idx, dtype) + self.b_dec  # (N, d), scaled units
+        error = xs - recon_s
+        fvu = error.pow(2).sum() / total_variance
+        aux_loss = xs.new_zeros(())
+        if use_aux:
+            # AuxK: the dead latents model the residual. b_dec is deliberately not added (it is
+            # already in recon_s; sparsify issue 132 counted it twice).
+            residual = error.detach()
+            aux_recon = self._decode_scaled(enc.aux_acts, enc.aux_idx, dtype)
+            scale = min(int(dead_mask.sum()) / cfg.k_aux, 1.0)
+            aux_var = variance(residual, reduce).clamp_min(1e-12)
+            aux_loss = scale * (residual - aux_recon).pow(2).sum() / aux_var
+        return ForwardOutput(recon_s / self.input_scale, fvu, aux_loss, multi_fvu, acts, idx)
+
+    def _batch_topk(self, acts: Tensor) -> Tensor:
+        """Keep the k*N largest activations of the batch; track the threshold for inference."""
+        flat = acts.flatten()
+        keep = self.cfg.k * acts.shape[0]
+        if keep < flat.numel():
+            cutoff = flat.topk(keep, sorted=False).values.min()
+            acts = acts * (acts >= cutoff)
+        with torch.no_grad():
+            positive = acts[acts > 0]
+            if positive.numel():
+                low = positive.min().to(self.threshold.dtype)
+                first = bool(self.threshold == 0)
+                self.threshold.copy_(low if first else 0.99 * self.threshold + 0.01 * low)
+        return acts
+
+    # -- constraints and folding ---------------------------------------------------------
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project out the part of each row's gradient along the (unit) row: it only changes norms."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)  # (n, 1)
+        self.W_dec.grad -= parallel * self.W_dec
+
+    @torch.no_grad()
+    def init_from_sample(self, x: Tensor, reduce: Reduce | None = None) -> None:
+        """Input scale s with E||x s||^2 = d_in, and b_dec at the (scaled) mean, from a sample
+        of raw activations (N, d_in), pooled over ranks when `reduce` sums."""
+        stats = torch.cat([x.double().pow(2).sum().view(1), x.double().sum(0),
+                           x.new_tensor([x.shape[0]], dtype=torch.float64)])
+        if reduce is not None:
+            stats = reduce(stats)
+        count = stats[-1].clamp_min(1)
+        mean_sq = float(stats[0] / count)
+        scale = math.sqrt(self.cfg.d_in / max(mean_sq, 1e-12))
+        self.input_scale.fill_(scale)
+        self.b_dec.copy_((stats[1:-1] / count * scale).to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def folded_state(self) -> dict[str, Tensor]:
+        """Weights that take raw activations: the input scale folded in (acts are unchanged)."""
+        s = self.input_scale
+        state = {
+            "W_enc": self.W_enc * s,
+            "b_enc": self.b_enc.clone(),
+            "W_dec": self.W_dec / s,
+            "b_dec": self.b_dec / s,
+        }
+        if self.cfg.architecture == "batchtopk":
+            state["threshold"] = self.threshold.expand(self.cfg.n_latents).clone()
+        return {k: v.detach().contiguous() for k, v in state.items()}
+
+    @torch.no_grad()
+    def load_folded(self, state: dict[str, Tensor]) -> None:
+        """Load weights saved by folded_state (input scale 1)."""
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            expected = getattr(self, name).shape
+            if state[name].shape != expected:
+                raise UserError(
+                    f"Weight {name} has shape {tuple(state[name].shape)}, but the config says "
+                    f"{tuple(expected)} (d_in {self.cfg.d_in}, {self.cfg.n_latents} latents)."
+                )
+            getattr(self, name).copy_(state[name])
+        self.input_scale.fill_(1.0)
+        if "threshold" in state:
+            self.threshold.copy_(state["threshold"].float().mean())
