@@ -28,12 +28,7 @@ CFG = "cfg.json"
 WEIGHTS = "sae.safetensors"  # ours and sparsify's
 SAELENS_WEIGHTS, SAELENS_SPARSITY = "sae_weights.safetensors", "sparsity.safetensors"
 SAELENS_VERSION = "6.54.12"  # the version we verified against; >= 6 skips its legacy-config path
-SPARSIFY_NAMES = {
-    "W_enc": "encoder.weight",
-    "b_enc": "encoder.bias",
-    "W_dec": "W_dec",
-    "b_dec": "b_dec",
-}
+SPARSIFY_NAMES = dict(W_enc="encoder.weight", b_enc="encoder.bias", W_dec="W_dec", b_dec="b_dec")
 
 
 def _shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
@@ -85,7 +80,7 @@ def export_saelens(
     if cfg.architecture == "batchtopk":
         out["architecture"] = "jumprelu"  # with the "threshold" tensor from folded_state
     else:  # false: folding the input scale leaves decoder rows of norm 1/s, not 1
-        out |= dict(rescale_acts_by_decoder_norm=True, architecture="topk")
+        out |= dict(rescale_acts_by_decoder_norm=False, architecture="topk")
     _write_tensors(out_dir / SAELENS_WEIGHTS, state)
     if sparsity is not None:
         _write_tensors(out_dir / SAELENS_SPARSITY, {"sparsity": torch.log10(sparsity + 1e-10)})
@@ -226,17 +221,13 @@ def _load_saelens(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     for key in ("normalize_activations", "reshape_activations"):
         if raw.get(key) not in ("none", None, False):
             raise UserError(f"{folder / CFG} sets {key}={raw[key]!r}; only 'none' is supported.")
-    cfg = SAEConfig(
-        d_in=_get(raw, "d_in", folder / CFG),
-        n_latents=_get(raw, "d_sae", folder / CFG),
-        k=_get(raw, "k", folder / CFG),
-        architecture="topk" if arch == "topk" else "batchtopk",
-        model=meta.get("model_name") or "",
-        site=meta.get("hook_name") or "",
-    )
+    d_in, d_sae, k = (_get(raw, key, folder / CFG) for key in ("d_in", "d_sae", "k"))
+    arch = "topk" if arch == "topk" else "batchtopk"  # jumprelu: how SAELens saves BatchTopK
+    model, site = meta.get("model_name") or "", meta.get("hook_name") or ""
+    cfg = SAEConfig(d_in, d_sae, k, arch, model=model, site=site)
     t = _read_tensors(file)
     _check(t, _shapes(cfg), file, cfg)
-    if arch == "jumprelu" and not (t["threshold"] == t["threshold"][0]).all():
+    if arch == "batchtopk" and not (t["threshold"] == t["threshold"][0]).all():
         raise UserError(
             f"{file} has per-latent JumpReLU thresholds; only BatchTopK's one is supported."
         )

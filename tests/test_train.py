@@ -1,0 +1,191 @@
+"""The trainer: planted-feature recovery, AuxK, exact resume, torchrun, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hooks.errors import UserError
+from sae.synthetic import recovery, write_synthetic_cache
+from sae.train import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """d=32, 128 planted unit features, ~4 active per token (Zipf rates), 200k tokens."""
+    path = tmp_path_factory.mktemp("planted") / "cache"
+    features = write_synthetic_cache(path, d=32, n_features=128, tokens=200_000, mean_active=4)
+    return path, features
+
+
+def _cfg(cache, **kw):
+    base = dict(cache=str(cache), sites=["synthetic"], latents=[256], ks=[8], tokens=200_000,
+                batch=1024, log_every=20, checkpoint_every=10**9)
+    return TrainConfig(**{**base, **kw})
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_planted_features_are_recovered(planted, tmp_path):
+    cache, features = planted
+    trainer = Trainer(_cfg(cache), tmp_path / "run", progress=False)
+    (run,) = trainer.fit()
+    cos = recovery(trainer.members[0].sae.W_dec.detach(), features)
+    assert cos.mean() >= 0.9, cos.mean()
+    log = _log(run)
+    assert log[-1]["fvu"] < 0.5 * log[0]["fvu"]
+    assert abs(log[-1]["l0"] - 8) < 1e-6
+    # The saved SAE is the trained one, with the input scale folded in.
+    from sae.formats import load_sae
+
+    saved = load_sae(run)
+    x = torch.randn(64, 32)
+    sae = trainer.members[0].sae.eval()
+    torch.testing.assert_close(saved.decode(*saved.encode(x)[:2]), sae.decode(*sae.encode(x)[:2]),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_auxk_revives_dead_latents(tmp_path):
+    """Half the latents start pointing outside the data's span: nothing makes them fire, so
+    without AuxK they stay dead; AuxK trains them on the residual until they fire again."""
+    d, rank = 64, 16
+    features = write_synthetic_cache(tmp_path / "cache", d=d, n_features=256, tokens=150_000,
+                                     mean_active=6, rank=rank)
+    basis = torch.linalg.svd(features, full_matrices=True).Vh
+    inside, outside = basis[:rank], basis[rank:]
+    dead_frac = {}
+    for auxk in (True, False):
+        trainer = Trainer(_cfg(tmp_path / "cache", latents=[256], tokens=150_000, auxk=auxk),
+                          tmp_path / f"run-{auxk}", progress=False)
+        g = torch.Generator().manual_seed(1)
+        w = torch.randn(128, d - rank, generator=g) @ outside
+        w += 0.1 * torch.randn(128, rank, generator=g) @ inside
+        w /= w.norm(dim=1, keepdim=True)
+        with torch.no_grad():
+            sae = trainer.members[0].sae
+            sae.W_dec[:128], sae.W_enc[:, :128] = w, w.T
+        (run,) = trainer.fit()
+        dead_frac[auxk] = _log(run)[-1]["dead_frac"]
+    assert dead_frac[False] > 0.45
+    assert dead_frac[True] < 0.5 * dead_frac[False], dead_frac
+
+
+def test_killed_run_resumes_exactly(planted, tmp_path):
+    cache, _ = planted
+    cfg = dict(tokens=40 * 1024, log_every=1, checkpoint_every=10 * 1024, buffer_tokens=8192)
+    whole = Trainer(_cfg(cache, **cfg), tmp_path / "whole", progress=False)
+    whole.fit()
+
+    killed = Trainer(_cfg(cache, **cfg), tmp_path / "killed", progress=False)
+    calls = {"n": 0}
+    real = killed._train_member
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] == 26:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    killed._train_member = dying
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    assert json.loads((tmp_path / "killed/state/latest.json").read_text())["tokens"] == 20 * 1024
+    resumed = Trainer(_cfg(cache, **cfg), tmp_path / "killed", resume=True, progress=False)
+    assert resumed.step == 20
+    resumed.fit()
+    a, b = _log(tmp_path / "whole"), _log(tmp_path / "killed")
+    assert [r["step"] for r in b] == list(range(1, 41))
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["tokens"] == rb["tokens"]
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-7)
+    wa, wb = load_file(tmp_path / "whole/sae.safetensors"), load_file(tmp_path / "killed/sae.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+def test_several_saes_from_one_stream(planted, tmp_path):
+    cache, _ = planted
+    trainer = Trainer(_cfg(cache, latents=[64, 128], ks=[4], tokens=20_480), tmp_path / "multi",
+                      progress=False)
+    runs = trainer.fit()
+    assert sorted(r.name for r in runs) == ["synthetic-n128-k4", "synthetic-n64-k4"]
+    for run in runs:
+        cfg = json.loads((run / "cfg.json").read_text())
+        assert cfg["n_latents"] == int(run.name.split("-n")[1].split("-")[0])
+        assert len(_log(run)) == 2
+
+
+def test_torchrun_two_ranks_match_one_process(planted, tmp_path):
+    cache, _ = planted
+    common = ["train", "--cache", str(cache), "--site", "synthetic", "--latents", "128", "--k", "8",
+              "--tokens", "20480", "--batch", "1024", "--log-every", "5", "--buffer-tokens", "4096"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "sae", *common, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "-m", "sae", *common, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    wa, wb = load_file(tmp_path / "one/sae.safetensors"), load_file(tmp_path / "two/sae.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+    la, lb = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert [r["fvu"] for r in la] == pytest.approx([r["fvu"] for r in lb], rel=1e-4)
+    assert json.loads((tmp_path / "two/run.json").read_text())["world_size"] == 2
+
+
+def test_nan_rows_are_skipped_then_abort(tmp_path):
+    from hooks.cache import write_cache
+    from sae.synthetic import firing_probabilities, planted_features, synthetic_rows
+
+    features = planted_features(16, 32)
+    clean = synthetic_rows(features, firing_probabilities(32, 4), chunk=1024)
+
+    def poisoned(rate):
+        def rows_after(cursor):
+            for c, rows in clean(cursor):
+                bad = torch.rand(len(rows), generator=torch.Generator().manual_seed(c)) < rate
+                rows.acts["synthetic"][bad] = float("nan")
+                yield c, rows
+        return rows_after
+
+    wanted = {"model": "synthetic", "sites": ["synthetic"], "d_model": 16, "dtype": "float32",
+              "dataset": "poisoned", "context_size": None, "capture": None}
+    write_cache(tmp_path / "few", wanted, poisoned(0.002), 20_480, progress=False)
+    write_cache(tmp_path / "many", wanted, poisoned(0.05), 20_480, progress=False)
+    trainer = Trainer(_cfg(tmp_path / "few", latents=[32], ks=[4], tokens=10_240), tmp_path / "a",
+                      progress=False)
+    trainer.fit()
+    assert 0 < trainer.nonfinite < 0.01 * 10_240
+    assert all(torch.isfinite(p).all() for p in trainer.members[0].sae.parameters())
+    with pytest.raises(UserError, match=r"NaN/inf activations, over the limit of 1\.0%"):
+        Trainer(_cfg(tmp_path / "many", latents=[32], ks=[4], tokens=10_240), tmp_path / "b",
+                progress=False).fit()
+
+
+def test_bad_training_input(planted, tmp_path):
+    cache, _ = planted
+    with pytest.raises(UserError, match=r"k must be between 1 and the number of latents \(64\), got 65"):
+        Trainer(_cfg(cache, latents=[64], ks=[65]), tmp_path / "a", progress=False)
+    with pytest.raises(UserError, match="got 0"):
+        Trainer(_cfg(cache, ks=[0]), tmp_path / "a", progress=False)
+    with pytest.raises(UserError, match=r"holds sites \['synthetic'\], not 'resid_post.3'"):
+        Trainer(_cfg(cache, sites=["resid_post.3"]), tmp_path / "a", progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="not writable"):
+        Trainer(_cfg(cache), blocker / "run", progress=False)
+    Trainer(_cfg(cache, tokens=2048), tmp_path / "done", progress=False).fit()
+    with pytest.raises(UserError, match="already holds a training run"):
+        Trainer(_cfg(cache, tokens=2048), tmp_path / "done", progress=False)
+    with pytest.raises(UserError, match=r"trained with ks=\[8\], not \[4\]"):
+        Trainer(_cfg(cache, tokens=2048, ks=[4]), tmp_path / "done", resume=True, progress=False)
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        Trainer(_cfg(cache), tmp_path / "fresh", resume=True, progress=False)
