@@ -111,14 +111,30 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        harvest(loaded, [args.site], windows(), args.cache_tokens, Path(tmp) / "cache",
-                {"dataset": "builtin", "context_size": 128}, batch_windows=8, progress=False)
+        harvest(
+            loaded,
+            [args.site],
+            windows(),
+            args.cache_tokens,
+            Path(tmp) / "cache",
+            {"dataset": "builtin", "context_size": 128},
+            batch_windows=8,
+            progress=False,
+        )
         harvest_rate = args.cache_tokens / (time.perf_counter() - start)
         harvest_rss = peak_rss_mib()
         child = subprocess.run(
-            [sys.executable, __file__, "--_read", str(Path(tmp) / "cache"),
-             "--read-batch", str(args.read_batch)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--_read",
+                str(Path(tmp) / "cache"),
+                "--read-batch",
+                str(args.read_batch),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         read = json.loads(child.stdout.strip().splitlines()[-1])
     read_rate = read["rows"] / read["seconds"]
@@ -128,19 +144,35 @@ def main() -> None:
     for name, rate in rates.items():
         print(f"{name:42s} {rate:10,.0f} {rate / full:7.2f}x")
     print(f"\n{'cache':42s} {'tokens/s':>10s} {'peak RSS':>10s}")
-    print(f"{'harvest (early exit, writing shards)':42s} {harvest_rate:10,.0f} {harvest_rss:8.0f} MiB")
-    print(f"{'read back (shuffle buffer, batch ' + str(args.read_batch) + ')':42s} "
-          f"{read_rate:10,.0f} {read['peak_rss_mib']:8.0f} MiB")
-    print(f"\nearly exit / full forward: {rates[f'early exit at {args.site}'] / full:.2f}x "
-          f"(target >= 1.8x);  cache read / harvest: {read_rate / harvest_rate:.0f}x (target >= 10x)")
+    print(
+        f"{'harvest (early exit, writing shards)':42s} {harvest_rate:10,.0f} {harvest_rss:8.0f} MiB"
+    )
+    print(
+        f"{'read back (shuffle buffer, batch ' + str(args.read_batch) + ')':42s} "
+        f"{read_rate:10,.0f} {read['peak_rss_mib']:8.0f} MiB"
+    )
+    print(
+        f"\nearly exit / full forward: {rates[f'early exit at {args.site}'] / full:.2f}x "
+        f"(target >= 1.8x);  cache read / harvest: {read_rate / harvest_rate:.0f}x (target >= 10x)"
+    )
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
-    (out / "harvest.json").write_text(json.dumps({
-        "site": args.site, "tokens_per_variant": 2 * tokens, "forward_tokens_per_s": rates,
-        "harvest_tokens_per_s": harvest_rate, "read_tokens_per_s": read_rate,
-        "harvest_peak_rss_mib": harvest_rss, "read_peak_rss_mib": read["peak_rss_mib"],
-        "cache_tokens": args.cache_tokens, "torch": torch.__version__,
-    }, indent=2))
+    (out / "harvest.json").write_text(
+        json.dumps(
+            {
+                "site": args.site,
+                "tokens_per_variant": 2 * tokens,
+                "forward_tokens_per_s": rates,
+                "harvest_tokens_per_s": harvest_rate,
+                "read_tokens_per_s": read_rate,
+                "harvest_peak_rss_mib": harvest_rss,
+                "read_peak_rss_mib": read["peak_rss_mib"],
+                "cache_tokens": args.cache_tokens,
+                "torch": torch.__version__,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -96,13 +96,15 @@ def harvest(
     stream = itertools.chain([first], windows)
 
     def rows_after(skip: int) -> Iterator[tuple[int, Rows]]:
-        source = live_rows(loaded, sites, itertools.islice(stream, skip, None), batch_windows,
-                           options, dtype)
+        source = live_rows(
+            loaded, sites, itertools.islice(stream, skip, None), batch_windows, options, dtype
+        )
         for consumed, rows in source:
             yield skip + consumed, rows
 
-    return write_cache(out, wanted, rows_after, n_tokens, shard_tokens, progress,
-                       desc=f"harvest {','.join(sites)}")
+    return write_cache(
+        out, wanted, rows_after, n_tokens, shard_tokens, progress, desc=f"harvest {','.join(sites)}"
+    )
 
 
 def write_cache(
@@ -126,8 +128,15 @@ def write_cache(
     skip = manifest["shards"][-1]["windows_end"] if manifest["shards"] else 0
     parts: list[Rows] = []
     pending = cursor = 0
-    with tqdm(total=n_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
-              desc=desc, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=n_tokens,
+        initial=done,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc=desc,
+        dynamic_ncols=True,
+    ) as bar:
         for cursor, rows in rows_after(skip):
             rows = rows.select(slice(0, n_tokens - done - pending))
             parts.append(rows)

@@ -99,10 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(train)
     train.add_argument("--site", action="append", help="repeat to train several sites at once")
     train.add_argument("--latents", action="append", help="dictionary size; repeatable")
-    train.add_argument("--k", action="append", type=int, help="active latents per token; repeatable")
+    train.add_argument(
+        "--k", action="append", type=int, help="active latents per token; repeatable"
+    )
     train.add_argument("--tokens", default="2M")
     train.add_argument("--cache", default=None, help="train from this activation cache")
-    train.add_argument("--out", default=None, help="run directory (default checkpoints/<site>-n<N>-k<K>)")
+    train.add_argument(
+        "--out", default=None, help="run directory (default checkpoints/<site>-n<N>-k<K>)"
+    )
     train.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     train.add_argument("--batch", type=int, default=4096, help="tokens per step")
     train.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="SAE kernel dtype")
@@ -226,18 +230,32 @@ def train_config(args: argparse.Namespace):
     defaults = TrainConfig()
     latents = [parse_count(v, "--latents") for v in args.latents] if args.latents else [9216]
     cfg = TrainConfig(
-        model=args.model, sites=args.site or ["resid_post.9"], latents=latents,
-        ks=args.k or [32], architecture=args.architecture, multi_topk=args.multi_topk,
-        tokens=parse_count(args.tokens), batch=args.batch,
-        optimizer=args.optimizer or defaults.optimizer, lr=args.lr, dtype=args.dtype,
-        seed=args.seed, auxk=not args.no_auxk,
+        model=args.model,
+        sites=args.site or ["resid_post.9"],
+        latents=latents,
+        ks=args.k or [32],
+        architecture=args.architecture,
+        multi_topk=args.multi_topk,
+        tokens=parse_count(args.tokens),
+        batch=args.batch,
+        optimizer=args.optimizer or defaults.optimizer,
+        lr=args.lr,
+        dtype=args.dtype,
+        seed=args.seed,
+        auxk=not args.no_auxk,
         dead_tokens=parse_count(args.dead_tokens, "--dead-tokens") if args.dead_tokens else None,
         log_every=args.log_every,
         checkpoint_every=parse_count(args.checkpoint_every, "--checkpoint-every"),
-        cache=args.cache, dataset=args.dataset, text_column=args.text_column,
-        context=args.context, model_batch=args.model_batch,
-        buffer_tokens=parse_count(args.buffer_tokens, "--buffer-tokens") if args.buffer_tokens else None,
-        device=args.device, model_dtype=args.model_dtype,
+        cache=args.cache,
+        dataset=args.dataset,
+        text_column=args.text_column,
+        context=args.context,
+        model_batch=args.model_batch,
+        buffer_tokens=parse_count(args.buffer_tokens, "--buffer-tokens")
+        if args.buffer_tokens
+        else None,
+        device=args.device,
+        model_dtype=args.model_dtype,
     )
     if args.cache:
         from hooks.cache import ActivationCache
@@ -245,8 +263,10 @@ def train_config(args: argparse.Namespace):
         manifest = ActivationCache(Path(args.cache)).manifest
         cfg.sites = args.site or manifest["sites"][:1]
         if args.model != "smollm2-135m" and args.model != manifest["model"]:
-            raise UserError(f"The cache {args.cache} holds activations of '{manifest['model']}', "
-                            f"not '{args.model}'.")
+            raise UserError(
+                f"The cache {args.cache} holds activations of '{manifest['model']}', "
+                f"not '{args.model}'."
+            )
     return cfg
 
 
@@ -255,8 +275,11 @@ def cmd_train(args: argparse.Namespace) -> list[Path]:
 
     cfg = train_config(args)
     specs = cfg.specs()
-    out = Path(args.out or Path("checkpoints") / (
-        run_name(*specs[0]) if len(specs) == 1 else f"{cfg.model.replace('/', '_')}-multi"))
+    out = Path(
+        args.out
+        or Path("checkpoints")
+        / (run_name(*specs[0]) if len(specs) == 1 else f"{cfg.model.replace('/', '_')}-multi")
+    )
     start = time.perf_counter()
     trainer = Trainer(cfg, out, resume=args.resume)
     runs = trainer.fit()
@@ -266,8 +289,10 @@ def cmd_train(args: argparse.Namespace) -> list[Path]:
         for run in runs:
             lines = (run / "train_log.jsonl").read_text().splitlines()
             last = json.loads(lines[-1]) if lines else {}
-            print(f"  {run}: fvu {last.get('fvu', float('nan')):.3f}, l0 {last.get('l0', 0):.1f}, "
-                  f"dead {last.get('dead_frac', 0):.3f}")
+            print(
+                f"  {run}: fvu {last.get('fvu', float('nan')):.3f}, l0 {last.get('l0', 0):.1f}, "
+                f"dead {last.get('dead_frac', 0):.3f}"
+            )
     return runs
 
 

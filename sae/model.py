@@ -69,8 +69,13 @@ def variance(x: Tensor, reduce: Reduce | None = None) -> Tensor:
 
     Computed from float64 sums so that ranks can add their parts before subtracting.
     """
-    stats = torch.cat([x.detach().double().pow(2).sum().view(1), x.detach().double().sum(0),
-                       x.new_tensor([x.shape[0]], dtype=torch.float64)])
+    stats = torch.cat(
+        [
+            x.detach().double().pow(2).sum().view(1),
+            x.detach().double().sum(0),
+            x.new_tensor([x.shape[0]], dtype=torch.float64),
+        ]
+    )
     if reduce is not None:
         stats = reduce(stats)
     total = stats[0] - stats[1:-1].pow(2).sum() / stats[-1].clamp_min(1)
@@ -112,10 +117,16 @@ class TopKSAE(nn.Module):
 
     # -- the forward pass ------------------------------------------------------------------
 
-    def encode(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 0,
-               k: int | None = None, dtype: torch.dtype | None = None):
+    def encode(
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        k_aux: int = 0,
+        k: int | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         """(top_acts, top_indices) for raw x (N, d_in); `dtype` runs the kernels in e.g. bf16."""
-        xs = (x.to(self.W_enc.dtype) * self.input_scale - self.b_dec)  # (N, d) centred
+        xs = x.to(self.W_enc.dtype) * self.input_scale - self.b_dec  # (N, d) centred
         W_enc, b_enc = self.W_enc, self.b_enc
         if dtype is not None and dtype != W_enc.dtype:
             xs, W_enc, b_enc = xs.to(dtype), W_enc.to(dtype), b_enc.to(dtype)
@@ -129,8 +140,13 @@ class TopKSAE(nn.Module):
         W_dec = self.W_dec if dtype is None else self.W_dec.to(dtype)
         return sparse_decode(top_acts.to(W_dec.dtype), top_idx, W_dec).to(self.W_dec.dtype)
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None,
-                dtype: torch.dtype | None = None, reduce: Reduce | None = None) -> ForwardOutput:
+    def forward(
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        reduce: Reduce | None = None,
+    ) -> ForwardOutput:
         """Reconstruction and losses for raw x (N, d_in).
 
         `reduce` sums statistics over data-parallel ranks, so that every rank divides by the
@@ -142,8 +158,9 @@ class TopKSAE(nn.Module):
         use_aux = dead_mask is not None and bool(dead_mask.any())
         k_main = 4 * cfg.k if cfg.multi_topk else cfg.k
         k_main = min(k_main, cfg.n_latents)
-        enc = self.encode(x, dead_mask if use_aux else None, cfg.k_aux if use_aux else 0,
-                          k=k_main, dtype=dtype)
+        enc = self.encode(
+            x, dead_mask if use_aux else None, cfg.k_aux if use_aux else 0, k=k_main, dtype=dtype
+        )
         acts, idx = enc.top_acts, enc.top_idx  # (N, k_main)
         multi_fvu = xs.new_zeros(())
         if cfg.multi_topk:
@@ -201,8 +218,13 @@ class TopKSAE(nn.Module):
     def init_from_sample(self, x: Tensor, reduce: Reduce | None = None) -> None:
         """Input scale s with E||x s||^2 = d_in, and b_dec at the (scaled) mean, from a sample
         of raw activations (N, d_in), pooled over ranks when `reduce` sums."""
-        stats = torch.cat([x.double().pow(2).sum().view(1), x.double().sum(0),
-                           x.new_tensor([x.shape[0]], dtype=torch.float64)])
+        stats = torch.cat(
+            [
+                x.double().pow(2).sum().view(1),
+                x.double().sum(0),
+                x.new_tensor([x.shape[0]], dtype=torch.float64),
+            ]
+        )
         if reduce is not None:
             stats = reduce(stats)
         count = stats[-1].clamp_min(1)

@@ -18,7 +18,9 @@ from hooks.activations import Rows
 from hooks.cache import write_cache
 
 
-def planted_features(d: int, n_features: int, seed: int = 0, rank: int | None = None) -> torch.Tensor:
+def planted_features(
+    d: int, n_features: int, seed: int = 0, rank: int | None = None
+) -> torch.Tensor:
     """(n_features, d) random unit rows, spanning only a random `rank`-dim subspace if given
     (real activations are anisotropic; latents that start outside the data's span die)."""
     g = torch.Generator().manual_seed(seed)
@@ -35,8 +37,9 @@ def firing_probabilities(n_features: int, mean_active: float, zipf: float = 1.0)
     return (rates * mean_active / rates.sum()).clamp(max=1.0).float()
 
 
-def sample(features: torch.Tensor, probs: torch.Tensor, n: int, g: torch.Generator,
-           noise: float = 0.0) -> torch.Tensor:
+def sample(
+    features: torch.Tensor, probs: torch.Tensor, n: int, g: torch.Generator, noise: float = 0.0
+) -> torch.Tensor:
     """(n, d) tokens: sum_i fire_i * magnitude_i * feature_i (+ Gaussian noise)."""
     fire = torch.rand(n, len(probs), generator=g) < probs  # (n, F)
     magnitude = 0.5 + torch.rand(n, len(probs), generator=g)
@@ -46,36 +49,79 @@ def sample(features: torch.Tensor, probs: torch.Tensor, n: int, g: torch.Generat
     return x
 
 
-def synthetic_rows(features: torch.Tensor, probs: torch.Tensor, chunk: int = 4096,
-                   seed: int = 0, noise: float = 0.0, site: str = "synthetic"):
+def synthetic_rows(
+    features: torch.Tensor,
+    probs: torch.Tensor,
+    chunk: int = 4096,
+    seed: int = 0,
+    noise: float = 0.0,
+    site: str = "synthetic",
+):
     """rows_after(cursor) for write_cache: chunk c is generated from seed + c, so any chunk
     can be regenerated on resume."""
 
     def rows_after(cursor: int) -> Iterator[tuple[int, Rows]]:
         for c in range(cursor, 1 << 40):
-            x = sample(features, probs, chunk, torch.Generator().manual_seed(seed * 1_000_003 + c),
-                       noise)
+            x = sample(
+                features, probs, chunk, torch.Generator().manual_seed(seed * 1_000_003 + c), noise
+            )
             index = torch.full((chunk,), c, dtype=torch.int64)
-            yield c + 1, Rows(acts={site: x}, token=torch.zeros(chunk, dtype=torch.int32),
-                              doc=index.int(), pos=torch.arange(chunk, dtype=torch.int32),
-                              window=index)
+            yield (
+                c + 1,
+                Rows(
+                    acts={site: x},
+                    token=torch.zeros(chunk, dtype=torch.int32),
+                    doc=index.int(),
+                    pos=torch.arange(chunk, dtype=torch.int32),
+                    window=index,
+                ),
+            )
 
     return rows_after
 
 
-def write_synthetic_cache(out: Path, d: int, n_features: int, tokens: int, mean_active: float = 8.0,
-                          seed: int = 0, zipf: float = 1.0, noise: float = 0.0,
-                          rank: int | None = None, progress: bool = False) -> torch.Tensor:
+def write_synthetic_cache(
+    out: Path,
+    d: int,
+    n_features: int,
+    tokens: int,
+    mean_active: float = 8.0,
+    seed: int = 0,
+    zipf: float = 1.0,
+    noise: float = 0.0,
+    rank: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Write a cache of planted-feature activations (site 'synthetic'); returns the features."""
     features = planted_features(d, n_features, seed, rank)
     probs = firing_probabilities(n_features, mean_active, zipf)
-    wanted = {"model": "synthetic", "sites": ["synthetic"], "d_model": d, "dtype": "float32",
-              "tokenizer": None, "dataset": f"planted features F={n_features} seed={seed}",
-              "context_size": None, "capture": None, "planted": {
-                  "n_features": n_features, "mean_active": mean_active, "zipf": zipf,
-                  "noise": noise, "seed": seed, "rank": rank}}
-    write_cache(out, wanted, synthetic_rows(features, probs, seed=seed, noise=noise), tokens,
-                shard_tokens=16384, progress=progress, desc="synthetic")
+    wanted = {
+        "model": "synthetic",
+        "sites": ["synthetic"],
+        "d_model": d,
+        "dtype": "float32",
+        "tokenizer": None,
+        "dataset": f"planted features F={n_features} seed={seed}",
+        "context_size": None,
+        "capture": None,
+        "planted": {
+            "n_features": n_features,
+            "mean_active": mean_active,
+            "zipf": zipf,
+            "noise": noise,
+            "seed": seed,
+            "rank": rank,
+        },
+    }
+    write_cache(
+        out,
+        wanted,
+        synthetic_rows(features, probs, seed=seed, noise=noise),
+        tokens,
+        shard_tokens=16384,
+        progress=progress,
+        desc="synthetic",
+    )
     return features
 
 

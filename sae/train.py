@@ -78,7 +78,9 @@ class TrainConfig:
             if not 0 < k <= n:
                 raise UserError(f"k must be between 1 and the number of latents ({n}), got {k}.")
         if self.batch <= 0 or self.tokens <= 0:
-            raise UserError(f"--batch and --tokens must be positive, got {self.batch} and {self.tokens}.")
+            raise UserError(
+                f"--batch and --tokens must be positive, got {self.batch} and {self.tokens}."
+            )
         if self.dtype not in ("fp32", "bf16"):
             raise UserError(f"Unknown --dtype '{self.dtype}'; use fp32 or bf16.")
 
@@ -164,7 +166,9 @@ class DataStream:
 
     def _source(self, cursor: int):
         if self.from_cache:
-            return self.cache.iter_shards(self.cfg.seed, start=cursor, epochs=None, sites=self.cfg.sites)
+            return self.cache.iter_shards(
+                self.cfg.seed, start=cursor, epochs=None, sites=self.cfg.sites
+            )
         return self._live(cursor)
 
     def _live(self, cursor: int):
@@ -178,13 +182,23 @@ class DataStream:
         def epochs():
             for epoch in itertools.count():
                 if epoch:
-                    print(f"[saewb] the text ran out; starting pass {epoch + 1} over it", file=sys.stderr)
-                docs = holdout_split(iter_documents(cfg.dataset, text_column=cfg.text_column), "train")
+                    print(
+                        f"[saewb] the text ran out; starting pass {epoch + 1} over it",
+                        file=sys.stderr,
+                    )
+                docs = holdout_split(
+                    iter_documents(cfg.dataset, text_column=cfg.text_column), "train"
+                )
                 yield from iter_windows(docs, self.loaded.tokenizer, spec)
 
         mine = itertools.islice(epochs(), world.rank, None, world.size)  # this rank's share
-        rows = live_rows(self.loaded, cfg.sites, itertools.islice(mine, cursor, None),
-                         cfg.model_batch, CaptureOptions())
+        rows = live_rows(
+            self.loaded,
+            cfg.sites,
+            itertools.islice(mine, cursor, None),
+            cfg.model_batch,
+            CaptureOptions(),
+        )
         for consumed, batch in rows:
             yield cursor + consumed, batch
 
@@ -276,16 +290,32 @@ class Trainer:
             cfg.model = self.data.cache.manifest["model"]
         specs = cfg.specs()
         self.members = [
-            Member(i, site, SAEConfig(
-                d_in=self.data.d_in, n_latents=n, k=k, architecture=cfg.architecture,
-                k_aux=cfg.k_aux, aux_alpha=cfg.aux_alpha, multi_topk=cfg.multi_topk,
-                model=cfg.model, site=site,
-            ), cfg, self.out if len(specs) == 1 else self.out / run_name(site, n, k))
+            Member(
+                i,
+                site,
+                SAEConfig(
+                    d_in=self.data.d_in,
+                    n_latents=n,
+                    k=k,
+                    architecture=cfg.architecture,
+                    k_aux=cfg.k_aux,
+                    aux_alpha=cfg.aux_alpha,
+                    multi_topk=cfg.multi_topk,
+                    model=cfg.model,
+                    site=site,
+                ),
+                cfg,
+                self.out if len(specs) == 1 else self.out / run_name(site, n, k),
+            )
             for i, (site, n, k) in enumerate(specs)
         ]
         self.dead_tokens = dead_tokens_for(cfg)
         self.total_steps = math.ceil(cfg.tokens / cfg.batch)
-        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max(1, self.total_steps // 20))
+        self.warmup = (
+            cfg.warmup_steps
+            if cfg.warmup_steps is not None
+            else min(1000, max(1, self.total_steps // 20))
+        )
         self.decay = int(cfg.decay_frac * self.total_steps)
         self.kernel_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
         self._reduce = self.world.sum if self.world.size > 1 else None
@@ -303,14 +333,20 @@ class Trainer:
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            raise UserError(f"The output directory {self.out} is not writable ({exc.strerror}); "
-                            "choose another --out.") from None
+            raise UserError(
+                f"The output directory {self.out} is not writable ({exc.strerror}); "
+                "choose another --out."
+            ) from None
         has_state = (self.state_dir / "latest.json").exists()
         if resume and not has_state:
-            raise UserError(f"--resume was given but {self.out} holds no checkpoint to resume from.")
+            raise UserError(
+                f"--resume was given but {self.out} holds no checkpoint to resume from."
+            )
         if not resume and has_state:
-            raise UserError(f"{self.out} already holds a training run; pass --resume to continue "
-                            "it, or choose another --out.")
+            raise UserError(
+                f"{self.out} already holds a training run; pass --resume to continue "
+                "it, or choose another --out."
+            )
 
     def _config_dict(self) -> dict:
         data = asdict(self.cfg)
@@ -323,18 +359,28 @@ class Trainer:
         diffs = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
         if diffs:
             k = diffs[0]
-            raise UserError(f"Cannot resume {self.out}: it was trained with {k}={saved.get(k)!r}, "
-                            f"not {mine.get(k)!r}; use the same settings or another --out.")
+            raise UserError(
+                f"Cannot resume {self.out}: it was trained with {k}={saved.get(k)!r}, "
+                f"not {mine.get(k)!r}; use the same settings or another --out."
+            )
         latest = json.loads((self.state_dir / "latest.json").read_text())
         step_dir = self.state_dir / latest["dir"]
         trainer = json.loads((step_dir / "trainer.json").read_text())
-        self.step, self.tokens, self.nonfinite = trainer["step"], trainer["tokens"], trainer["nonfinite"]
+        self.step, self.tokens, self.nonfinite = (
+            trainer["step"],
+            trainer["tokens"],
+            trainer["nonfinite"],
+        )
         self.initialised = True
         rank_file = step_dir / f"data-{self.world.rank if not self.data.from_cache else 0}"
-        self.data.load(load_file(f"{rank_file}.safetensors"), json.loads(Path(f"{rank_file}.json").read_text()))
+        self.data.load(
+            load_file(f"{rank_file}.safetensors"), json.loads(Path(f"{rank_file}.json").read_text())
+        )
         for m in self.members:
-            m.load(load_file(step_dir / f"sae-{m.index}.safetensors"),
-                   json.loads((step_dir / f"sae-{m.index}.json").read_text()))
+            m.load(
+                load_file(step_dir / f"sae-{m.index}.safetensors"),
+                json.loads((step_dir / f"sae-{m.index}.json").read_text()),
+            )
             if self.world.main:
                 _truncate_log(m.run_dir / "train_log.jsonl", self.tokens)
 
@@ -361,8 +407,9 @@ class Trainer:
             save_file(tensors, str(tmp / f"sae-{m.index}.safetensors"))
             (tmp / f"sae-{m.index}.json").write_text(json.dumps(meta))
             save_sae(m.sae, m.run_dir, extra_cfg={"tokens": self.tokens})
-        (tmp / "trainer.json").write_text(json.dumps(
-            {"step": self.step, "tokens": self.tokens, "nonfinite": self.nonfinite}))
+        (tmp / "trainer.json").write_text(
+            json.dumps({"step": self.step, "tokens": self.tokens, "nonfinite": self.nonfinite})
+        )
         for f in tmp.iterdir():  # make the files durable before the rename publishes them
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -379,15 +426,26 @@ class Trainer:
         atomic_write_json(self.state_dir / "train_config.json", self._config_dict())
         for m in self.members:
             m.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(m.run_dir / "run.json", {
-                "model": self.cfg.model, "site": m.site, "d_in": self.data.d_in,
-                "n_latents": m.sae.cfg.n_latents, "k": m.sae.cfg.k,
-                "data": {"cache": self.cfg.cache} if self.cfg.cache else
-                        {"dataset": self.cfg.dataset, "context_size": self.cfg.context},
-                "tokens_planned": self.cfg.tokens, "tokens": self.tokens,
-                "config": asdict(self.cfg), "dead_tokens": self.dead_tokens,
-                "lr": m.lr, "world_size": self.world.size, "versions": _versions(),
-            })
+            atomic_write_json(
+                m.run_dir / "run.json",
+                {
+                    "model": self.cfg.model,
+                    "site": m.site,
+                    "d_in": self.data.d_in,
+                    "n_latents": m.sae.cfg.n_latents,
+                    "k": m.sae.cfg.k,
+                    "data": {"cache": self.cfg.cache}
+                    if self.cfg.cache
+                    else {"dataset": self.cfg.dataset, "context_size": self.cfg.context},
+                    "tokens_planned": self.cfg.tokens,
+                    "tokens": self.tokens,
+                    "config": asdict(self.cfg),
+                    "dead_tokens": self.dead_tokens,
+                    "lr": m.lr,
+                    "world_size": self.world.size,
+                    "versions": _versions(),
+                },
+            )
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -420,30 +478,49 @@ class Trainer:
             fired = self.world.max(fired)
             m.since_fired += global_rows
             m.since_fired[fired.bool()] = 0
-            stats = {"loss": loss.detach(), "fvu": out.fvu.detach(), "aux": out.aux_loss.detach(),
-                     "l0": (out.top_acts > 0).sum(1).float().mean()}
+            stats = {
+                "loss": loss.detach(),
+                "fvu": out.fvu.detach(),
+                "aux": out.aux_loss.detach(),
+                "l0": (out.top_acts > 0).sum(1).float().mean(),
+            }
+            stats["steps"] = 1
             for key, value in stats.items():
                 m.log_sums[key] = m.log_sums.get(key, 0.0) + value  # tensors: no host sync here
 
     def _log(self, bar, started: float, tokens_at_start: int) -> None:
+        """Append the means over the steps since the last log line to train_log.jsonl."""
         rate = (self.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
         for m in self.members:
-            sums = {k: float(v) / self.cfg.log_every for k, v in m.log_sums.items()}
+            steps = m.log_sums.pop("steps")
+            sums = {k: float(v) / steps for k, v in m.log_sums.items()}
             if self.world.size > 1:
-                packed = self.world.sum(torch.tensor([sums["loss"], sums["fvu"], sums["aux"]]))
-                sums.update(zip(("loss", "fvu", "aux"), (packed / self.world.size).tolist(), strict=True))
+                # Each rank's loss terms are its share of the global sums; L0 is a per-rank mean.
+                keys = ("loss", "fvu", "aux", "l0")
+                packed = self.world.sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+                packed[-1] /= self.world.size
+                sums.update(zip(keys, packed.tolist(), strict=True))
             m.log_sums = {}
             record = {
-                "step": self.step, "tokens": self.tokens, "loss": sums["loss"], "fvu": sums["fvu"],
-                "l0": sums["l0"], "dead_frac": float((m.since_fired >= self.dead_tokens).float().mean()),
-                "aux": sums["aux"], "lr": m.optimizer.param_groups[0]["lr"], "tokens_per_s": rate,
+                "step": self.step,
+                "tokens": self.tokens,
+                "loss": sums["loss"],
+                "fvu": sums["fvu"],
+                "l0": sums["l0"],
+                "dead_frac": float((m.since_fired >= self.dead_tokens).float().mean()),
+                "aux": sums["aux"],
+                "lr": m.optimizer.param_groups[0]["lr"],
+                "tokens_per_s": rate,
             }
             if self.world.main:
                 with open(m.run_dir / "train_log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             if m.index == 0:
-                bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
-                                dead=f"{record['dead_frac']:.3f}")
+                bar.set_postfix(
+                    fvu=f"{record['fvu']:.3f}",
+                    l0=f"{record['l0']:.1f}",
+                    dead=f"{record['dead_frac']:.3f}",
+                )
 
     def fit(self) -> list[Path]:
         cfg = self.cfg
@@ -451,8 +528,15 @@ class Trainer:
             self._write_run_files()
         next_checkpoint = (self.tokens // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         started, tokens_at_start = time.perf_counter(), self.tokens
-        bar = tqdm(total=cfg.tokens, initial=self.tokens, unit="tok", unit_scale=True,
-                   disable=not (self.progress and self.world.main), desc="train", dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.tokens,
+            initial=self.tokens,
+            unit="tok",
+            unit_scale=True,
+            disable=not (self.progress and self.world.main),
+            desc="train",
+            dynamic_ncols=True,
+        )
         with bar:
             for batch in self.data:
                 if self.tokens >= cfg.tokens:
@@ -471,6 +555,8 @@ class Trainer:
                 if self.tokens >= next_checkpoint:
                     self._checkpoint()
                     next_checkpoint += cfg.checkpoint_every
+            if self.step % cfg.log_every and self.members[0].log_sums:
+                self._log(bar, started, tokens_at_start)
         if self.tokens < cfg.tokens:
             raise UserError(f"The data ran out after {self.tokens} of {cfg.tokens} tokens.")
         self._checkpoint()
@@ -481,7 +567,9 @@ class Trainer:
     def _finite_rows(self, batch) -> tuple[dict[str, torch.Tensor], int]:
         """Drop rows with NaN/inf at any site; abort once too many tokens were bad."""
         device = torch.device(self.cfg.device)
-        acts = {s: batch.acts[s].to(device, torch.float32, non_blocking=True) for s in self.cfg.sites}
+        acts = {
+            s: batch.acts[s].to(device, torch.float32, non_blocking=True) for s in self.cfg.sites
+        }
         finite = torch.stack([torch.isfinite(a).all(dim=1) for a in acts.values()]).all(dim=0)
         dropped = int(self.world.sum(torch.tensor(int((~finite).sum()))))
         if dropped:
@@ -490,7 +578,8 @@ class Trainer:
             if self.nonfinite > self.cfg.max_nonfinite * seen:
                 raise UserError(
                     f"{self.nonfinite} of the {seen} tokens so far had NaN/inf activations, over "
-                    f"the limit of {self.cfg.max_nonfinite:.1%}; check the model's dtype and input.")
+                    f"the limit of {self.cfg.max_nonfinite:.1%}; check the model's dtype and input."
+                )
             acts = {s: a[finite] for s, a in acts.items()}
         return acts, dropped
 
@@ -499,7 +588,11 @@ def _truncate_log(path: Path, tokens: int) -> None:
     """Drop log lines written after the checkpoint a resume starts from."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["tokens"] <= tokens]
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line)["tokens"] <= tokens
+    ]
     from hooks.paths import atomic_write_bytes
 
     atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
@@ -510,5 +603,9 @@ def _versions() -> dict:
 
     from sae import __version__
 
-    return {"sae-workbench": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": sys.version.split()[0]}
+    return {
+        "sae-workbench": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+    }

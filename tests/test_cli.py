@@ -21,8 +21,17 @@ def _one_sentence_error(code, err, *needles):
         assert needle in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("text,value", [("1000", 1000), ("2_000", 2000), ("20k", 20000),
-                                        ("2M", 2_000_000), ("1.5k", 1500), ("2e3", 2000)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("1000", 1000),
+        ("2_000", 2000),
+        ("20k", 20000),
+        ("2M", 2_000_000),
+        ("1.5k", 1500),
+        ("2e3", 2000),
+    ],
+)
 def test_parse_count_accepts_common_spellings(text, value):
     assert parse_count(text) == value
 
@@ -35,15 +44,34 @@ def test_parse_count_rejects_non_integers(text):
 
 def _text_file(tmp_path, blocks=300):
     path = tmp_path / "text.txt"
-    path.write_text("\n\n".join(f"Story {i}: the cat sat on the mat near the dog." for i in range(blocks)))
+    path.write_text(
+        "\n\n".join(f"Story {i}: the cat sat on the mat near the dog." for i in range(blocks))
+    )
     return path
 
 
 def test_harvest_and_cache_info(capsys, tmp_path, tiny_dir):
     text = _text_file(tmp_path)
-    code, out, err = _run(capsys, "harvest", "--model", str(tiny_dir), "--site", "resid_post.1",
-                          "--site", "mlp_out.0", "--tokens", "1k", "--cache", str(tmp_path / "c"),
-                          "--dataset", str(text), "--context", "32", "--batch", "4")
+    code, out, err = _run(
+        capsys,
+        "harvest",
+        "--model",
+        str(tiny_dir),
+        "--site",
+        "resid_post.1",
+        "--site",
+        "mlp_out.0",
+        "--tokens",
+        "1k",
+        "--cache",
+        str(tmp_path / "c"),
+        "--dataset",
+        str(text),
+        "--context",
+        "32",
+        "--batch",
+        "4",
+    )
     assert code == 0, err
     assert "1,000 of 1,000" in out and "resid_post.1, mlp_out.0" in out
     code, out, _ = _run(capsys, "cache", "info", str(tmp_path / "c"))
@@ -51,8 +79,15 @@ def test_harvest_and_cache_info(capsys, tmp_path, tiny_dir):
 
 
 def test_corpus_info_on_a_user_file(capsys, tmp_path, tiny_dir):
-    code, out, err = _run(capsys, "corpus", "info", "--dataset", str(_text_file(tmp_path, 5)),
-                          "--model", str(tiny_dir))
+    code, out, err = _run(
+        capsys,
+        "corpus",
+        "info",
+        "--dataset",
+        str(_text_file(tmp_path, 5)),
+        "--model",
+        str(tiny_dir),
+    )
     assert code == 0, err
     assert "documents  5" in out and "Story 0" in out
 
@@ -60,31 +95,109 @@ def test_corpus_info_on_a_user_file(capsys, tmp_path, tiny_dir):
 @pytest.mark.parametrize(
     "argv,needles",
     [
-        (["harvest", "--model", "no-such-org/no-such-model", "--site", "resid_post.1", "--tokens",
-          "100", "--cache", "X"], ["no-such-org/no-such-model", "smollm2-135m"]),
-        (["harvest", "--model", "TINY", "--site", "resid_pots.1", "--tokens", "100", "--cache",
-          "X"], ["resid_pots.1", "valid sites"]),
-        (["harvest", "--model", "TINY", "--site", "resid_post.1", "--tokens", "many", "--cache",
-          "X"], ["--tokens", "'many'"]),
-        (["harvest", "--model", "TINY", "--site", "resid_post.1", "--tokens", "100", "--cache",
-          "X", "--dataset", "missing/notes.jsonl"], ["missing/notes.jsonl"]),
-        (["harvest", "--model", "TINY", "--site", "resid_post.1", "--tokens", "100", "--cache",
-          "X", "--dataset", "EMPTY"], ["contains no text"]),
+        (
+            [
+                "harvest",
+                "--model",
+                "no-such-org/no-such-model",
+                "--site",
+                "resid_post.1",
+                "--tokens",
+                "100",
+                "--cache",
+                "X",
+            ],
+            ["no-such-org/no-such-model", "smollm2-135m"],
+        ),
+        (
+            [
+                "harvest",
+                "--model",
+                "TINY",
+                "--site",
+                "resid_pots.1",
+                "--tokens",
+                "100",
+                "--cache",
+                "X",
+            ],
+            ["resid_pots.1", "valid sites"],
+        ),
+        (
+            [
+                "harvest",
+                "--model",
+                "TINY",
+                "--site",
+                "resid_post.1",
+                "--tokens",
+                "many",
+                "--cache",
+                "X",
+            ],
+            ["--tokens", "'many'"],
+        ),
+        (
+            [
+                "harvest",
+                "--model",
+                "TINY",
+                "--site",
+                "resid_post.1",
+                "--tokens",
+                "100",
+                "--cache",
+                "X",
+                "--dataset",
+                "missing/notes.jsonl",
+            ],
+            ["missing/notes.jsonl"],
+        ),
+        (
+            [
+                "harvest",
+                "--model",
+                "TINY",
+                "--site",
+                "resid_post.1",
+                "--tokens",
+                "100",
+                "--cache",
+                "X",
+                "--dataset",
+                "EMPTY",
+            ],
+            ["contains no text"],
+        ),
         (["cache", "info", "NOWHERE"], ["not an activation cache"]),
     ],
 )
 def test_bad_input_gets_one_sentence(capsys, tmp_path, tiny_dir, argv, needles):
     (tmp_path / "empty.txt").write_text("\n\n  \n")
-    subs = {"TINY": str(tiny_dir), "X": str(tmp_path / "c"), "EMPTY": str(tmp_path / "empty.txt"),
-            "NOWHERE": str(tmp_path / "nowhere")}
+    subs = {
+        "TINY": str(tiny_dir),
+        "X": str(tmp_path / "c"),
+        "EMPTY": str(tmp_path / "empty.txt"),
+        "NOWHERE": str(tmp_path / "nowhere"),
+    }
     code, _, err = _run(capsys, *[subs.get(a, a) for a in argv])
     _one_sentence_error(code, err, *needles)
 
 
 def test_cache_of_another_model_is_refused(capsys, tmp_path, tiny_dir):
     text = str(_text_file(tmp_path))
-    args = ["--site", "resid_post.1", "--tokens", "200", "--cache", str(tmp_path / "c"),
-            "--dataset", text, "--context", "32"]
+    args = [
+        "--site",
+        "resid_post.1",
+        "--tokens",
+        "200",
+        "--cache",
+        str(tmp_path / "c"),
+        "--dataset",
+        text,
+        "--context",
+        "32",
+    ]
     assert _run(capsys, "harvest", "--model", str(tiny_dir), *args)[0] == 0
     other = tmp_path / "other"
     import shutil

@@ -47,9 +47,18 @@ def test_smollm2_shape_and_resid_post_matches_hidden_states(smollm2):
 def test_attention_sink_is_excluded_by_default(smollm2):
     # Without BOS, position 0 holds an ordinary text token, and is still the sink.
     windows = _windows(smollm2, 4, bos="none")
-    every = Rows.cat([r for _, r in live_rows(
-        smollm2, ["resid_post.3"], iter(windows), 4,
-        CaptureOptions(drop_special=False, drop_first=False))])
+    every = Rows.cat(
+        [
+            r
+            for _, r in live_rows(
+                smollm2,
+                ["resid_post.3"],
+                iter(windows),
+                4,
+                CaptureOptions(drop_special=False, drop_first=False),
+            )
+        ]
+    )
     norms = every.acts["resid_post.3"].norm(dim=-1).view(4, 128)
     ratio = norms[:, 0].min() / norms[:, 1:].median()
     assert 5 < ratio < 12, ratio  # measured ~8x at layer 3, whatever the token
@@ -58,8 +67,14 @@ def test_attention_sink_is_excluded_by_default(smollm2):
     assert not first & set(zip(kept.doc.tolist(), kept.pos.tolist()))
     assert len(kept) == 4 * 127 - int((every.token == smollm2.tokenizer.eos_token_id).sum())
     # Some mid-window tokens (often " the") carry massive norms too; the outlier option drops them.
-    trimmed = Rows.cat([r for _, r in live_rows(
-        smollm2, ["resid_post.3"], iter(windows), 4, CaptureOptions(outlier_factor=3.0))])
+    trimmed = Rows.cat(
+        [
+            r
+            for _, r in live_rows(
+                smollm2, ["resid_post.3"], iter(windows), 4, CaptureOptions(outlier_factor=3.0)
+            )
+        ]
+    )
     trimmed_norms = trimmed.acts["resid_post.3"].norm(dim=-1)
     assert len(trimmed) < len(kept)
     assert trimmed_norms.max() <= 3 * kept.acts["resid_post.3"].norm(dim=-1).median() * 1.01
@@ -67,9 +82,17 @@ def test_attention_sink_is_excluded_by_default(smollm2):
 
 def test_harvest_real_smollm2_cache(smollm2, tmp_path: Path):
     out = tmp_path / "cache"
-    manifest = harvest(smollm2, ["resid_post.3"], _windows(smollm2), 3000, out,
-                       {"dataset": "builtin", "context_size": 128}, batch_windows=8,
-                       shard_tokens=1024, progress=False)
+    manifest = harvest(
+        smollm2,
+        ["resid_post.3"],
+        _windows(smollm2),
+        3000,
+        out,
+        {"dataset": "builtin", "context_size": 128},
+        batch_windows=8,
+        shard_tokens=1024,
+        progress=False,
+    )
     assert manifest["tokens"] == 3000 == sum(s["rows"] for s in manifest["shards"])
     assert len(manifest["shards"]) >= 2
     cache = ActivationCache(out)
