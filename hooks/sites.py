@@ -180,12 +180,15 @@ class Capture:
         if not self._handles:
             raise RuntimeError("Capture must be used inside its `with` block.")
         self.acts = {}
+        self._stopping = self.early_exit
         try:
             base_model(self.model)(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             )
         except StopForward:
             pass
+        finally:
+            self._stopping = False
         missing = [s.name for s in self.sites if s.name not in self.acts]
         if missing:
             raise RuntimeError(f"Sites {missing} were never reached in the forward pass.")

@@ -71,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run every stage on the built-in model and corpus")
     demo.add_argument("--out", default="checkpoints/demo")
-    demo.add_argument("--tokens", default="20k")
+    demo.add_argument("--tokens", default="100k")
     demo.add_argument("--site", default="resid_post.3")
+    demo.add_argument("--latents", type=int, default=2304)
+    demo.add_argument("--k", type=int, default=16)
+    demo.add_argument("--batch", type=int, default=2048)
     demo.add_argument("--no-serve", action="store_true", help="do not start the dashboard")
 
     corpus = sub.add_parser("corpus", help="inspect a text source")
@@ -303,15 +306,24 @@ def cmd_cache_info(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Every stage that exists, on the built-in model and corpus, into one run directory."""
+    """Every stage that exists, on the built-in model and corpus, into one folder."""
     out = Path(args.out)
     n_tokens = parse_count(args.tokens)
-    print(f"== saewb demo: smollm2-135m, {args.site}, {n_tokens:,} tokens -> {out}")
-    ns = build_parser().parse_args(
-        ["harvest", "--site", args.site, "--tokens", str(n_tokens), "--cache", str(out / "cache")]
-    )
-    print("== stage 1: harvest activations into a cache")
-    cmd_harvest(ns)
+    cache, run = out / "cache", out / "run"
+    print(f"== saewb demo: smollm2-135m at {args.site}, {n_tokens:,} tokens -> {out}")
+    print("== 1/2 harvest activations into a cache (resumes if interrupted)")
+    cmd_harvest(build_parser().parse_args(
+        ["harvest", "--site", args.site, "--tokens", str(n_tokens), "--cache", str(cache)]))
+    print(f"== 2/2 train a TopK SAE ({args.latents} latents, k={args.k}) from the cache")
+    train = ["train", "--site", args.site, "--cache", str(cache), "--latents", str(args.latents),
+             "--k", str(args.k), "--tokens", str(n_tokens), "--batch", str(args.batch),
+             "--out", str(run)]
+    if (run / "state" / "latest.json").exists():
+        train.append("--resume")
+    cmd_train(build_parser().parse_args(train))
+    print(f"== done: the run directory is {run}")
+    if not args.no_serve:
+        print("   (the dashboard stage arrives with issue 4; nothing to serve yet)")
 
 
 COMMANDS = {

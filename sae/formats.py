@@ -93,8 +93,13 @@ def export_sparsify(sae: TopKSAE, out_dir: Path) -> None:
     sparsify encodes ReLU(linear(x - b_dec)) then top-k; we take the top-k, then ReLU. Whenever at
     least k pre-activations are positive both pick the same latents and values; otherwise the
     extra slots hold zeros in both (with possibly different indices), so the dense activations
-    and the reconstruction agree. A BatchTopK threshold has no place in this format: dropped.
+    and the reconstruction agree.
     """
+    if sae.cfg.architecture == "batchtopk":
+        raise UserError(
+            "sparsify has no thresholded (JumpReLU) activation for a BatchTopK SAE; export it "
+            "to SAELens (as jumprelu) or keep the native format."
+        )
     out_dir, cfg, state = Path(out_dir), sae.cfg, sae.folded_state()
     state["W_enc"] = state["W_enc"].T  # nn.Linear layout, (n, d)
     _write_tensors(

@@ -103,6 +103,7 @@ class TopKSAE(nn.Module):
         self.register_buffer("input_scale", torch.ones((), device=device))
         # BatchTopK's inference threshold: an EMA of the smallest activation kept in training.
         self.register_buffer("threshold", torch.zeros((), device=device))
+        self.threshold_lr = 0.01  # the EMA rate; the trainer shortens it for short runs
         self.reset_parameters()
 
     @torch.no_grad()
@@ -125,11 +126,20 @@ class TopKSAE(nn.Module):
         k: int | None = None,
         dtype: torch.dtype | None = None,
     ):
-        """(top_acts, top_indices) for raw x (N, d_in); `dtype` runs the kernels in e.g. bf16."""
+        """(top_acts, top_indices, aux...) for raw x (N, d_in); `dtype` runs the kernels in bf16.
+
+        A trained BatchTopK SAE encodes at inference like the JumpReLU it exports as: the
+        activations above its threshold, at most 4k per token.
+        """
         xs = x.to(self.W_enc.dtype) * self.input_scale - self.b_dec  # (N, d) centred
         W_enc, b_enc = self.W_enc, self.b_enc
         if dtype is not None and dtype != W_enc.dtype:
             xs, W_enc, b_enc = xs.to(dtype), W_enc.to(dtype), b_enc.to(dtype)
+        jumprelu = self.cfg.architecture == "batchtopk" and not self.training and k is None
+        if jumprelu and float(self.threshold) > 0:
+            enc = topk_encode(xs, W_enc, b_enc, min(4 * self.cfg.k, self.cfg.n_latents))
+            acts = enc.top_acts * (enc.top_acts > self.threshold)  # (N, 4k), zeros below
+            return enc._replace(top_acts=acts)
         return topk_encode(xs, W_enc, b_enc, k or self.cfg.k, dead_mask, k_aux)
 
     def decode(self, top_acts: Tensor, top_idx: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -156,21 +166,24 @@ class TopKSAE(nn.Module):
         xs = x.to(self.W_enc.dtype) * self.input_scale  # (N, d)
         total_variance = variance(xs, reduce)
         use_aux = dead_mask is not None and bool(dead_mask.any())
-        k_main = 4 * cfg.k if cfg.multi_topk else cfg.k
-        k_main = min(k_main, cfg.n_latents)
-        enc = self.encode(
-            x, dead_mask if use_aux else None, cfg.k_aux if use_aux else 0, k=k_main, dtype=dtype
-        )
-        acts, idx = enc.top_acts, enc.top_idx  # (N, k_main)
+        batch_topk = cfg.architecture == "batchtopk" and self.training
+        # Multi-TopK and BatchTopK both start from each token's 4k largest candidates.
+        k_cand = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk or batch_topk else cfg.k
+        if cfg.architecture == "batchtopk" and not self.training:
+            k_cand = None  # inference: the JumpReLU threshold (see encode)
+        aux = (dead_mask, cfg.k_aux) if use_aux else (None, 0)
+        enc = self.encode(x, *aux, k=k_cand, dtype=dtype)
+        acts, idx = enc.top_acts, enc.top_idx  # (N, k_cand)
         multi_fvu = xs.new_zeros(())
-        if cfg.multi_topk:
-            # FVU of the top 4k too (Gao et al.): the top k are the k largest of these.
+        if cfg.multi_topk and self.training:
+            # FVU of the top 4k too (Gao et al.), so that latents beyond the top k also learn.
             multi = self._decode_scaled(acts, idx, dtype) + self.b_dec
             multi_fvu = (xs - multi).pow(2).sum() / total_variance
+        if batch_topk:
+            acts = self._batch_topk(acts)  # k * N over the whole batch, zeros elsewhere
+        elif k_cand is not None and k_cand > cfg.k:
             order = acts.topk(cfg.k, dim=1).indices
             acts, idx = acts.gather(1, order), idx.gather(1, order)  # (N, k)
-        if cfg.architecture == "batchtopk" and self.training:
-            acts = self._batch_topk(acts)
         recon_s = self._decode_scaled(acts, idx, dtype) + self.b_dec  # (N, d), scaled units
         error = xs - recon_s
         fvu = error.pow(2).sum() / total_variance
@@ -197,7 +210,8 @@ class TopKSAE(nn.Module):
             if positive.numel():
                 low = positive.min().to(self.threshold.dtype)
                 first = bool(self.threshold == 0)
-                self.threshold.copy_(low if first else 0.99 * self.threshold + 0.01 * low)
+                rate = self.threshold_lr
+                self.threshold.copy_(low if first else (1 - rate) * self.threshold + rate * low)
         return acts
 
     # -- constraints and folding ---------------------------------------------------------

@@ -318,6 +318,8 @@ class Trainer:
         )
         self.decay = int(cfg.decay_frac * self.total_steps)
         self.kernel_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+        for m in self.members:  # BatchTopK's threshold EMA spans at most a fifth of the run
+            m.sae.threshold_lr = max(0.01, 5 / self.total_steps)
         self._reduce = self.world.sum if self.world.size > 1 else None
         self.step = self.tokens = self.nonfinite = 0
         self.initialised = False

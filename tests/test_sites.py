@@ -93,3 +93,11 @@ def test_token_mask_drops_padding_specials_first_and_outliers():
     acts[0, 2] *= 50  # one huge-norm token, like an attention sink
     out = outlier_mask(acts, keep, factor=4.0)
     assert not out[0, 2] and out[0, 1] and out.sum() == keep.sum() - 1
+
+
+def test_a_plain_forward_inside_the_block_runs_whole(tiny_model):
+    ids = _ids(tiny_model)
+    with Capture(tiny_model, ["resid_post.1"]) as cap:
+        logits = tiny_model(ids).logits  # no StopForward escapes into the user's own call
+        assert logits.shape[:2] == ids.shape
+        torch.testing.assert_close(cap.acts["resid_post.1"], cap(ids)["resid_post.1"])

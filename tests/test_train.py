@@ -264,3 +264,36 @@ def test_bad_training_input(planted, tmp_path):
         Trainer(_cfg(cache, tokens=2048, ks=[4]), tmp_path / "done", resume=True, progress=False)
     with pytest.raises(UserError, match="holds no checkpoint"):
         Trainer(_cfg(cache), tmp_path / "fresh", resume=True, progress=False)
+
+
+def test_batchtopk_and_multi_topk_train(planted, tmp_path):
+    cache, features = planted
+    trainer = Trainer(_cfg(cache, architecture="batchtopk", multi_topk=True, tokens=100_000),
+                      tmp_path / "btk", progress=False)
+    (run,) = trainer.fit()
+    sae = trainer.members[0].sae.eval()
+    assert float(sae.threshold) > 0
+    assert recovery(sae.W_dec.detach(), features).mean() > 0.8
+    x = next(iter(trainer.data)).acts["synthetic"][:512]
+    acts, _ = sae.encode(x)[:2]  # inference: JumpReLU at the tracked threshold
+    assert 4 < float((acts > 0).sum(1).float().mean()) < 16  # about k = 8 on average
+    from sae.formats import load_sae
+
+    saved = load_sae(run)
+    torch.testing.assert_close(saved.encode(x)[0], acts, rtol=1e-4, atol=1e-5)
+
+
+def test_train_from_a_live_model_cli(tmp_path, tiny_dir, capsys):
+    from sae.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Story {i}: the cat sat on the mat, {i % 7} dogs ran." for i in range(400)))
+    argv = ["train", "--model", str(tiny_dir), "--site", "resid_post.1", "--latents", "64", "--k", "4",
+            "--tokens", "6144", "--batch", "512", "--dataset", str(text), "--context", "32",
+            "--log-every", "2", "--out", str(tmp_path / "run"), "--buffer-tokens", "2048"]
+    assert main(argv) == 0, capsys.readouterr().err
+    log = _log(tmp_path / "run")
+    assert log[-1]["tokens"] >= 6144 and log[-1]["fvu"] < log[0]["fvu"]
+    run = json.loads((tmp_path / "run/run.json").read_text())
+    assert run["model"] == str(tiny_dir) and run["site"] == "resid_post.1"
+    assert "tokens" in capsys.readouterr().out
