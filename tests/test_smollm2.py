@@ -101,3 +101,23 @@ def test_harvest_real_smollm2_cache(smollm2, tmp_path: Path):
     assert batch.acts["resid_post.3"].shape == (512, 576)
     assert torch.isfinite(batch.acts["resid_post.3"]).all()
     assert "smollm2-135m" in cache.describe()
+
+
+def test_short_training_run_on_live_smollm2_lowers_fvu(tmp_path: Path):
+    import json
+
+    from sae.train import TrainConfig, Trainer
+
+    saved = os.environ.pop("SAEWB_CACHE", None)
+    try:
+        cfg = TrainConfig(sites=["resid_post.3"], latents=[1152], ks=[16], tokens=16_384,
+                          batch=1024, log_every=4, context=128, buffer_tokens=4096)
+        trainer = Trainer(cfg, tmp_path / "run", progress=False)
+        trainer.fit()
+    finally:
+        if saved is not None:
+            os.environ["SAEWB_CACHE"] = saved
+    fvu = [json.loads(line)["fvu"] for line in (tmp_path / "run/train_log.jsonl").open()]
+    assert len(fvu) == 4
+    assert all(b < a for a, b in zip(fvu, fvu[1:])), fvu  # steadily lower
+    assert fvu[-1] < 0.9 * fvu[0]
