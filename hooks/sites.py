@@ -228,3 +228,38 @@ def outlier_mask(acts: torch.Tensor, keep: torch.Tensor, factor: float) -> torch
 def special_token_ids(tokenizer) -> frozenset[int]:
     ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     return frozenset(i for i in ids if i is not None)
+
+
+class Splice:
+    """Replace a site's activation with fn(activation) during every forward inside the block.
+
+        with Splice(model, "resid_post.3", lambda x: sae_reconstruction(x)):
+            logits = model(ids).logits
+
+    fn gets and returns a (B, T, d) tensor. Used for spliced evaluation and steering.
+    """
+
+    def __init__(self, model: nn.Module, site: str, fn):
+        self.model, self.site, self.fn = model, resolve_site(model, site), fn
+        self._handle = None
+
+    def __enter__(self) -> Splice:
+        module = dict(self.model.named_modules())[self.site.module_path]
+        if self.site.use_input:
+            self._handle = module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        else:
+            self._handle = module.register_forward_hook(self._post_hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def _pre_hook(self, module, args, kwargs):
+        if args:
+            return (self.fn(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self.fn(kwargs["hidden_states"])}
+
+    def _post_hook(self, module, args, output):
+        if isinstance(output, torch.Tensor):
+            return self.fn(output)
+        return (self.fn(output[0]), *output[1:])

@@ -101,3 +101,17 @@ def test_a_plain_forward_inside_the_block_runs_whole(tiny_model):
         logits = tiny_model(ids).logits  # no StopForward escapes into the user's own call
         assert logits.shape[:2] == ids.shape
         torch.testing.assert_close(cap.acts["resid_post.1"], cap(ids)["resid_post.1"])
+
+
+@pytest.mark.parametrize("site", ["resid_pre.1", "resid_post.1", "mlp_out.0", "attn_out.2"])
+def test_splice_identity_changes_nothing_and_zero_changes_logits(tiny_model, site):
+    from hooks.sites import Splice
+
+    ids = _ids(tiny_model)
+    clean = tiny_model(ids).logits
+    with Splice(tiny_model, site, lambda x: x.clone()):
+        same = tiny_model(ids).logits
+    with Splice(tiny_model, site, torch.zeros_like):
+        ablated = tiny_model(ids).logits
+    torch.testing.assert_close(same, clean)
+    assert (ablated - clean).abs().max() > 1e-4
