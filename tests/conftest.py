@@ -96,10 +96,10 @@ def tiny_llama(tokenizer):
     )
 
 
-@pytest.fixture()
-def tiny_dir(tmp_path, tokenizer):
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
     """A tiny Llama saved as a local HF directory, loadable by name like any user model."""
-    path = tmp_path / "tiny-llama"
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
     make_model("llama", len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

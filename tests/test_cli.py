@@ -92,84 +92,21 @@ def test_corpus_info_on_a_user_file(capsys, tmp_path, tiny_dir):
     assert "documents  5" in out and "Story 0" in out
 
 
+HARVEST = "harvest --model TINY --site resid_post.1 --tokens 100 --cache X"
+
+
 @pytest.mark.parametrize(
     "argv,needles",
     [
         (
-            [
-                "harvest",
-                "--model",
-                "no-such-org/no-such-model",
-                "--site",
-                "resid_post.1",
-                "--tokens",
-                "100",
-                "--cache",
-                "X",
-            ],
+            HARVEST.replace("TINY", "no-such-org/no-such-model"),
             ["no-such-org/no-such-model", "smollm2-135m"],
         ),
-        (
-            [
-                "harvest",
-                "--model",
-                "TINY",
-                "--site",
-                "resid_pots.1",
-                "--tokens",
-                "100",
-                "--cache",
-                "X",
-            ],
-            ["resid_pots.1", "valid sites"],
-        ),
-        (
-            [
-                "harvest",
-                "--model",
-                "TINY",
-                "--site",
-                "resid_post.1",
-                "--tokens",
-                "many",
-                "--cache",
-                "X",
-            ],
-            ["--tokens", "'many'"],
-        ),
-        (
-            [
-                "harvest",
-                "--model",
-                "TINY",
-                "--site",
-                "resid_post.1",
-                "--tokens",
-                "100",
-                "--cache",
-                "X",
-                "--dataset",
-                "missing/notes.jsonl",
-            ],
-            ["missing/notes.jsonl"],
-        ),
-        (
-            [
-                "harvest",
-                "--model",
-                "TINY",
-                "--site",
-                "resid_post.1",
-                "--tokens",
-                "100",
-                "--cache",
-                "X",
-                "--dataset",
-                "EMPTY",
-            ],
-            ["contains no text"],
-        ),
-        (["cache", "info", "NOWHERE"], ["not an activation cache"]),
+        (HARVEST.replace("resid_post.1", "resid_pots.1"), ["resid_pots.1", "valid sites"]),
+        (HARVEST.replace("100", "many"), ["--tokens", "'many'"]),
+        (HARVEST + " --dataset missing/notes.jsonl", ["missing/notes.jsonl"]),
+        (HARVEST + " --dataset EMPTY", ["contains no text"]),
+        ("cache info NOWHERE", ["not an activation cache"]),
     ],
 )
 def test_bad_input_gets_one_sentence(capsys, tmp_path, tiny_dir, argv, needles):
@@ -180,7 +117,7 @@ def test_bad_input_gets_one_sentence(capsys, tmp_path, tiny_dir, argv, needles):
         "EMPTY": str(tmp_path / "empty.txt"),
         "NOWHERE": str(tmp_path / "nowhere"),
     }
-    code, _, err = _run(capsys, *[subs.get(a, a) for a in argv])
+    code, _, err = _run(capsys, *[subs.get(a, a) for a in argv.split()])
     _one_sentence_error(code, err, *needles)
 
 
