@@ -6,6 +6,7 @@ Every subcommand turns bad input into one sentence on stderr and exit status 2, 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import sys
@@ -125,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--buffer-tokens", default=None, help="mixing buffer size in tokens")
     train.add_argument("--model-batch", type=int, default=8, help="windows per model forward")
     _add_text_args(train)
+
+    for name, (module, add_parser, _) in PLUGINS.items():
+        try:
+            getattr(importlib.import_module(module), add_parser)(sub)
+        except ImportError as exc:  # a later layer that is not installed or not built yet
+            sub.add_parser(name, help=f"(unavailable: {exc})")
 
     cache = sub.add_parser("cache", help="inspect an activation cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -336,10 +343,25 @@ COMMANDS = {
 }
 
 
+# Subcommands owned by the layers above sae/ (analysis, dashboard). They are found by name at
+# run time so that nothing in sae/ imports those layers: dependencies still point one way.
+PLUGINS = {
+    "eval": ("analysis.evaluate", "add_eval_parser", "cmd_eval"),
+    "analyze": ("analysis.features", "add_analyze_parser", "cmd_analyze"),
+}
+
+
+def _command(name: str):
+    if name in PLUGINS:
+        module, _, command = PLUGINS[name]
+        return getattr(importlib.import_module(module), command)
+    return COMMANDS[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        _command(args.command)(args)
     except UserError as exc:
         print(f"saewb: error: {exc}", file=sys.stderr)
         return 2

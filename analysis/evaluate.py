@@ -1,0 +1,418 @@
+"""Evaluating a trained SAE on held-out text: reconstruction quality, sparsity, and what splicing
+it into the model does to the next-token loss (`saewb eval RUN`, writes RUN/eval.json).
+
+Per batch of held-out windows there are three full forward passes:
+
+  clean     the model as it is; the site's activation x (B, T, d) is recorded on the way
+  spliced   the site's activation at the kept positions replaced by the SAE reconstruction x_hat
+  ablated   the site's activation at the kept positions set to zero
+
+Kept positions are exactly the tokens the SAE was trained on (no special tokens, not position 0,
+the run's outlier rule if it had one); all other positions keep their original activation, like
+SAELens' evals. Reconstruction metrics are streamed over the kept tokens in float64, so nothing
+but a few (d,) and (n_latents,) sums is held. The losses score the predictions made AT the kept
+positions (logits at t, target token t+1), the same positions in all three runs: those are the
+positions whose own activation the splice replaced.
+
+The formulas follow SAELens >= 6.45 (see ../shared/reference/saelens-saebench.md, section 1.7),
+avoiding its old bugs: explained variance is 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2) (not
+with E[x^2] in place of (E x)^2), and MSE is the mean over tokens of ||x - x_hat||^2 summed over
+dims (not divided again by the tokens per batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from analysis.run import Run, open_run
+from hooks.activations import CaptureOptions
+from hooks.errors import UserError
+from hooks.paths import atomic_write_json
+from hooks.sites import Capture, Splice, outlier_mask, special_token_ids, token_mask
+from hooks.windows import batched, stack
+from sae.model import TopKSAE
+
+EVAL_FILE = "eval.json"
+SCORED = "predictions made at the kept positions t < T-1 (logits at t, target token t+1)"
+
+
+# -----------------------------------------------------------------------------
+# streaming accumulators
+
+
+class ReconstructionStats:
+    """Sums over kept tokens, from which every reconstruction and sparsity metric follows.
+
+    update() takes x and x_hat (N, d) and the SAE's (N, k) activations and latent indices.
+    Everything is summed in float64 so that E||x||^2 - ||E x||^2 stays accurate when the mean is
+    large compared with the spread (residual streams often are).
+    """
+
+    def __init__(self, d_in: int, n_latents: int, device: torch.device | str = "cpu"):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.n = 0
+        self.sum_x = torch.zeros(d_in, **f64)  # for ||E x||^2
+        self.sum_x_sq = torch.zeros((), **f64)  # sum ||x||^2
+        self.sum_err_sq = torch.zeros((), **f64)  # sum ||x - x_hat||^2
+        self.sum_xhat_sq = torch.zeros((), **f64)  # sum ||x_hat||^2
+        self.sum_dot = torch.zeros((), **f64)  # sum <x, x_hat>
+        self.sum_cos = torch.zeros((), **f64)
+        self.sum_norm_in = torch.zeros((), **f64)
+        self.sum_norm_out = torch.zeros((), **f64)
+        self.sum_ratio = torch.zeros((), **f64)  # sum ||x_hat|| / ||x||
+        self.sum_l0 = torch.zeros((), **f64)
+        self.sum_l1 = torch.zeros((), **f64)
+        self.fires = torch.zeros(n_latents, dtype=torch.int64, device=device)  # tokens per latent
+
+    @torch.no_grad()
+    def update(self, x: Tensor, x_hat: Tensor, top_acts: Tensor, top_idx: Tensor) -> None:
+        x, x_hat = x.double(), x_hat.double()  # (N, d)
+        self.n += x.shape[0]
+        self.sum_x += x.sum(0)
+        sq_in, sq_out = x.pow(2).sum(1), x_hat.pow(2).sum(1)  # (N,)
+        dot = (x * x_hat).sum(1)  # (N,)
+        norm_in, norm_out = sq_in.sqrt(), sq_out.sqrt()
+        tiny = torch.finfo(torch.float64).tiny  # a zero vector gives ratio/cosine 0, not NaN
+        self.sum_x_sq += sq_in.sum()
+        self.sum_err_sq += (x - x_hat).pow(2).sum()
+        self.sum_xhat_sq += sq_out.sum()
+        self.sum_dot += dot.sum()
+        self.sum_cos += (dot / (norm_in * norm_out).clamp_min(tiny)).sum()
+        self.sum_norm_in += norm_in.sum()
+        self.sum_norm_out += norm_out.sum()
+        self.sum_ratio += (norm_out / norm_in.clamp_min(tiny)).sum()
+        # BatchTopK at inference and the ReLU after TopK leave some of the k slots at zero.
+        active = top_acts != 0  # (N, k)
+        self.sum_l0 += active.sum()
+        self.sum_l1 += top_acts.double().abs().sum()
+        self.fires += torch.bincount(top_idx[active], minlength=self.fires.shape[0])
+
+    def metrics(self) -> dict[str, float | None]:
+        n = max(self.n, 1)
+        # E||x||^2 - ||E x||^2: the total variance per token, about the mean (not about 0)
+        variance = float(self.sum_x_sq / n - (self.sum_x / n).pow(2).sum())
+        mse = float(self.sum_err_sq / n)
+        density = self.fires.double() / n  # (n_latents,) fraction of tokens each latent fires on
+        dot = float(self.sum_dot)
+        return {
+            "fvu": _ratio(mse, variance),
+            "explained_variance": None if variance <= 0 else 1.0 - mse / variance,
+            "mse": mse,
+            "cossim": float(self.sum_cos / n),
+            "l2_norm_in": float(self.sum_norm_in / n),
+            "l2_norm_out": float(self.sum_norm_out / n),
+            "l2_ratio": float(self.sum_ratio / n),
+            # E||x_hat||^2 / E<x, x_hat>: 1 when the SAE does not shrink (arXiv 2404.16014 eq. 10)
+            "relative_reconstruction_bias": _ratio(float(self.sum_xhat_sq), dot),
+            "l0": float(self.sum_l0 / n),
+            "l1": float(self.sum_l1 / n),
+            "dead_fraction": float((self.fires == 0).double().mean()),
+            "frac_over_1_percent": float((density > 0.01).double().mean()),
+            "frac_over_10_percent": float((density > 0.10).double().mean()),
+        }
+
+
+class LossStats:
+    """Next-token CE of the clean, spliced and ablated runs, and KL(clean || other), per token."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.ce = {"clean": 0.0, "spliced": 0.0, "ablated": 0.0}
+        self.kl = {"spliced": 0.0, "ablated": 0.0}
+
+    @torch.no_grad()
+    def update(self, logits: dict[str, Tensor], targets: Tensor, rows: int = 256) -> None:
+        """logits: {run: (N, V)} at the scored positions; targets: (N,) the next tokens.
+
+        Log-probabilities are taken in float64: a small KL is a sum of many near-cancelling
+        terms, which float32 gets wrong in the third digit. `rows` at a time bound the memory.
+        """
+        self.n += int(targets.shape[0])
+        for start in range(0, targets.shape[0], rows):
+            part = slice(start, start + rows)
+            target = targets[part, None]  # (n, 1)
+            logp = {name: F.log_softmax(v[part].double(), dim=-1) for name, v in logits.items()}
+            for name, lp in logp.items():
+                self.ce[name] -= lp.gather(1, target).sum().item()
+            p_clean = logp["clean"].exp()  # (n, V)
+            for name in self.kl:
+                # KL(clean || other), summed over the vocabulary
+                self.kl[name] += (p_clean * (logp["clean"] - logp[name])).sum().item()
+
+    def metrics(self) -> dict[str, float | None]:
+        n = max(self.n, 1)
+        ce = {name: total / n for name, total in self.ce.items()}
+        kl = {name: total / n for name, total in self.kl.items()}
+        return {
+            "ce_loss_clean": ce["clean"],
+            "ce_loss_spliced": ce["spliced"],
+            "ce_loss_ablated": ce["ablated"],
+            # 1: the splice costs nothing; 0: as bad as zeroing the site
+            "ce_loss_recovered": _ratio(ce["ablated"] - ce["spliced"], ce["ablated"] - ce["clean"]),
+            "kl_div_spliced": kl["spliced"],
+            "kl_div_ablated": kl["ablated"],
+            "kl_div_score": _ratio(kl["ablated"] - kl["spliced"], kl["ablated"]),
+        }
+
+
+def _ratio(num: float, den: float) -> float | None:
+    """num / den, or None (null in JSON) where it is undefined."""
+    return num / den if den != 0 and math.isfinite(den) else None
+
+
+# -----------------------------------------------------------------------------
+# splicing
+
+
+def sae_reconstruction(sae: TopKSAE, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_hat (N, d) in x's units and the SAE's dtype, top_acts (N, k), top_idx (N, k))."""
+    enc = sae.encode(x)
+    return sae.decode(enc.top_acts, enc.top_idx), enc.top_acts, enc.top_idx
+
+
+def with_error_term(x: Tensor, x_hat: Tensor) -> Tensor:
+    """x_hat + (x - x_hat), which must give back x bit for bit.
+
+    In float32, x_hat + (x - x_hat) can be off by one ulp. In float64 the difference of two
+    float32 (or bf16) numbers is exact (unless their magnitudes differ by more than ~2^29), so
+    the sum is exactly x and rounds back to it.
+    """
+    return (x_hat.double() + (x.double() - x_hat.double())).to(x.dtype)
+
+
+def sae_splice(
+    sae: TopKSAE,
+    keep: Tensor,
+    stats: ReconstructionStats | None = None,
+    use_error_term: bool = False,
+) -> Callable[[Tensor], Tensor]:
+    """A Splice function putting the SAE's reconstruction at the kept (B, T) positions.
+
+    x_hat is computed from the activation the hook sees, and recorded into `stats` on the way.
+    """
+
+    def fn(h: Tensor) -> Tensor:  # (B, T, d), the site's activation in this forward
+        x = h[keep]  # (N, d)
+        x_hat, top_acts, top_idx = sae_reconstruction(sae, x)
+        if stats is not None:
+            stats.update(x, x_hat, top_acts, top_idx)
+        x_hat = x_hat.to(h.dtype)
+        if use_error_term:
+            x_hat = with_error_term(x, x_hat)
+        out = h.clone()  # masked positions keep their original activation, as in SAELens
+        out[keep] = x_hat
+        return out
+
+    return fn
+
+
+def zero_splice(keep: Tensor) -> Callable[[Tensor], Tensor]:
+    """A Splice function zero-ablating the kept (B, T) positions."""
+
+    def fn(h: Tensor) -> Tensor:
+        out = h.clone()
+        out[keep] = 0
+        return out
+
+    return fn
+
+
+def _selection(run: Run) -> CaptureOptions:
+    """The token selection the SAE was trained with: a cache records its own, live runs use the
+    defaults (the trainer captures with CaptureOptions())."""
+    cache = run.info.get("data", {}).get("cache")
+    if cache:
+        from hooks.cache import read_manifest
+
+        try:
+            saved = read_manifest(cache).get("capture", {})
+        except UserError:  # the cache was deleted: the harvest defaults are the best guess
+            saved = {}
+        return CaptureOptions(**{k: v for k, v in saved.items() if k != "extra_drop_ids"})
+    return CaptureOptions()
+
+
+# -----------------------------------------------------------------------------
+# the evaluation
+
+
+@torch.inference_mode()
+def evaluate(
+    run: Run,
+    n_tokens: int,
+    batch_windows: int = 8,
+    loaded=None,
+    progress: bool = True,
+    use_error_term: bool = False,
+) -> dict:
+    """All metrics over the first n_tokens kept tokens of the run's held-out windows.
+
+    `loaded` is a hooks.models.LoadedModel (loaded from the run's model name when None).
+    `use_error_term` adds x - x_hat back in the spliced run, which must then equal the clean run.
+    Returns the record that `cmd_eval` writes to eval.json.
+    """
+    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens <= 0:
+        raise UserError(f"--tokens must be a positive number of tokens, got {n_tokens!r}.")
+    if batch_windows <= 0:
+        raise UserError(f"--batch must be a positive number of windows, got {batch_windows}.")
+    sae = run.sae.eval()
+    device = next(sae.parameters()).device
+    if loaded is None:
+        loaded = run.load_model(str(device), progress=progress)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    model_device = next(model.parameters()).device
+    if model_device != device:
+        raise UserError(f"The model is on {model_device} but the SAE on {device}; use one device.")
+
+    options = _selection(run)
+    special = special_token_ids(tokenizer) if options.drop_special else frozenset()
+    special = special | options.extra_drop_ids
+    recon = ReconstructionStats(sae.cfg.d_in, sae.cfg.n_latents, device)
+    losses = LossStats()
+    n_windows = 0
+    started = time.perf_counter()
+
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=n_tokens,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc="eval",
+        dynamic_ncols=True,
+    )
+    with bar, Capture(model, [run.site]) as capture:
+        for batch in batched(run.heldout_windows(tokenizer), batch_windows):
+            input_ids = stack(batch)[0].to(device)  # (B, T)
+            keep = token_mask(input_ids, special_ids=special, drop_first=options.drop_first)
+            if not options.outlier_factor:  # the last batch: run only the windows still needed
+                needed = int((keep.sum(1).cumsum(0) < n_tokens - recon.n).sum()) + 1
+                input_ids, keep = input_ids[:needed], keep[:needed]
+            # Capture records the site during our own full forward (it stops early only in
+            # its own __call__), so the clean run needs no second pass for x.
+            clean = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+            x_clean = capture.acts[run.site]  # (B, T, d)
+            if x_clean.shape[-1] != sae.cfg.d_in:
+                raise UserError(
+                    f"The SAE takes d_in={sae.cfg.d_in} but {run.site} of {run.model} has width "
+                    f"{x_clean.shape[-1]}; evaluate it with the model it was trained on."
+                )
+            if options.outlier_factor:  # depends on the activations: known only now
+                keep &= outlier_mask(x_clean, keep, options.outlier_factor)
+            keep = _first(keep, n_tokens - recon.n)  # the budget may end inside this batch
+            # Score the predictions made at the kept positions: logits at t, target t+1.
+            # Only these (N, V) rows are kept, not the whole (B, T, V) logits of each run.
+            scored = keep[:, :-1]  # (B, T-1)
+            targets = input_ids[:, 1:][scored]  # (N,)
+            logits = {"clean": clean[:, :-1][scored]}
+            del clean
+            with Splice(model, run.site, sae_splice(sae, keep, recon, use_error_term)):
+                spliced = model(input_ids=input_ids, use_cache=False).logits
+                logits["spliced"] = spliced[:, :-1][scored]
+            with Splice(model, run.site, zero_splice(keep)):
+                ablated = model(input_ids=input_ids, use_cache=False).logits
+                logits["ablated"] = ablated[:, :-1][scored]
+            del spliced, ablated
+            losses.update(logits, targets)
+            n_windows += input_ids.shape[0]
+            bar.update(int(keep.sum()))
+            if recon.n >= n_tokens:
+                break
+    if recon.n == 0:
+        raise UserError(
+            f"The held-out split of '{run.dataset}' (every 20th document) gave no full window "
+            f"of {run.context} tokens; evaluate on more text."
+        )
+    if recon.n < n_tokens:
+        print(
+            f"[saewb] the held-out text ran out: evaluated {recon.n:,} of {n_tokens:,} tokens.",
+            file=sys.stderr,
+        )
+    return {
+        "run": str(run.path),
+        "model": run.model,
+        "site": run.site,
+        "dataset": run.dataset,
+        "split": "eval (every 20th document, never trained on)",
+        "context_size": run.context,
+        "n_tokens": recon.n,
+        "n_tokens_requested": n_tokens,
+        "n_scored_tokens": losses.n,
+        "n_windows": n_windows,
+        "scored_positions": SCORED,
+        "selection": {k: v for k, v in asdict(options).items() if k != "extra_drop_ids"},
+        "use_error_term": use_error_term,
+        "metrics": {**recon.metrics(), **losses.metrics()},
+        "sae": sae.cfg.to_dict(),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _first(keep: Tensor, budget: int) -> Tensor:
+    """keep (B, T) with only its first `budget` True entries (row-major) left True."""
+    if int(keep.sum()) <= budget:
+        return keep
+    flat = keep.flatten().clone()
+    flat[flat.nonzero().squeeze(1)[budget:]] = False
+    return flat.view_as(keep)
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+_TABLE = (
+    ("reconstruction", ("fvu", "explained_variance", "mse", "cossim", "l2_ratio")),
+    ("", ("relative_reconstruction_bias", "l2_norm_in", "l2_norm_out")),
+    ("sparsity", ("l0", "l1", "dead_fraction", "frac_over_1_percent", "frac_over_10_percent")),
+    ("spliced model", ("ce_loss_clean", "ce_loss_spliced", "ce_loss_ablated", "ce_loss_recovered")),
+    ("", ("kl_div_spliced", "kl_div_ablated", "kl_div_score")),
+)
+
+
+def format_table(record: dict) -> str:
+    m = record["metrics"]
+    lines = [
+        f"{record['run']}: {record['model']} at {record['site']}, "
+        f"{record['n_tokens']:,} held-out tokens of '{record['dataset']}' "
+        f"({record['n_scored_tokens']:,} scored) in {record['seconds']:.1f} s"
+    ]
+    for section, keys in _TABLE:
+        for i, key in enumerate(keys):
+            value = m[key]
+            text = (
+                "n/a" if value is None else f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+            )
+            lines.append(f"  {section if i == 0 else '':15s} {key:30s} {text:>10s}")
+    return "\n".join(lines)
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a run's SAE on held-out text (eval.json)")
+    p.add_argument("run", help="run directory written by `saewb train`")
+    # 20k is SAEBench's core-eval default (10 batches of 16 prompts of 128 tokens)
+    p.add_argument("--tokens", default="20k", help="held-out tokens to evaluate on (20k)")
+    p.add_argument("--batch", type=int, default=8, help="windows per model forward")
+    p.add_argument("--device", default="cpu")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from hooks.models import parse_device
+    from sae.cli import parse_count  # imported here: sae.cli may import this module
+
+    n_tokens = parse_count(args.tokens)
+    device = parse_device(args.device)
+    run = open_run(args.run, device=str(device))
+    record = evaluate(run, n_tokens, batch_windows=args.batch)
+    atomic_write_json(run.path / EVAL_FILE, record)
+    print(format_table(record))
+    print(f"wrote {run.path / EVAL_FILE}")

@@ -1,0 +1,412 @@
+"""Evaluation: metrics against a brute-force computation, the identity SAE, the exact error-term
+splice, the explained-variance formula, the CLI, and bad input."""
+
+import argparse
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model
+
+from analysis.evaluate import (
+    ReconstructionStats,
+    add_eval_parser,
+    cmd_eval,
+    evaluate,
+    sae_splice,
+    with_error_term,
+)
+from analysis.run import open_run
+from hooks.errors import UserError
+from hooks.models import LoadedModel
+from hooks.sites import Splice, special_token_ids, token_mask
+from sae.formats import save_sae
+from sae.model import SAEConfig, TopKSAE
+
+SITE, LAYER, CONTEXT, D = "resid_post.1", 1, 32, 32
+
+
+# -----------------------------------------------------------------------------
+# fixtures: a tiny Llama saved to disk, a text file, and hand-made run directories
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer):
+    """The tiny Llama (in memory and as a directory) and a text file of 1200 short documents,
+    60 of which (every 20th) are held out: ~1500 tokens, ~45 windows of 32."""
+    root = tmp_path_factory.mktemp("eval")
+    model = make_model("llama", len(tokenizer))
+    model.save_pretrained(root / "tiny-llama")
+    tokenizer.save_pretrained(root / "tiny-llama")
+    text = root / "text.txt"
+    days = ("Monday", "Tuesday", "Friday")
+    text.write_text(
+        "\n\n".join(
+            f"Story {i}: the cat sat on the mat, {i % 7} dogs ran in the park on {days[i % 3]}."
+            for i in range(1200)
+        )
+    )
+    loaded = LoadedModel(name="tiny-llama", model=model, tokenizer=tokenizer)
+    return root, loaded, text
+
+
+def make_run(path, world, sae: TopKSAE, data: dict | None = None):
+    """A run directory as `saewb train` leaves it: the SAE files and a run.json."""
+    root, _, text = world
+    save_sae(sae, path)
+    info = {
+        "model": str(root / "tiny-llama"),
+        "site": SITE,
+        "data": data or {"dataset": str(text), "context_size": CONTEXT},
+    }
+    (path / "run.json").write_text(json.dumps(info))
+    return open_run(path)
+
+
+def random_sae(seed: int = 0, n: int = 64, k: int = 4, n_dead: int = 8) -> TopKSAE:
+    """A lossy SAE with some structure: random unit decoder rows, tied encoder, b_dec near the
+    site's scale, and the last n_dead latents switched off for good by a huge negative bias."""
+    g = torch.Generator().manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d_in=D, n_latents=n, k=k)).eval()
+    sae.reset_parameters(g)
+    with torch.no_grad():
+        sae.b_dec.copy_(0.1 * torch.randn(D, generator=g))
+        sae.b_enc.copy_(0.05 * torch.randn(n, generator=g))
+        sae.b_enc[n - n_dead :] = -1e4
+    return sae
+
+
+def identity_sae() -> TopKSAE:
+    """x_hat = x exactly, despite the ReLU: latent i carries x_i when positive and latent d+i
+    carries -x_i when x_i is negative, so with k = d the top-k is exactly the d positive
+    pre-activations (one of each pair), and W_dec = [I; -I] maps both back to x_i."""
+    eye = torch.eye(D)
+    sae = TopKSAE(SAEConfig(d_in=D, n_latents=2 * D, k=D)).eval()
+    sae.load_folded(
+        {
+            "W_enc": torch.cat([eye, -eye], dim=1),  # (d, 2d)
+            "b_enc": torch.zeros(2 * D),
+            "W_dec": torch.cat([eye, -eye], dim=0),  # (2d, d)
+            "b_dec": torch.zeros(D),
+        }
+    )
+    return sae
+
+
+# -----------------------------------------------------------------------------
+# the brute-force reference: dense SAE, plain loops, an independent hook
+
+
+def dense_sae(sae: TopKSAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (N, n) dense latents, x_hat (N, d)) with plain matmuls and a full-width top-k."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (N, n)
+    top = pre.topk(sae.cfg.k, dim=1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    return z, z @ sae.W_dec + sae.b_dec
+
+
+@torch.no_grad()
+def brute_force(run, loaded, n_tokens: int, batch: int) -> dict:
+    model, tokenizer, sae = loaded.model, loaded.tokenizer, run.sae
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    windows = list(run.heldout_windows(tokenizer))
+    layer = model.model.layers[LAYER]  # resid_post.1 is block 1's output
+    xs, x_hats, zs = [], [], []
+    ce = {"clean": [], "spliced": [], "ablated": []}
+    kl = {"spliced": [], "ablated": []}
+    count = n_windows = 0  # kept tokens so far, windows up to the last one with a kept token
+    for start in range(0, len(windows), batch):
+        if count >= n_tokens:
+            break
+        ids = torch.stack([w.tokens for w in windows[start : start + batch]])  # (B, T)
+        B, T = ids.shape
+        keep = torch.zeros(B, T, dtype=torch.bool)
+        for b in range(B):  # row-major: the first n_tokens eligible tokens
+            for t in range(1, T):
+                if int(ids[b, t]) not in special and count < n_tokens:
+                    keep[b, t] = True
+                    count += 1
+                    n_windows = start + b + 1
+        recorded = {}
+        handle = layer.register_forward_hook(lambda m, a, out, r=recorded: r.update(x=out))
+        clean = model(ids).logits  # (B, T, V)
+        handle.remove()
+        x = recorded["x"][keep]  # (N, d)
+        z, x_hat = dense_sae(sae, x)
+        xs.append(x), x_hats.append(x_hat), zs.append(z)
+        runs = {"clean": clean}
+        for name, replacement in (("spliced", x_hat), ("ablated", torch.zeros_like(x_hat))):
+
+            def replace(m, a, out, keep=keep, replacement=replacement):
+                out = out.clone()
+                out[keep] = replacement
+                return out
+
+            handle = layer.register_forward_hook(replace)
+            runs[name] = model(ids).logits
+            handle.remove()
+        for b in range(B):
+            for t in range(T - 1):
+                if not keep[b, t]:
+                    continue
+                logp = {name: F.log_softmax(lg[b, t].double(), -1) for name, lg in runs.items()}
+                for name in ce:
+                    ce[name].append(-logp[name][ids[b, t + 1]])
+                for name in kl:
+                    kl[name].append((logp["clean"].exp() * (logp["clean"] - logp[name])).sum())
+    X = torch.cat(xs).double()
+    Xh = torch.cat(x_hats).double()
+    Z = torch.cat(zs).double()
+    err = (X - Xh).pow(2).sum()
+    fvu = err / (X - X.mean(0)).pow(2).sum()
+    density = (Z > 0).double().mean(0)
+    mean = {name: torch.stack(v).mean().item() for name, v in ce.items()}
+    kls = {name: torch.stack(v).mean().item() for name, v in kl.items()}
+    return {
+        "n_tokens": X.shape[0],
+        "n_scored_tokens": len(ce["clean"]),
+        "n_windows": n_windows,
+        "fvu": fvu.item(),
+        "explained_variance": 1 - fvu.item(),
+        "mse": (X - Xh).pow(2).sum(1).mean().item(),
+        "cossim": F.cosine_similarity(X, Xh, dim=1).mean().item(),
+        "l2_norm_in": X.norm(dim=1).mean().item(),
+        "l2_norm_out": Xh.norm(dim=1).mean().item(),
+        "l2_ratio": (Xh.norm(dim=1) / X.norm(dim=1)).mean().item(),
+        "relative_reconstruction_bias": (Xh.pow(2).sum(1).mean() / (X * Xh).sum(1).mean()).item(),
+        "l0": (Z > 0).double().sum(1).mean().item(),
+        "l1": Z.sum(1).mean().item(),
+        "dead_fraction": (density == 0).double().mean().item(),
+        "frac_over_1_percent": (density > 0.01).double().mean().item(),
+        "frac_over_10_percent": (density > 0.10).double().mean().item(),
+        "ce_loss_clean": mean["clean"],
+        "ce_loss_spliced": mean["spliced"],
+        "ce_loss_ablated": mean["ablated"],
+        "ce_loss_recovered": (mean["ablated"] - mean["spliced"])
+        / (mean["ablated"] - mean["clean"]),
+        "kl_div_spliced": kls["spliced"],
+        "kl_div_ablated": kls["ablated"],
+        "kl_div_score": (kls["ablated"] - kls["spliced"]) / kls["ablated"],
+    }
+
+
+# -----------------------------------------------------------------------------
+# the metrics
+
+
+def test_metrics_match_brute_force(world, tmp_path):
+    _, loaded, _ = world
+    run = make_run(tmp_path, world, random_sae())
+    # 600 tokens: the budget ends inside a window of the third batch of 8 windows
+    record = evaluate(run, 600, batch_windows=8, loaded=loaded, progress=False)
+    ref = brute_force(run, loaded, 600, batch=8)
+    m = record["metrics"]
+    assert record["n_tokens"] == ref["n_tokens"] == 600
+    assert record["n_scored_tokens"] == ref["n_scored_tokens"]
+    assert record["n_windows"] == ref["n_windows"] and 16 < ref["n_windows"] < 24
+    for key, expected in ref.items():
+        if key.startswith("n_"):
+            continue
+        assert m[key] == pytest.approx(expected, rel=1e-5, abs=1e-7), key
+    # The example is not degenerate: the SAE is lossy, some latents are dead, some rare.
+    assert m["fvu"] > 0.1 and m["ce_loss_spliced"] > m["ce_loss_clean"]
+    assert m["dead_fraction"] >= 8 / 64 and 0 < m["frac_over_10_percent"] < 1
+    assert m["l0"] <= 4 and m["kl_div_spliced"] > 0 and m["kl_div_ablated"] > 0
+
+
+def test_identity_sae_recovers_everything(world, tmp_path):
+    _, loaded, _ = world
+    run = make_run(tmp_path, world, identity_sae())
+    m = evaluate(run, 400, loaded=loaded, progress=False)["metrics"]
+    assert m["fvu"] < 1e-12 and m["explained_variance"] > 1 - 1e-12
+    assert m["cossim"] == pytest.approx(1.0) and m["l2_ratio"] == pytest.approx(1.0)
+    assert m["relative_reconstruction_bias"] == pytest.approx(1.0)
+    assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert m["kl_div_spliced"] < 1e-9 and m["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
+    assert m["ce_loss_ablated"] > m["ce_loss_clean"] + 0.01  # the ratio's denominator is real
+    assert m["l0"] == D and m["dead_fraction"] == 0.0
+
+
+def test_error_term_splice_gives_the_clean_loss_exactly(world, tmp_path):
+    _, loaded, _ = world
+    run = make_run(tmp_path, world, random_sae())
+    plain = evaluate(run, 300, loaded=loaded, progress=False)["metrics"]
+    exact = evaluate(run, 300, loaded=loaded, progress=False, use_error_term=True)["metrics"]
+    assert plain["ce_loss_spliced"] > plain["ce_loss_clean"] + 0.01  # the SAE alone is lossy...
+    assert exact["ce_loss_spliced"] == exact["ce_loss_clean"]  # ...and the error term undoes it
+    assert exact["kl_div_spliced"] == 0.0 and exact["ce_loss_recovered"] == 1.0
+    # The reconstruction metrics describe x_hat itself, with or without the error term.
+    assert exact["fvu"] == pytest.approx(plain["fvu"], rel=1e-12)
+    # The clean run equals the model without any hooks, and no hook is left behind.
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in loaded.model.modules())
+    assert exact["ce_loss_clean"] == pytest.approx(
+        brute_force(run, loaded, 300, batch=8)["ce_loss_clean"], rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("site", ["resid_pre.2", "resid_post.1", "mlp_out.0", "attn_out.3"])
+def test_error_term_splice_is_bitwise_on_every_architecture(tiny_model, tokenizer, site):
+    ids = tokenizer([" The cat sat on the mat. The dog ran in the park."] * 2, return_tensors="pt")
+    ids = ids["input_ids"]  # (2, T)
+    keep = token_mask(ids, special_ids=special_token_ids(tokenizer))
+    sae = random_sae(n=64, k=4, n_dead=0)
+    with torch.no_grad():
+        clean = tiny_model(ids).logits
+        with Splice(tiny_model, site, sae_splice(sae, keep, use_error_term=True)):
+            exact = tiny_model(ids).logits
+        with Splice(tiny_model, site, sae_splice(sae, keep)):
+            lossy = tiny_model(ids).logits
+    assert torch.equal(exact, clean)
+    assert not torch.allclose(lossy[:, 1:], clean[:, 1:], atol=1e-4)
+    # Masked positions keep their activation: position 0 sees nothing spliced (causal model).
+    torch.testing.assert_close(lossy[:, 0], clean[:, 0], rtol=0, atol=1e-6)
+
+
+def test_with_error_term_is_exact_where_float32_is_not():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20_000, generator=g) * 10.0 ** torch.randint(-3, 4, (20_000,), generator=g)
+    x_hat = x + torch.randn(20_000, generator=g) * 7.0
+    assert not torch.equal(x_hat + (x - x_hat), x)  # the naive sum rounds
+    assert torch.equal(with_error_term(x, x_hat), x)
+    xb, xhb = x.bfloat16(), x_hat.bfloat16()
+    assert torch.equal(with_error_term(xb, xhb), xb)
+
+
+def test_explained_variance_uses_the_mean_not_zero():
+    """Data far from the origin: the legacy 1 - E||x-x_hat||^2 / E||x||^2 gives ~1; the correct
+    formula subtracts ||E x||^2. The mean of 1e4 also needs float64 sums (float32 cancels)."""
+    g = torch.Generator().manual_seed(0)
+    x = (1e4 + torch.randn(3000, 8, generator=g)).float()  # (N, d)
+    x_hat = x + 0.5 * torch.randn(3000, 8, generator=g)
+    X, Xh = x.double(), x_hat.double()
+    correct = 1 - (X - Xh).pow(2).sum() / (X - X.mean(0)).pow(2).sum()  # two-pass, ~0.75
+    legacy = 1 - (X - Xh).pow(2).sum(1).mean() / X.pow(2).sum(1).mean()
+    acts, idx = torch.ones(3000, 2), torch.zeros(3000, 2, dtype=torch.long)
+    stats = ReconstructionStats(8, 4)
+    for chunk in torch.arange(3000).split(701):  # streamed in uneven chunks
+        stats.update(x[chunk], x_hat[chunk], acts[chunk], idx[chunk])
+    m = stats.metrics()
+    assert m["explained_variance"] == pytest.approx(correct.item(), abs=1e-6)
+    assert 0.7 < m["explained_variance"] < 0.8 and legacy > 0.9999
+    assert m["fvu"] == pytest.approx(1 - correct.item(), abs=1e-6)
+    assert m["mse"] == pytest.approx((X - Xh).pow(2).sum(1).mean().item(), rel=1e-9)
+    # one latent fires on every token, the others never
+    assert m["dead_fraction"] == 0.75 and m["frac_over_10_percent"] == 0.25 and m["l0"] == 2
+
+
+def test_the_training_token_selection_is_used(world, tmp_path):
+    """A run trained from a cache that kept special tokens and position 0 is evaluated on them."""
+    root, loaded, _ = world
+    text = tmp_path / "short.txt"  # 15 held-out documents: ~11 windows
+    text.write_text("\n\n".join(f"Story {i}: the cat sat on the mat." for i in range(300)))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    manifest = {
+        "format": "saewb-activation-cache",
+        "dataset": str(text),
+        "context_size": CONTEXT,
+        "capture": {"drop_special": False, "drop_first": False, "outlier_factor": None},
+    }
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    run = make_run(tmp_path / "run", world, random_sae(), data={"cache": str(cache)})
+    record = evaluate(run, 10**6, loaded=loaded, progress=False)
+    assert record["selection"]["drop_special"] is False and record["n_windows"] >= 5
+    assert record["n_tokens"] == record["n_windows"] * CONTEXT  # every token, BOS included
+    assert record["n_scored_tokens"] == record["n_windows"] * (CONTEXT - 1)
+    assert record["n_tokens"] < 10**6  # the held-out text ran out before the budget
+    data = {"dataset": str(text), "context_size": CONTEXT}
+    default = make_run(tmp_path / "default", world, random_sae(), data)
+    default = evaluate(default, 10**6, loaded=loaded, progress=False)
+    assert default["n_windows"] == record["n_windows"]
+    assert default["n_tokens"] < record["n_tokens"] - record["n_windows"]  # BOS and EOS dropped
+
+
+# -----------------------------------------------------------------------------
+# the command line, on a run trained by the trainer
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="saewb")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["eval", *argv])
+
+
+def test_cli_on_a_trained_run_writes_eval_json(world, tmp_path, capsys):
+    from sae.train import TrainConfig, Trainer
+
+    root, _, text = world
+    cfg = TrainConfig(
+        model=str(root / "tiny-llama"),
+        sites=[SITE],
+        latents=[64],
+        ks=[4],
+        tokens=1024,
+        batch=256,
+        dataset=str(text),
+        context=CONTEXT,
+        log_every=2,
+        checkpoint_every=10**9,
+        buffer_tokens=512,
+    )
+    (run_dir,) = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    cmd_eval(_args(str(run_dir), "--tokens", "256", "--batch", "4"))
+    record = json.loads((run_dir / "eval.json").read_text())
+    assert record["n_tokens"] == 256 and record["dataset"] == str(text)
+    assert record["sae"]["n_latents"] == 64 and record["sae"]["k"] == 4
+    assert record["site"] == SITE and record["selection"]["drop_first"] is True
+    m = record["metrics"]
+    assert m["l0"] <= 4 and m["ce_loss_ablated"] > m["ce_loss_clean"]
+    assert m["fvu"] == pytest.approx(1 - m["explained_variance"])
+    assert not list(run_dir.glob(".eval.json.*"))  # no temp file left from the atomic write
+    out = capsys.readouterr().out
+    assert "ce_loss_recovered" in out and "eval.json" in out
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def _one_sentence(exc: pytest.ExceptionInfo) -> str:
+    message = str(exc.value)
+    assert message.endswith(".") and "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_bad_input(world, tmp_path):
+    _, loaded, _ = world
+    run = make_run(tmp_path, world, random_sae())
+    with pytest.raises(UserError) as exc:
+        evaluate(run, 0, loaded=loaded, progress=False)
+    assert "--tokens" in _one_sentence(exc) and "0" in str(exc.value)
+    with pytest.raises(UserError) as exc:
+        evaluate(run, 100, batch_windows=0, loaded=loaded, progress=False)
+    assert "--batch" in _one_sentence(exc)
+    with pytest.raises(UserError) as exc:
+        cmd_eval(_args(str(tmp_path), "--tokens", "0"))
+    assert "--tokens" in _one_sentence(exc) and "'0'" in str(exc.value)
+    with pytest.raises(UserError) as exc:
+        cmd_eval(_args(str(tmp_path / "missing"), "--tokens", "100"))
+    assert "missing" in _one_sentence(exc) and "does not exist" in str(exc.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "run.json").write_text(json.dumps({"model": "x", "site": SITE}))
+    with pytest.raises(UserError) as exc:
+        cmd_eval(_args(str(empty), "--tokens", "100"))
+    assert "no SAE" in _one_sentence(exc)
+    assert not (empty / "eval.json").exists()
+
+
+def test_bad_input_too_little_text_and_wrong_width(world, tmp_path):
+    root, loaded, _ = world
+    short = tmp_path / "short.txt"
+    short.write_text("\n\n".join(f"Doc {i}." for i in range(40)))  # 2 held-out docs, no window
+    run = make_run(tmp_path / "a", world, random_sae(), {"dataset": str(short), "context_size": 32})
+    with pytest.raises(UserError) as exc:
+        evaluate(run, 100, loaded=loaded, progress=False)
+    assert "held-out" in _one_sentence(exc)
+    wide = TopKSAE(SAEConfig(d_in=48, n_latents=64, k=4))
+    run = make_run(tmp_path / "b", world, wide)
+    with pytest.raises(UserError) as exc:
+        evaluate(run, 100, loaded=loaded, progress=False)
+    assert "d_in=48" in _one_sentence(exc) and "32" in str(exc.value)
