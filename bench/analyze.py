@@ -1,0 +1,310 @@
+"""Feature-store benchmark: the analyze pass against the model forward, peak memory as tokens grow,
+and how fast one feature's record loads from a 32k-latent store.
+
+    python bench/analyze.py [--site resid_post.3] [--latents 2304 32768] [--tokens 16384]
+                            [--rss-tokens 8192 32768] [--store-latents 32768] [--loads 500]
+
+  1. pass cost: on the same windows of the built-in corpus (16 x 128 tokens per forward), time
+     (a) Capture with early exit alone, and (b) `analyze()` end to end (forward + SAE encode +
+     streaming statistics), for a random TopK SAE of each size, with the top-k search in fp32
+     and in bf16 (values recomputed in fp32); plus a breakdown of (b) into forward, encode and
+     accumulator update from an instrumented copy of the loop, and for bf16 the share of
+     (token, latent) entries whose selection differs from fp32;
+  2. peak RSS of `analyze()` in a fresh process at two token counts (VmHWM);
+  3. a synthetic store of 32k latents x 20 top examples (and one with the 50 interval samples
+     too): open time, and p50/p95 of FeatureStore.feature(i) over random ids.
+Prints a table and writes bench/out/analyze.json (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_run(folder: Path, site: str, n_latents: int, k: int, d: int = 576) -> Path:
+    """A run directory with a random TopK SAE (the pass's cost does not depend on training)."""
+    from sae.formats import save_sae
+    from sae.model import SAEConfig, TopKSAE
+
+    sae = TopKSAE(SAEConfig(d_in=d, n_latents=n_latents, k=k, model="smollm2-135m", site=site))
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    save_sae(sae, folder)
+    info = dict(model="smollm2-135m", site=site, data=dict(dataset="builtin", context_size=128))
+    (folder / "run.json").write_text(json.dumps(info))
+    return folder
+
+
+def corpus_windows(tokenizer, n_windows: int) -> list:
+    """The first n windows of the built-in corpus (all of it: its held-out part is only ~36k
+    tokens, too few for timing)."""
+    import itertools
+
+    from hooks.text import iter_documents
+    from hooks.windows import WindowSpec, holdout_split, iter_windows
+
+    docs = holdout_split(iter_documents("builtin"), "all")
+    return list(itertools.islice(iter_windows(docs, tokenizer, WindowSpec(128)), n_windows))
+
+
+def pass_cost(args, loaded, windows, n_latents: int, dtype: str, tmp: Path) -> dict:
+    from analysis.features import FeatureAccumulator, StoreConfig, analyze, encode_codes
+    from analysis.run import open_run
+    from hooks.sites import Capture, special_token_ids, token_mask
+    from hooks.windows import batched, stack
+
+    run = open_run(make_run(tmp / f"run-{n_latents}-{dtype}", args.site, n_latents, args.k))
+    encode_dtype = torch.bfloat16 if dtype == "bf16" else None
+    W_T = run.sae.W_enc.detach().T.contiguous() if encode_dtype else None
+    differ = entries = 0  # bf16 only: (token, latent) entries whose selection differs from fp32
+    batches = [stack(b)[0] for b in batched(windows, args.batch)]
+    special = special_token_ids(loaded.tokenizer)
+    sae = run.sae
+    times = dict(forward=0.0, encode=0.0, update=0.0)
+    acc = FeatureAccumulator(n_latents, 128, StoreConfig())
+    with Capture(loaded.model, [args.site]) as capture, torch.no_grad():
+        capture(batches[0])  # warm-up
+        for i, tokens in enumerate(batches):
+            t0 = time.perf_counter()
+            x = capture(tokens)[args.site]
+            t1 = time.perf_counter()
+            B, T = tokens.shape
+            acts, idx = encode_codes(sae, x.reshape(B * T, -1), encode_dtype, W_T)
+            t2 = time.perf_counter()
+            keep = token_mask(tokens, special_ids=special, drop_first=True)
+            acc.update(acts.view(B, T, -1), idx.view(B, T, -1), keep,
+                       torch.arange(i * B, (i + 1) * B))  # fmt: skip
+            t3 = time.perf_counter()
+            if encode_dtype is not None:
+                ref = sae.encode(x.reshape(B * T, -1)).top_idx.sort(1).values
+                differ += int((idx.sort(1).values != ref).sum())
+                entries += ref.numel()
+            times["forward"] += t1 - t0
+            times["encode"] += t2 - t1
+            times["update"] += t3 - t2
+    n_tokens = acc.n_tokens
+    start = time.perf_counter()
+    out = analyze(run, n_tokens, batch_windows=args.batch, loaded=loaded, windows=iter(windows),
+                  progress=False, checkpoint_tokens=10**12, encode_dtype=encode_dtype)  # fmt: skip
+    total = time.perf_counter() - start
+    manifest = json.loads((out / "manifest.json").read_text())
+    return dict(
+        latents=n_latents,
+        k=args.k,
+        dtype=dtype,
+        bf16_selection_differs=differ / entries if entries else 0.0,
+        tokens=n_tokens,
+        forward_s=times["forward"],
+        encode_s=times["encode"],
+        update_s=times["update"],
+        instrumented_ratio=sum(times.values()) / times["forward"],
+        analyze_stream_s=manifest["stream_seconds"],
+        analyze_write_s=manifest["write_seconds"],
+        analyze_total_s=total,
+        ratio=manifest["stream_seconds"] / times["forward"],
+        ratio_without_encode=(times["forward"] + times["update"]) / times["forward"],
+    )
+
+
+def rss_child(args) -> None:
+    """Child process: one analyze at --_rss tokens; prints JSON with its peak RSS."""
+    from analysis.features import analyze
+    from analysis.run import open_run
+    from hooks.models import load_model
+
+    torch.set_num_threads(args.threads)
+    tokens = args._rss
+    loaded = load_model("smollm2-135m", progress=False)
+    after_model = peak_rss_mib()
+    windows = corpus_windows(loaded.tokenizer, tokens // 127 + 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = open_run(make_run(Path(tmp), args.site, args.rss_latents, args.k))
+        analyze(run, tokens, batch_windows=args.batch, loaded=loaded, windows=iter(windows),
+                progress=False, checkpoint_tokens=max(tokens // 2, 1))  # fmt: skip
+    print(json.dumps(dict(tokens=tokens, after_model_mib=after_model, peak_mib=peak_rss_mib())))
+
+
+def synthetic_store(folder: Path, n: int, K: int, intervals: bool) -> Path:
+    """A store of n latents with K top examples each (and 10 x 5 interval samples if asked),
+    written by the real writer from a filled-in accumulator state."""
+    from analysis.features import FeatureAccumulator, StoreConfig
+    from analysis.store import write_tables
+
+    T, V = 128, 49152
+    cfg = StoreConfig(top_k=K, per_interval=5 if intervals else 1)
+    acc = FeatureAccumulator(n, T, cfg)
+    g = torch.Generator().manual_seed(0)
+    n_windows = 100_000
+    acc.n_tokens, acc.n_windows, acc.n_blocks = n_windows * 127, n_windows, n_windows * 8
+    acc.count[:] = torch.randint(1, 10_000, (n,), generator=g)
+    acc.act_sum[:] = acc.count * 2.0
+    acc.act_max[:] = 5.0
+    acc.exp[:] = 3
+    acc.hist[:] = torch.randint(0, 100, acc.hist.shape, generator=g)
+    acc.top_val[:] = torch.rand(n, K, generator=g) * 5 + 0.1
+    acc.top_win[:] = torch.randint(0, n_windows, (n, K), generator=g)
+    acc.top_pos[:] = torch.randint(1, T, (n, K), generator=g, dtype=torch.int32)
+    acc.top_ctx[:] = (torch.rand(acc.top_ctx.shape, generator=g) * 5).half()
+    if intervals:
+        acc.iv_key[:] = torch.randint(0, 2**31, acc.iv_key.shape, generator=g)
+        acc.iv_val[:] = torch.rand(acc.iv_val.shape, generator=g) * 5
+        acc.iv_win[:] = torch.randint(0, n_windows, acc.iv_win.shape, generator=g)
+        acc.iv_pos[:] = torch.randint(1, T, acc.iv_pos.shape, generator=g, dtype=torch.int32)
+        acc.iv_ctx[:] = (torch.rand(acc.iv_ctx.shape, generator=g) * 5).half()
+    acc.cand[:] = torch.randint(0, n, acc.cand.shape, generator=g)
+    acc.blk_count[:] = 1000
+    acc.cand_count[:] = torch.randint(0, 1000, acc.cand.shape, generator=g)
+
+    def read_windows(ids: np.ndarray) -> dict:
+        rng = np.random.default_rng(ids)  # deterministic tokens per window
+        m = len(ids)
+        return dict(
+            tokens=rng.integers(0, V, (m, T)).astype(np.int32),
+            doc=np.repeat(ids[:, None], T, 1).astype(np.int32),
+            pos=np.tile(np.arange(T, dtype=np.int32), (m, 1)),
+            index=ids.astype(np.int32),
+        )
+
+    logits = dict(
+        top_ids=torch.randint(0, V, (n, 10), generator=g),
+        top_values=torch.rand(n, 10, generator=g),
+        bottom_ids=torch.randint(0, V, (n, 10), generator=g),
+        bottom_values=-torch.rand(n, 10, generator=g),
+    )
+    neighbours = torch.randint(0, n, (n, 10), generator=g), torch.rand(n, 10, generator=g)
+    vocab = [f"tok{i}" for i in range(V)]
+    write_tables(folder, acc, read_windows, logits, neighbours, vocab,
+                 dict(sae_sha256="synthetic"))  # fmt: skip
+    return folder
+
+
+def load_latency(folder: Path, loads: int) -> dict:
+    from analysis.store import FeatureStore
+
+    start = time.perf_counter()
+    store = FeatureStore(folder, expect_sha256="synthetic")
+    open_s = time.perf_counter() - start
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, store.n_latents, loads)
+    store.feature(int(ids[0]))  # first call opens the parquet footers
+    times = []
+    for i in ids:
+        t = time.perf_counter()
+        record = store.feature(int(i))
+        times.append(time.perf_counter() - t)
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    return dict(
+        latents=store.n_latents,
+        examples_per_latent=len(record["top_examples"])
+        + sum(len(iv["examples"]) for iv in record["intervals"]),
+        open_s=open_s,
+        p50_ms=1000 * float(np.percentile(times, 50)),
+        p95_ms=1000 * float(np.percentile(times, 95)),
+        store_mib=size,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--site", default="resid_post.3")
+    parser.add_argument("--latents", type=int, nargs="+", default=[2304, 32768])
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per pass-cost run")
+    parser.add_argument("--batch", type=int, default=16, help="windows per forward")
+    parser.add_argument("--rss-tokens", type=int, nargs=2, default=[8192, 32768])
+    parser.add_argument("--rss-latents", type=int, default=32768)
+    parser.add_argument("--store-latents", type=int, default=32768)
+    parser.add_argument("--loads", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["pass", "rss", "store"])
+    parser.add_argument("--out", default="bench/out/analyze.json")
+    parser.add_argument("--_rss", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._rss:
+        return rss_child(args)
+
+    from hooks.models import load_model
+
+    torch.set_num_threads(args.threads)
+    result = dict(site=args.site, threads=args.threads, torch=torch.__version__,
+                  load_average=os.getloadavg())  # fmt: skip
+    print(
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, {args.threads} threads"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if "pass" not in args.skip:
+            loaded = load_model("smollm2-135m", progress=False)
+            windows = corpus_windows(loaded.tokenizer, args.tokens // 127 + 1)
+            result["pass"] = []
+            print(f"\n1. analyze pass vs forward alone ({args.site}, k={args.k}, batch "
+                  f"{args.batch} x 128)")  # fmt: skip
+            print(f"{'latents':>8} {'dtype':>5} {'tokens':>7} {'fwd s':>7} {'enc s':>7} "
+                  f"{'upd s':>7} {'analyze s':>9} {'ratio':>6} {'w/o enc':>7} {'write s':>8} "
+                  f"{'sel diff':>8}")  # fmt: skip
+            for n in args.latents:
+                for dtype in args.dtypes:
+                    r = pass_cost(args, loaded, windows, n, dtype, tmp)
+                    result["pass"].append(r)
+                    print(f"{n:>8} {dtype:>5} {r['tokens']:>7} {r['forward_s']:>7.2f} "
+                          f"{r['encode_s']:>7.2f} {r['update_s']:>7.2f} "
+                          f"{r['analyze_stream_s']:>9.2f} {r['ratio']:>6.2f} "
+                          f"{r['ratio_without_encode']:>7.2f} {r['analyze_write_s']:>8.2f} "
+                          f"{r['bf16_selection_differs']:>8.2%}")  # fmt: skip
+            del loaded
+        if "rss" not in args.skip:
+            result["rss"] = []
+            print(f"\n2. peak RSS of analyze ({args.rss_latents} latents), fresh process each")
+            for tokens in args.rss_tokens:
+                cmd = [sys.executable, __file__, "--_rss", str(tokens), "--site", args.site,
+                       "--rss-latents", str(args.rss_latents), "--k", str(args.k),
+                       "--threads", str(args.threads), "--batch", str(args.batch)]  # fmt: skip
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if done.returncode:
+                    raise SystemExit(done.stderr[-3000:])
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                result["rss"].append(r)
+                print(f"  {tokens:>8} tokens: peak {r['peak_mib']:.0f} MiB "
+                      f"(model loaded: {r['after_model_mib']:.0f} MiB)")  # fmt: skip
+        if "store" not in args.skip:
+            result["store"] = []
+            print(f"\n3. loading one feature's full record ({args.loads} random ids)")
+            for intervals in (False, True):
+                folder = tmp / f"store-{intervals}"
+                start = time.perf_counter()
+                synthetic_store(folder, args.store_latents, 20, intervals)
+                built = time.perf_counter() - start
+                r = load_latency(folder, args.loads) | dict(build_s=built)
+                result["store"].append(r)
+                print(f"  {r['latents']} latents x {r['examples_per_latent']} examples: "
+                      f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms; open {r['open_s']:.2f} s, "
+                      f"{r['store_mib']:.0f} MiB, built in {built:.0f} s")  # fmt: skip
+    out = ROOT / args.out
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

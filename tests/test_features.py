@@ -1,0 +1,543 @@
+"""The feature store: streaming statistics against brute force, planted features end to end,
+exact resume, the store's layout and reader, and bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from analysis.features import (
+    EMPTY_KEY,
+    FeatureAccumulator,
+    StoreConfig,
+    add_analyze_parser,
+    analyze,
+    cmd_analyze,
+    encode_codes,
+    logit_effects,
+    sample_keys,
+)
+from analysis.run import open_run
+from analysis.store import FeatureStore
+from hooks.errors import UserError
+from hooks.sites import special_token_ids, token_mask
+from sae.formats import save_sae
+from sae.model import SAEConfig, TopKSAE
+
+# -- streaming accumulator vs brute force ---------------------------------------------------------
+
+N, T, K_ACTIVE = 40, 24, 3
+CFG = StoreConfig(top_k=4, ctx_before=4, ctx_after=3, cooc_block=6, cooc_slots=8, seed=7)
+
+
+def synthetic_codes(n_windows: int = 24, seed: int = 0):
+    """Sparse codes (W, T, k) with Zipf-ish latents, zeros among the k slots, masked tokens, a
+    scale that grows over the stream (so histogram ranges must double), and latents 0 and 1
+    planted to fire together on the same tokens."""
+    g = torch.Generator().manual_seed(seed)
+    probs = 1.0 / torch.arange(1, N + 1).float()
+    probs[:2] = 0
+    idx = torch.multinomial(probs.expand(n_windows * T, N), K_ACTIVE, generator=g)
+    idx = idx.view(n_windows, T, K_ACTIVE)
+    scale = torch.linspace(0.3, 40.0, n_windows)[:, None, None]  # later windows fire harder
+    acts = torch.rand(n_windows, T, K_ACTIVE, generator=g) * scale
+    acts[torch.rand(acts.shape, generator=g) < 0.15] = 0  # ReLU'd slots
+    pair = torch.rand(n_windows, T, generator=g) < 0.08
+    idx[..., 0][pair], idx[..., 1][pair] = 0, 1
+    keep = torch.rand(n_windows, T, generator=g) > 0.1
+    keep[:, 0] = False
+    return acts, idx, keep
+
+
+def stream(acts, idx, keep, batch: int, cfg: StoreConfig = CFG) -> FeatureAccumulator:
+    acc = FeatureAccumulator(N, T, cfg)
+    for lo in range(0, len(acts), batch):
+        hi = min(lo + batch, len(acts))
+        acc.update(acts[lo:hi], idx[lo:hi], keep[lo:hi], torch.arange(lo, hi))
+    return acc
+
+
+def dense_codes(acts, idx, keep) -> np.ndarray:
+    """(W, T, N) activations of every latent at every kept token."""
+    dense = torch.zeros(acts.shape[0], T, N)
+    dense.scatter_(2, idx, acts * keep[..., None])
+    return dense.numpy().astype(np.float64)
+
+
+def np_ceil_log2(x):
+    m, e = np.frexp(x)
+    return e - (m == 0.5)
+
+
+def test_streaming_statistics_match_brute_force():
+    acts, idx, keep = synthetic_codes()
+    acc = stream(acts, idx, keep, batch=5)
+    dense = dense_codes(acts, idx, keep)
+    on = dense > 0
+    count = on.sum((0, 1))
+    assert acc.n_tokens == int(keep.sum())
+    np.testing.assert_array_equal(acc.count.numpy(), count)
+    sums = dense.sum((0, 1))
+    np.testing.assert_allclose(acc.act_sum.numpy(), sums, rtol=1e-6)
+    np.testing.assert_array_equal(acc.act_max.numpy(), dense.max((0, 1)).astype(np.float32))
+    # Histogram: 50 bins on [0, 2^ceil(log2 max)], built with no knowledge of the final max.
+    H = CFG.hist_bins
+    alive = count > 0
+    exp = np.where(alive, np_ceil_log2(np.where(alive, dense.max((0, 1)), 1.0)), 0)
+    early = stream(acts[:5], idx[:5], keep[:5], batch=5)  # the first batch alone
+    grew = early.count > 0
+    assert (early.exp[grew] < acc.exp[grew]).all() and grew.sum() > 10  # ranges had to double
+    hist = np.zeros((N, H), dtype=np.int64)
+    w, t, f = np.nonzero(on)
+    bins = np.clip(np.floor(np.ldexp(dense[w, t, f], -exp[f]) * H), 0, H - 1).astype(int)
+    np.add.at(hist, (f, bins), 1)
+    np.testing.assert_array_equal(acc.hist.numpy(), hist)
+    np.testing.assert_array_equal(acc.exp.numpy()[alive], exp[alive])
+
+
+def test_streaming_top_k_matches_brute_force():
+    acts, idx, keep = synthetic_codes()
+    acc = stream(acts, idx, keep, batch=5)
+    dense = dense_codes(acts, idx, keep)
+    K, C = CFG.top_k, acc.C
+    checked = 0
+    for f in range(N):
+        best = dense[:, :, f].max(1)  # (W,) each window's best token: one example per window
+        where = dense[:, :, f].argmax(1)
+        windows = [w for w in np.argsort(-best, kind="stable") if best[w] > 0][:K]
+        slots = [
+            s
+            for s in torch.argsort(-acc.top_val[f], stable=True).tolist()
+            if acc.top_win[f, s] >= 0
+        ]
+        assert acc.top_win[f, slots].tolist() == windows, f  # the state keeps slots unsorted
+        np.testing.assert_array_equal(acc.top_val[f, slots], best[windows].astype(np.float32))
+        for slot, w in zip(slots, windows):
+            pos = int(acc.top_pos[f, slot])
+            assert pos == where[w]
+            start = min(max(pos - CFG.ctx_before, 0), T - C)
+            want = dense[w, start : start + C, f]
+            np.testing.assert_allclose(acc.top_ctx[f, slot].float(), want, rtol=1e-3)
+            assert acc.top_ctx[f, slot, pos - start] > 0
+            checked += 1
+    assert checked > 50
+
+
+def test_interval_samples_are_the_smallest_keys_per_bin():
+    acts, idx, keep = synthetic_codes()
+    acc = stream(acts, idx, keep, batch=5)
+    dense = dense_codes(acts, idx, keep)
+    NB, P = CFG.n_intervals, CFG.per_interval
+    w, t, f = np.nonzero(dense > 0)
+    a = dense[w, t, f]
+    exp = np_ceil_log2(dense.max((0, 1)))[f]
+    bins = np.clip(np.floor(np.ldexp(a, -exp) * NB), 0, NB - 1).astype(int)
+    keys = sample_keys(torch.from_numpy(w * T + t), torch.from_numpy(f), CFG.seed).numpy()
+    full = 0
+    for latent in range(N):
+        for b in range(NB):
+            mine = np.nonzero((f == latent) & (bins == b))[0]
+            chosen = mine[np.argsort(keys[mine], kind="stable")][:P]
+            slots = acc.iv_key[latent, b] != EMPTY_KEY
+            assert sorted(zip(w[chosen], t[chosen])) == sorted(
+                zip(acc.iv_win[latent, b][slots].tolist(), acc.iv_pos[latent, b][slots].tolist())
+            ), (latent, b)
+            np.testing.assert_array_equal(
+                np.sort(acc.iv_key[latent, b][slots]), np.sort(keys[chosen])
+            )
+            full += len(chosen) == P
+            for s in np.nonzero(slots.numpy())[0]:
+                win, pos = int(acc.iv_win[latent, b, s]), int(acc.iv_pos[latent, b, s])
+                assert acc.iv_val[latent, b, s] == np.float32(dense[win, pos, latent])
+                start = min(max(pos - CFG.ctx_before, 0), T - acc.C)
+                want = dense[win, start : start + acc.C, latent]
+                np.testing.assert_allclose(acc.iv_ctx[latent, b, s].float(), want, rtol=1e-3)
+    assert full > 10  # some reservoirs overflowed, so the smallest-key rule was exercised
+
+
+def canonical(acc: FeatureAccumulator) -> dict[str, torch.Tensor]:
+    """The state with its unsorted slots sorted: top examples by activation, samples by key."""
+    top = torch.argsort(-acc.top_val, dim=1, stable=True)
+    iv = torch.argsort(acc.iv_key, dim=2, stable=True)
+    out = {name: getattr(acc, name) for name in ("count", "act_max", "hist", "blk_count")}
+    for name in ("top_val", "top_win", "top_pos"):
+        out[name] = getattr(acc, name).gather(1, top)
+    out["top_ctx"] = acc.top_ctx.gather(1, top[..., None].expand_as(acc.top_ctx))
+    for name in ("iv_key", "iv_val", "iv_win", "iv_pos"):
+        out[name] = getattr(acc, name).gather(2, iv)
+    out["iv_ctx"] = acc.iv_ctx.gather(2, iv[..., None].expand_as(acc.iv_ctx))
+    return out
+
+
+def test_statistics_do_not_depend_on_batching():
+    acts, idx, keep = synthetic_codes()
+    a, b = canonical(stream(acts, idx, keep, batch=2)), canonical(stream(acts, idx, keep, batch=7))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_cooccurrence_counts_match_brute_force():
+    acts, idx, keep = synthetic_codes()
+    acc = stream(acts, idx, keep, batch=5)
+    dense = dense_codes(acts, idx, keep)
+    size = CFG.cooc_block
+    blocks = (dense > 0).reshape(len(dense), T // size, size, N).any(2).reshape(-1, N)
+    shared = blocks.T.astype(np.int64) @ blocks.astype(np.int64)  # (N, N) brute force
+    np.testing.assert_array_equal(acc.blk_count.numpy(), blocks.sum(0))
+    assert acc.n_blocks == int(keep.reshape(-1, T // size, size).any(2).sum())
+    exact = 0
+    for i in range(N):
+        for slot in range(CFG.cooc_slots):
+            j = int(acc.cand[i, slot])
+            if j < 0:
+                continue
+            assert shared[i, j] > 0  # a candidate shared at least one block when it was added
+            if acc.cand_from[i, slot] == 0:  # added in the latent's first batch: exact counts
+                assert acc.cand_count[i, slot] == shared[i, j]
+                exact += 1
+    assert exact > 100
+    ids, jac, n_shared = acc.cooccurrence()
+    assert ids[0, 0] == 1 and ids[1, 0] == 0  # the planted pair
+    true = shared[0, 1] / (shared[0, 0] + shared[1, 1] - shared[0, 1])
+    assert jac[0, 0] == pytest.approx(true) and true > 0.5 and n_shared[0, 0] == shared[0, 1]
+
+
+def test_bf16_search_keeps_exact_fp32_values():
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=256, k=8))
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc.copy_(0.1 * torch.randn(256, generator=torch.Generator().manual_seed(1)))
+        sae.b_dec.copy_(0.1 * torch.randn(32, generator=torch.Generator().manual_seed(2)))
+    x = torch.randn(1024, 32, generator=torch.Generator().manual_seed(3))
+    acts32, idx32 = encode_codes(sae, x)
+    acts16, idx16 = encode_codes(sae, x, torch.bfloat16)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (N, n) in fp32
+    torch.testing.assert_close(acts16, pre.gather(1, idx16).relu(), rtol=1e-5, atol=1e-6)
+    same = (idx16.sort(1).values == idx32.sort(1).values).all(1).float().mean()
+    assert 0.9 < same < 1.0  # bf16 only swaps near-ties at the k-th place (and it does, here)
+
+
+# -- end to end: a hand-set SAE on a tiny Llama whose latents fire on known tokens ----------------
+
+
+def _token(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, tokenizer):
+    """Site resid_pre.0 is the token embedding, so hand-set embedding coordinates make latent 0
+    fire 10 on ' Paris' and 6 on ' France', and latents 1 and 2 fire 4 together on ' Monday'."""
+    from conftest import make_model
+
+    root = tmp_path_factory.mktemp("planted")
+    paris, france = _token(tokenizer, " Paris"), _token(tokenizer, " France")
+    monday, up, down = (
+        _token(tokenizer, " Monday"),
+        _token(tokenizer, " dog"),
+        _token(tokenizer, " cat"),
+    )
+    model = make_model("llama", len(tokenizer))
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, :6] = 0
+        emb[paris, 0], emb[france, 0], emb[monday, 1], emb[monday, 2] = 11, 7, 5, 5
+        head = model.get_output_embeddings().weight
+        head[:, 0] = 0
+        head[up, 0], head[down, 0] = 50, -50  # latent 0 promotes ' dog', suppresses ' cat'
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=16, k=2))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        W_dec = torch.zeros(16, 32)
+        W_dec[:, 6:] = torch.randn(16, 26, generator=g)  # unplanted rows: orthogonal to e_0..e_5
+        W_dec[0], W_dec[1], W_dec[2] = torch.eye(32)[0], torch.eye(32)[1], torch.eye(32)[2]
+        W_dec[3] = torch.eye(32)[1] + 0.1 * torch.eye(32)[5]  # latent 1's nearest neighbour
+        sae.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True))
+        sae.W_enc.zero_()
+        sae.W_enc[0, 0] = sae.W_enc[1, 1] = sae.W_enc[2, 2] = 1.0
+        sae.b_enc.fill_(-1.0)
+    save_sae(sae, root / "run")
+    docs = []
+    for i in range(1600):  # every 20th document is held out; every 10th of those has Paris
+        city = " Paris is in France." if i % 200 == 199 else " France is big."
+        docs.append(f"The cat sat on the mat.{city} Monday comes before Tuesday. The dog ran {i}.")
+    (root / "text.txt").write_text("\n\n".join(docs))
+    run_json = dict(model=str(root / "model"), site="resid_pre.0")
+    run_json["data"] = dict(dataset=str(root / "text.txt"), context_size=32)
+    (root / "run" / "run.json").write_text(json.dumps(run_json))
+    run = open_run(root / "run")
+    out = analyze(run, 100_000, batch_windows=4, progress=False)
+    return dict(
+        run=run, out=out, ids=dict(paris=paris, france=france, monday=monday, up=up, down=down)
+    )
+
+
+def _heldout(run, tokenizer):
+    """The held-out windows and their kept-token masks, as analyze sees them."""
+    windows = list(run.heldout_windows(tokenizer))
+    tokens = torch.stack([w.tokens for w in windows])
+    keep = token_mask(tokens, special_ids=special_token_ids(tokenizer), drop_first=True)
+    return windows, tokens, keep
+
+
+def test_planted_latents_have_the_known_top_contexts(planted, tokenizer):
+    store, ids = FeatureStore(planted["out"]), planted["ids"]
+    windows, tokens, keep = _heldout(planted["run"], tokenizer)
+    is_paris = (tokens == ids["paris"]) & keep
+    is_france = (tokens == ids["france"]) & keep
+    paris_windows = {windows[i].index for i in torch.nonzero(is_paris.any(1)).squeeze(1).tolist()}
+    france_only = {
+        windows[i].index
+        for i in torch.nonzero(is_france.any(1) & ~is_paris.any(1)).squeeze(1).tolist()
+    }
+    assert 0 < len(paris_windows) < 20 and len(france_only) > 20  # the text was made so
+    page = store.feature(0)
+    top = page["top_examples"]
+    assert len(top) == 20
+    acts = [e["act"] for e in top]
+    assert acts == [10.0] * len(paris_windows) + [6.0] * (20 - len(paris_windows))
+    assert {e["window"] for e in top[: len(paris_windows)]} == paris_windows
+    assert {e["window"] for e in top[len(paris_windows) :]} <= france_only
+    for e in top:
+        want = {10.0: ids["paris"], 6.0: ids["france"]}[e["act"]]
+        assert e["token_ids"][e["index"]] == want
+        expected = [
+            10.0 if t == ids["paris"] else 6.0 if t == ids["france"] else 0.0
+            for t in e["token_ids"]
+        ]
+        assert e["acts"] == expected
+    n_fire = int((is_paris | is_france).sum())
+    assert page["n_active"] == n_fire
+    assert page["density"] == pytest.approx(n_fire / int(keep.sum()))
+    assert page["mean_act"] == pytest.approx(
+        (10 * is_paris.sum() + 6 * is_france.sum()).item() / n_fire
+    )
+    assert page["max_act"] == 10.0
+    # Intervals on [0, 16]: width 1.6, so 6 lands in bin 3 and 10 in bin 6; nothing else fires.
+    counts = [iv["count"] for iv in page["intervals"]]
+    assert counts == [0, 0, 0, int(is_france.sum()), 0, 0, int(is_paris.sum())]
+    assert len(page["intervals"][3]["examples"]) == 5
+    assert all(e["act"] == 6.0 for e in page["intervals"][3]["examples"])
+    assert set(page["label"].split(" · ")) <= {"Paris", "France"}
+    # Logit effects through the unembedding, neighbours by decoder cosine, co-occurrence.
+    assert (
+        page["logits"]["top"][0]["id"] == ids["up"] and page["logits"]["top"][0]["token"] == " dog"
+    )
+    assert page["logits"]["bottom"][0]["id"] == ids["down"]
+    assert store.feature(1)["neighbors"][0]["feature"] == 3
+    co = store.feature(1)["cooccurring"][0]
+    assert co["feature"] == 2 and co["jaccard"] == pytest.approx(1.0)
+    assert store.feature(5)["top_examples"] == [] and store.feature(5)["density"] == 0
+
+
+def test_logit_effects_use_the_final_norm_gain(planted):
+    """sae_vis folds the final norm's weight into W_U: flipping that weight flips the effects."""
+    loaded_model = planted["run"].load_model(progress=False).model
+    ids = planted["ids"]
+    sae = planted["run"].sae
+    assert logit_effects(sae.W_dec, loaded_model)["top_ids"][0, 0] == ids["up"]
+    with torch.no_grad():
+        loaded_model.model.norm.weight[0] = -2.0
+    effects = logit_effects(sae.W_dec, loaded_model)
+    assert effects["top_ids"][0, 0] == ids["down"] and effects["top_values"][0, 0] == pytest.approx(
+        100.0
+    )
+
+
+def test_store_layout_and_sparsity_export(planted):
+    out, run = planted["out"], planted["run"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["n_latents"] == 16 and manifest["n_tokens"] > 0
+    assert manifest["sae_sha256"] == __import__("analysis.features").features.weights_sha256(
+        run.path
+    )
+    examples = pq.ParquetFile(out / "examples.parquet")
+    features = pq.read_table(out / "features.parquet")
+    assert features.num_rows == 16
+    feature_col = pq.read_table(out / "examples.parquet", columns=["feature"])["feature"].to_numpy()
+    assert (np.diff(feature_col) >= 0).all()  # sorted by feature
+    group = features["ex_group"][0].as_py()
+    assert 0 <= group < examples.num_row_groups
+    # SAELens sparsity: log10(density + 1e-10), one value per latent
+    sparsity = load_file(run.path / "sparsity.safetensors")["sparsity"]
+    density = torch.tensor(features["density"].to_numpy())
+    torch.testing.assert_close(
+        sparsity.double(), torch.log10(density + 1e-10), rtol=1e-5, atol=1e-5
+    )
+    assert not (out / "partial").exists()
+
+
+def test_table_and_search(planted):
+    store = FeatureStore(planted["out"])
+    page = store.table(0, 5, "-density")
+    assert page["total"] == 16
+    densities = [r["density"] for r in page["rows"]]
+    assert densities == sorted(densities, reverse=True) and densities[0] > 0
+    alive = store.table(0, 100, "feature", {"dead": False})
+    assert [r["feature"] for r in alive["rows"]] == [0, 1, 2]
+    assert store.table(0, 100, filters={"density": (None, 0.0)})["total"] == 13
+    assert store.search_tokens("paris")[0]["feature"] == 0
+    assert store.search_tokens("Monday")[0]["feature"] in (1, 2)
+    assert store.search_logits("dog")[0]["feature"] == 0
+    with pytest.raises(UserError, match="Unknown filter 'colour'"):
+        store.table(filters={"colour": 1})
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def random_run(tmp_path_factory, tiny_dir_module):
+    root = tmp_path_factory.mktemp("random-run")
+    text = root / "text.txt"
+    text.write_text(
+        "\n\n".join(
+            f"Story {i}: the cat sat on the mat, {i % 7} dogs ran in Paris. The dog ran in the park."
+            for i in range(3000)
+        )
+    )
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4))
+    sae.reset_parameters(torch.Generator().manual_seed(3))
+    save_sae(sae, root / "run")
+    info = dict(model=str(tiny_dir_module), site="resid_post.1")
+    info["data"] = dict(dataset=str(text), context_size=32)
+    (root / "run" / "run.json").write_text(json.dumps(info))
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir_module(tmp_path_factory, tokenizer):
+    from conftest import make_model
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    make_model("llama", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_resumed_analyze_equals_uninterrupted(random_run, tmp_path, monkeypatch):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    shutil.copytree(random_run, whole)
+    shutil.copytree(random_run, killed)
+    settings = dict(n_tokens=3000, batch_windows=2, checkpoint_tokens=500, progress=False)
+    real = FeatureAccumulator.update
+    total = {"n": 0}
+
+    def counted(self, *args):
+        total["n"] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(FeatureAccumulator, "update", counted)
+    analyze(open_run(whole), **settings)
+
+    calls = {"n": 0}
+
+    def dying(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 14:  # after the checkpoint at 500 tokens (~9 batches), before 1000
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(FeatureAccumulator, "update", dying)
+    with pytest.raises(KeyboardInterrupt):
+        analyze(open_run(killed), **settings)
+    assert not (killed / "features" / "manifest.json").exists()
+    with pytest.raises(UserError, match="pass --resume to continue it"):
+        analyze(open_run(killed), **settings)
+    monkeypatch.setattr(FeatureAccumulator, "update", real)
+    resumed = {"n": 0}
+
+    def counting(self, *args):
+        resumed["n"] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(FeatureAccumulator, "update", counting)
+    analyze(open_run(killed), resume=True, **settings)
+    # It continued from the last checkpoint (500 tokens = 9 batches of 2 x 31 kept tokens).
+    assert resumed["n"] == total["n"] - 9
+    for name in ("features.parquet", "examples.parquet", "vocab.parquet"):
+        a, b = pq.read_table(whole / "features" / name), pq.read_table(killed / "features" / name)
+        assert a.equals(b), name
+    ma = json.loads((whole / "features" / "manifest.json").read_text())
+    mb = json.loads((killed / "features" / "manifest.json").read_text())
+    assert ma["n_tokens"] == mb["n_tokens"] >= 3000 and ma["n_windows"] == mb["n_windows"]
+    assert torch.equal(
+        load_file(whole / "sparsity.safetensors")["sparsity"],
+        load_file(killed / "sparsity.safetensors")["sparsity"],
+    )
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def _one_sentence(err: UserError) -> str:
+    text = str(err)
+    assert "\n" not in text and text.endswith(".") and text.count(". ") <= 1, text
+    return text
+
+
+def _cli(*argv):
+    parser = argparse.ArgumentParser()
+    add_analyze_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["analyze", *argv])
+
+
+def test_a_store_for_another_sae_is_refused(random_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(random_run, run_dir)
+    out = analyze(open_run(run_dir), 300, batch_windows=2, progress=False)
+    FeatureStore(out)  # fine while the SAE is the same
+    other = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4))
+    other.reset_parameters(torch.Generator().manual_seed(99))
+    save_sae(other, run_dir)
+    with pytest.raises(UserError, match="was built for another SAE") as err:
+        FeatureStore(out)
+    _one_sentence(err.value)
+    # A partial state from the old SAE is refused too.
+    state = out / "partial"
+    run = open_run(run_dir)
+    from analysis.features import FeatureAccumulator as Acc
+    from analysis.features import WindowLog, _save_state
+
+    log = WindowLog(state / "windows.bin", 32)
+    _save_state(state, Acc(64, 32), log, dict(sae_sha256="0" * 64))
+    log.close()
+    with pytest.raises(UserError, match="made for another SAE") as err:
+        analyze(run, 300, resume=True, progress=False)
+    _one_sentence(err.value)
+
+
+def test_bad_input_gets_one_sentence(planted, tmp_path):
+    store = FeatureStore(planted["out"])
+    for bad in (16, -1, 10**9):
+        with pytest.raises(UserError, match=rf"Feature {bad} is out of range; .* 0\.\.15") as err:
+            store.feature(bad)
+        _one_sentence(err.value)
+    with pytest.raises(UserError, match="must be a whole number"):
+        store.feature("3")
+    with pytest.raises(UserError, match="--tokens must be a positive whole number") as err:
+        cmd_analyze(_cli(str(planted["run"].path), "--tokens", "0"))
+    _one_sentence(err.value)
+    with pytest.raises(UserError, match="--tokens must be a positive"):
+        analyze(planted["run"], 0, progress=False)
+    empty = tmp_path / "no-sae"
+    empty.mkdir()
+    with pytest.raises(UserError, match="holds no SAE yet") as err:
+        cmd_analyze(_cli(str(empty)))
+    _one_sentence(err.value)
+    with pytest.raises(UserError, match="holds no feature store") as err:
+        FeatureStore(tmp_path)
+    _one_sentence(err.value)
+    with pytest.raises(UserError, match="no partial analysis to resume"):
+        analyze(planted["run"], 100, resume=True, progress=False)
