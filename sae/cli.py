@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--latents", type=int, default=2304)
     demo.add_argument("--k", type=int, default=16)
     demo.add_argument("--batch", type=int, default=2048)
+    demo.add_argument("--eval-tokens", default="8k")
+    demo.add_argument("--analyze-tokens", default="30k")
     demo.add_argument("--no-serve", action="store_true", help="do not start the dashboard")
 
     corpus = sub.add_parser("corpus", help="inspect a text source")
@@ -318,16 +320,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
     n_tokens = parse_count(args.tokens)
     cache, run = out / "cache", out / "run"
     print(f"== saewb demo: smollm2-135m at {args.site}, {n_tokens:,} tokens -> {out}")
-    print("== 1/2 harvest activations into a cache (resumes if interrupted)")
+    print("== 1/4 harvest activations into a cache (resumes if interrupted)")
     cmd_harvest(build_parser().parse_args(
         ["harvest", "--site", args.site, "--tokens", str(n_tokens), "--cache", str(cache)]))
-    print(f"== 2/2 train a TopK SAE ({args.latents} latents, k={args.k}) from the cache")
+    print(f"== 2/4 train a TopK SAE ({args.latents} latents, k={args.k}) from the cache")
     train = ["train", "--site", args.site, "--cache", str(cache), "--latents", str(args.latents),
              "--k", str(args.k), "--tokens", str(n_tokens), "--batch", str(args.batch),
              "--out", str(run)]
     if (run / "state" / "latest.json").exists():
         train.append("--resume")
     cmd_train(build_parser().parse_args(train))
+    print("== 3/4 evaluate on held-out text (eval.json)")
+    _command("eval")(build_parser().parse_args(["eval", str(run), "--tokens", args.eval_tokens]))
+    print("== 4/4 build the feature store (features/)")
+    analyze = ["analyze", str(run), "--tokens", args.analyze_tokens]
+    if (run / "features" / "partial" / "state.safetensors").exists():
+        analyze.append("--resume")
+    _command("analyze")(build_parser().parse_args(analyze))
     print(f"== done: the run directory is {run}")
     if not args.no_serve:
         print("   (the dashboard stage arrives with issue 4; nothing to serve yet)")
