@@ -110,8 +110,16 @@ def test_short_training_run_on_live_smollm2_lowers_fvu(tmp_path: Path):
 
     saved = os.environ.pop("SAEWB_CACHE", None)
     try:
-        cfg = TrainConfig(sites=["resid_post.3"], latents=[1152], ks=[16], tokens=16_384,
-                          batch=1024, log_every=4, context=128, buffer_tokens=4096)
+        cfg = TrainConfig(
+            sites=["resid_post.3"],
+            latents=[1152],
+            ks=[16],
+            tokens=16_384,
+            batch=1024,
+            log_every=4,
+            context=128,
+            buffer_tokens=4096,
+        )
         trainer = Trainer(cfg, tmp_path / "run", progress=False)
         trainer.fit()
     finally:
@@ -121,3 +129,39 @@ def test_short_training_run_on_live_smollm2_lowers_fvu(tmp_path: Path):
     assert len(fvu) == 4
     assert all(b < a for a, b in zip(fvu, fvu[1:])), fvu  # steadily lower
     assert fvu[-1] < 0.9 * fvu[0]
+
+
+def test_demo_runs_every_stage(tmp_path: Path, capsys):
+    import json
+
+    from sae.cli import main
+
+    saved = os.environ.pop("SAEWB_CACHE", None)
+    try:
+        code = main(
+            [
+                "demo",
+                "--out",
+                str(tmp_path / "demo"),
+                "--tokens",
+                "4096",
+                "--latents",
+                "256",
+                "--batch",
+                "1024",
+                "--eval-tokens",
+                "1024",
+                "--analyze-tokens",
+                "2048",
+                "--no-serve",
+            ]
+        )
+    finally:
+        if saved is not None:
+            os.environ["SAEWB_CACHE"] = saved
+    out = capsys.readouterr().out
+    assert code == 0, out
+    run = tmp_path / "demo" / "run"
+    assert json.loads((run / "eval.json").read_text())["metrics"]["l0"] == 16
+    assert (run / "features" / "manifest.json").exists()
+    assert "== done" in out
