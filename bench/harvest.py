@@ -36,7 +36,6 @@ def read_phase(cache_dir: str, batch: int) -> None:
     """Child process: stream the whole cache once in training batches; print JSON."""
     from hooks.cache import ActivationCache
 
-    torch.set_num_threads(2)
     cache = ActivationCache(Path(cache_dir))
     start = time.perf_counter()
     rows = 0
@@ -60,8 +59,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--cache-tokens", type=int, default=32768)
     parser.add_argument("--read-batch", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--_read", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args._read:
         return read_phase(args._read, args.read_batch)
 
@@ -71,7 +72,6 @@ def main() -> None:
     from hooks.text import iter_documents
     from hooks.windows import WindowSpec, holdout_split, iter_windows, stack
 
-    torch.set_num_threads(2)
     loaded = load_model("smollm2-135m", progress=False)
     model = loaded.model
 
@@ -139,7 +139,7 @@ def main() -> None:
         read = json.loads(child.stdout.strip().splitlines()[-1])
     read_rate = read["rows"] / read["seconds"]
 
-    print(f"\nSmolLM2-135M fp32, 2 threads, {args.batches} batches of 8 x 128 tokens, 2 repeats\n")
+    print(f"\nSmolLM2-135M fp32, {args.threads} threads, {args.batches} batches of 8 x 128 tokens, 2 repeats\n")
     print(f"{'variant':42s} {'tokens/s':>10s} {'vs full':>8s}")
     for name, rate in rates.items():
         print(f"{name:42s} {rate:10,.0f} {rate / full:7.2f}x")
