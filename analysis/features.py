@@ -394,10 +394,17 @@ class FeatureAccumulator:
         mine = partner != owner
         pairs, shared = torch.unique(owner[mine] * n + partner[mine], return_counts=True)
         o, j = pairs // n, pairs % n
-        fresh = ~(self.cand[o] == j[:, None]).any(1)
-        o, j, shared = o[fresh], j[fresh], shared[fresh]
-        order = lexsort(o, -shared, self.blk_count[j], j)
+        # Sort by owner, most shared first, rarer partner first, lower id: two int64 keys.
+        owner_key = o * 2**32 + (2**32 - 1 - shared)
+        partner_key = self.blk_count[j].clamp(max=2**31 - 1) * 2**31 + j
+        order = lexsort(owner_key, partner_key)
         o, j = o[order], j[order]
+        # An owner's best M proposals hold at most M - free partners it already has, so its free
+        # slots are filled from them: test membership on those only.
+        best = rank_in_runs(o) < M
+        o, j = o[best], j[best]
+        fresh = ~(self.cand[o] == j[:, None]).any(1)
+        o, j = o[fresh], j[fresh]
         slot = (self.cand[o] >= 0).sum(1) + rank_in_runs(o)
         ok = slot < M
         o, j, slot = o[ok], j[ok], slot[ok]

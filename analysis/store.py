@@ -4,8 +4,9 @@
       manifest.json     format, version, sha256 of the SAE weights it was built for, token and
                         window counts, settings (written last: no manifest, no store)
       features.parquet  one row per latent: density, mean/max activation, histogram, logit
-                        effects, decoder neighbours, co-occurring latents, label, and where its
-                        examples are (row group, offset, counts)
+                        effects, decoder neighbours, co-occurring latents (Jaccard and shared
+                        blocks), its active-block count, label, and where its examples are
+                        (row group, offset, counts)
       examples.parquet  one row per example, sorted by (feature, kind, bin, rank); each row group
                         holds FEATURES_PER_GROUP latents, so one latent's examples are one small
                         row-group read
@@ -213,6 +214,8 @@ def write_tables(
         "max_act": pa.array(max_act.astype(np.float32)),
         "hist_max": pa.array(hist_max.astype(np.float32)),
         "hist": _lists(acc.hist.cpu().numpy().astype(np.int64)),
+        # blocks where the latent fires; with cooc_shared and manifest n_blocks this gives phi too
+        "n_blocks_active": pa.array(acc.blk_count.cpu().numpy().astype(np.int64)),
         "label": pa.array(labels, pa.string()),
         "top_tokens": _lists(fire_tokens.astype(np.int32), fire_tokens >= 0),
         "ex_group": pa.array(ex_group),
@@ -409,6 +412,7 @@ class FeatureStore:
             label=row["label"],
             density=row["density"],
             n_active=row["n_active"],
+            n_blocks_active=row["n_blocks_active"],
             mean_act=row["mean_act"],
             max_act=row["max_act"],
             histogram=dict(

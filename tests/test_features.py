@@ -338,6 +338,8 @@ def test_planted_latents_have_the_known_top_contexts(planted, tokenizer):
     assert store.feature(1)["neighbors"][0]["feature"] == 3
     co = store.feature(1)["cooccurring"][0]
     assert co["feature"] == 2 and co["jaccard"] == pytest.approx(1.0)
+    blocks = store.features["n_blocks_active"].to_pylist()
+    assert co["shared_blocks"] == blocks[1] == blocks[2] > 0
     assert store.feature(5)["top_examples"] == [] and store.feature(5)["density"] == 0
 
 
@@ -398,7 +400,7 @@ def test_table_and_search(planted):
 
 
 @pytest.fixture(scope="module")
-def random_run(tmp_path_factory, tiny_dir_module):
+def random_run(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("random-run")
     text = root / "text.txt"
     text.write_text(
@@ -410,20 +412,10 @@ def random_run(tmp_path_factory, tiny_dir_module):
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4))
     sae.reset_parameters(torch.Generator().manual_seed(3))
     save_sae(sae, root / "run")
-    info = dict(model=str(tiny_dir_module), site="resid_post.1")
+    info = dict(model=str(tiny_dir), site="resid_post.1")
     info["data"] = dict(dataset=str(text), context_size=32)
     (root / "run" / "run.json").write_text(json.dumps(info))
     return root / "run"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir_module(tmp_path_factory, tokenizer):
-    from conftest import make_model
-
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    make_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_resumed_analyze_equals_uninterrupted(random_run, tmp_path, monkeypatch):
