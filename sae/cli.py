@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saewb: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("saewb: interrupted; rerun the same command to resume.", file=sys.stderr)
+        hint = " with --resume" if args.command in ("train", "analyze") else ""
+        print(f"saewb: interrupted; rerun the same command{hint} to continue.", file=sys.stderr)
         return 130
     return 0
