@@ -1,7 +1,8 @@
 """Training throughput: our trainer vs EleutherAI sparsify vs SAELens, on the same batches.
 
     /tmp/benchenv/bin/python bench/train_throughput.py [--tokens 200000] [--repeats 1]
-        [--smollm2-tokens 100000] [--live] [--only synthetic,smollm2,live] [--profile]
+        [--smollm2-tokens 100000] [--live] [--only synthetic,smollm2,live] [--no-saelens]
+    /tmp/benchenv/bin/python bench/train_throughput.py --profile adam,fp32   # op table, ours only
 
 Run it with an interpreter that has `sparsify` (eai-sparsify) and `sae_lens` installed and sees
 this repository (the bench venv). Everything runs on 2 threads, batch 4096, side by side:
@@ -417,6 +418,8 @@ def run_ours_live(spec: dict, x_eval: torch.Tensor) -> dict:
         "data_s": sum(stream.load_s),  # model forwards + mixing buffer
         "step_s": sum(stream.step_s),
         "tokens": trainer.tokens,
+        # windows the model ran on: the mixing buffer fills before the first step
+        "model_tokens": trainer.data.buffer.cursor * spec["context"],
         "fvu": fvu(x_eval, recon),
         "train_fvu_last": log[-1]["fvu"],
     }
@@ -701,12 +704,11 @@ def compare(section: str, shape: dict, cache: Path, held_out: Path, tokens: int,
     return {"roofline": roof, "trainers": results, "same_first_batch": same, "tokens": tokens}
 
 
-def trainer_list(dtypes: list[str], with_saelens: bool = True, profile: bool = False) -> list[dict]:
+def trainer_list(dtypes: list[str], with_saelens: bool = True) -> list[dict]:
     out = []
     for dtype in dtypes:
         for opt in ("adam", "signum"):
-            out.append(dict(trainer="ours", optimizer=opt, dtype=dtype, label=f"ours {opt} {dtype}",
-                            profile=profile and opt == "adam" and dtype == "fp32"))
+            out.append(dict(trainer="ours", optimizer=opt, dtype=dtype, label=f"ours {opt} {dtype}"))
         for opt in ("signum", "adam"):
             out.append(dict(trainer="sparsify", optimizer=opt, dtype=dtype,
                             label=f"sparsify {opt} {dtype}"))
@@ -723,7 +725,10 @@ def main() -> None:
     parser.add_argument("--only", default="synthetic,smollm2,live")
     parser.add_argument("--repeats", type=int, default=1, help="rounds; medians are reported")
     parser.add_argument("--no-saelens", action="store_true", help="skip the (slow) SAELens runs")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler table for ours")
+    parser.add_argument(
+        "--profile", default=None, metavar="OPT,DTYPE",
+        help="only profile our trainer on the synthetic data (e.g. adam,fp32): op table of 4 steps",
+    )
     parser.add_argument("--max-wait", type=float, default=300, help="s to wait for a quiet CPU")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -738,11 +743,20 @@ def main() -> None:
                     "torch": torch.__version__, "default_optimizer": default_opt}
     with_saelens = not args.no_saelens
 
+    if args.profile:
+        cache, held_out, _ = synthetic_data(args.tokens)
+        opt, dtype = args.profile.split(",")
+        spec = dict(SHAPES["synthetic"], cache=str(cache), eval=str(held_out), tokens=args.tokens,
+                    batch=BATCH, site="synthetic", trainer="ours", optimizer=opt, dtype=dtype,
+                    label=f"ours {opt} {dtype} (profiled)", profile=True)
+        run_child(spec, args.max_wait)
+        return
+
     if "synthetic" in sections:
         cache, held_out, planted = synthetic_data(args.tokens)
         shape = SHAPES["synthetic"]
         res = compare("synthetic", shape, cache, held_out, args.tokens, "synthetic",
-                      trainer_list(["fp32", "bf16"], with_saelens, args.profile), args)
+                      trainer_list(["fp32", "bf16"], with_saelens), args)
         res["planted"] = planted
         n_steps = math.ceil(args.tokens / BATCH)
         print_table(
@@ -808,7 +822,8 @@ def live(args) -> dict:
         if "error" not in r:
             print(f"  ours {opt}: >= 4,000 tokens/s {'MET' if r['tokens_per_s'] >= 4000 else 'MISSED'}; "
                   f"FVU <= 0.21 {'MET' if r['fvu'] <= 0.21 else 'MISSED'}; "
-                  f"model forwards + buffer {r['data_s']:.1f} s, SAE steps {r['step_s']:.1f} s")
+                  f"model forwards + buffer {r['data_s']:.1f} s for {r['model_tokens']:,} model tokens, "
+                  f"SAE steps {r['step_s']:.1f} s")
     return results
 
 
