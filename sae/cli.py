@@ -321,12 +321,29 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cache, run = out / "cache", out / "run"
     print(f"== saewb demo: smollm2-135m at {args.site}, {n_tokens:,} tokens -> {out}")
     print("== 1/4 harvest activations into a cache (resumes if interrupted)")
-    cmd_harvest(build_parser().parse_args(
-        ["harvest", "--site", args.site, "--tokens", str(n_tokens), "--cache", str(cache)]))
+    cmd_harvest(
+        build_parser().parse_args(
+            ["harvest", "--site", args.site, "--tokens", str(n_tokens), "--cache", str(cache)]
+        )
+    )
     print(f"== 2/4 train a TopK SAE ({args.latents} latents, k={args.k}) from the cache")
-    train = ["train", "--site", args.site, "--cache", str(cache), "--latents", str(args.latents),
-             "--k", str(args.k), "--tokens", str(n_tokens), "--batch", str(args.batch),
-             "--out", str(run)]
+    train = [
+        "train",
+        "--site",
+        args.site,
+        "--cache",
+        str(cache),
+        "--latents",
+        str(args.latents),
+        "--k",
+        str(args.k),
+        "--tokens",
+        str(n_tokens),
+        "--batch",
+        str(args.batch),
+        "--out",
+        str(run),
+    ]
     if (run / "state" / "latest.json").exists():
         train.append("--resume")
     cmd_train(build_parser().parse_args(train))

@@ -171,7 +171,11 @@ class TopKSAE(nn.Module):
         k_cand = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk or batch_topk else cfg.k
         if cfg.architecture == "batchtopk" and not self.training:
             k_cand = None  # inference: the JumpReLU threshold (see encode)
-        aux = (dead_mask, cfg.k_aux) if use_aux else (None, 0)
+        n_dead = int(dead_mask.sum()) if use_aux else 0
+        # With no more dead latents than k_aux, AuxK selects all of them: two small dense GEMMs
+        # over the dead columns beat sparse bookkeeping of k_aux entries per token.
+        sparse_aux = use_aux and n_dead > cfg.k_aux
+        aux = (dead_mask, cfg.k_aux) if sparse_aux else (None, 0)
         enc = self.encode(x, *aux, k=k_cand, dtype=dtype)
         acts, idx = enc.top_acts, enc.top_idx  # (N, k_cand)
         multi_fvu = xs.new_zeros(())
@@ -192,8 +196,13 @@ class TopKSAE(nn.Module):
             # AuxK: the dead latents model the residual. b_dec is deliberately not added (it is
             # already in recon_s; sparsify issue 132 counted it twice).
             residual = error.detach()
-            aux_recon = self._decode_scaled(enc.aux_acts, enc.aux_idx, dtype)
-            scale = min(int(dead_mask.sum()) / cfg.k_aux, 1.0)
+            if sparse_aux:
+                aux_recon = self._decode_scaled(enc.aux_acts, enc.aux_idx, dtype)
+            else:
+                dead = dead_mask.nonzero().squeeze(1)  # (n_dead,)
+                pre = (xs - self.b_dec) @ self.W_enc[:, dead] + self.b_enc[dead]  # (N, n_dead)
+                aux_recon = pre.relu() @ self.W_dec[dead]  # (N, d)
+            scale = min(n_dead / cfg.k_aux, 1.0)
             aux_var = variance(residual, reduce).clamp_min(1e-12)
             aux_loss = scale * (residual - aux_recon).pow(2).sum() / aux_var
         return ForwardOutput(recon_s / self.input_scale, fvu, aux_loss, multi_fvu, acts, idx)

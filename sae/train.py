@@ -65,7 +65,7 @@ class TrainConfig:
     text_column: str = "text"
     context: int = 128
     model_batch: int = 8  # windows per model forward
-    buffer_tokens: int | None = None  # None: max(2^16, 8 batches)
+    buffer_tokens: int | None = None  # None: 64k tokens or a quarter of the run, >= 8 batches
     device: str = "cpu"
     model_dtype: str = "fp32"
     max_nonfinite: float = 0.01  # abort once this fraction of tokens was NaN/inf
@@ -145,7 +145,9 @@ class DataStream:
 
         self.cfg, self.world = cfg, world
         self.from_cache = cfg.cache is not None
-        self.buffer_tokens = cfg.buffer_tokens or max(1 << 16, 8 * cfg.batch)
+        # 64k tokens mixes well, but a short run should not capture far more than it trains on
+        # (the buffer fills before the first step): a quarter of the run, at least 8 batches.
+        self.buffer_tokens = cfg.buffer_tokens or max(min(1 << 16, cfg.tokens // 4), 8 * cfg.batch)
         if self.from_cache:
             from hooks.cache import ActivationCache
 

@@ -268,8 +268,11 @@ def test_bad_training_input(planted, tmp_path):
 
 def test_batchtopk_and_multi_topk_train(planted, tmp_path):
     cache, features = planted
-    trainer = Trainer(_cfg(cache, architecture="batchtopk", multi_topk=True, tokens=100_000),
-                      tmp_path / "btk", progress=False)
+    trainer = Trainer(
+        _cfg(cache, architecture="batchtopk", multi_topk=True, tokens=100_000),
+        tmp_path / "btk",
+        progress=False,
+    )
     (run,) = trainer.fit()
     sae = trainer.members[0].sae.eval()
     assert float(sae.threshold) > 0
@@ -287,13 +290,69 @@ def test_train_from_a_live_model_cli(tmp_path, tiny_dir, capsys):
     from sae.cli import main
 
     text = tmp_path / "text.txt"
-    text.write_text("\n\n".join(f"Story {i}: the cat sat on the mat, {i % 7} dogs ran." for i in range(400)))
-    argv = ["train", "--model", str(tiny_dir), "--site", "resid_post.1", "--latents", "64", "--k", "4",
-            "--tokens", "6144", "--batch", "512", "--dataset", str(text), "--context", "32",
-            "--log-every", "2", "--out", str(tmp_path / "run"), "--buffer-tokens", "2048"]
+    text.write_text(
+        "\n\n".join(f"Story {i}: the cat sat on the mat, {i % 7} dogs ran." for i in range(400))
+    )
+    argv = [
+        "train",
+        "--model",
+        str(tiny_dir),
+        "--site",
+        "resid_post.1",
+        "--latents",
+        "64",
+        "--k",
+        "4",
+        "--tokens",
+        "6144",
+        "--batch",
+        "512",
+        "--dataset",
+        str(text),
+        "--context",
+        "32",
+        "--log-every",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        "--buffer-tokens",
+        "2048",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     log = _log(tmp_path / "run")
     assert log[-1]["tokens"] >= 6144 and log[-1]["fvu"] < log[0]["fvu"]
     run = json.loads((tmp_path / "run/run.json").read_text())
     assert run["model"] == str(tiny_dir) and run["site"] == "resid_post.1"
     assert "tokens" in capsys.readouterr().out
+
+
+def test_dense_auxk_path_matches_the_sparse_kernel():
+    """With no more dead latents than k_aux, AuxK runs as dense GEMMs over the dead columns;
+    values and gradients must equal the sparse kernel's selection of all dead latents."""
+    import copy
+
+    from sae.kernels import sparse_decode, topk_encode
+    from sae.model import SAEConfig, TopKSAE, variance
+
+    torch.manual_seed(0)
+    dense = TopKSAE(SAEConfig(d_in=32, n_latents=256, k=8, k_aux=40))
+    x = torch.randn(300, 32) * 3 + 1
+    dense.init_from_sample(x)
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[torch.randperm(256)[:40]] = True
+    sparse = copy.deepcopy(dense)
+    out = dense(x, dead)
+    out.aux_loss.backward()
+
+    xs = x * sparse.input_scale
+    enc = topk_encode(xs - sparse.b_dec, sparse.W_enc, sparse.b_enc, 8, dead, k_aux=40)
+    recon = sparse_decode(enc.top_acts, enc.top_idx, sparse.W_dec) + sparse.b_dec
+    residual = (xs - recon).detach()
+    aux = sparse_decode(enc.aux_acts, enc.aux_idx, sparse.W_dec)
+    loss = (residual - aux).pow(2).sum() / variance(residual)
+    loss.backward()
+    torch.testing.assert_close(out.aux_loss, loss)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(
+            getattr(dense, name).grad, getattr(sparse, name).grad, rtol=1e-4, atol=1e-6
+        )
