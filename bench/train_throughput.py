@@ -188,7 +188,7 @@ def run_roofline(spec: dict) -> dict:
 
 
 def run_ours(spec: dict, x_eval: torch.Tensor) -> dict:
-    from sae.train import Trainer, TrainConfig
+    from sae.train import TrainConfig, Trainer
 
     cfg = TrainConfig(
         cache=spec["cache"],
@@ -394,7 +394,7 @@ def run_forward_bound(spec: dict) -> dict:
 
 
 def run_ours_live(spec: dict, x_eval: torch.Tensor) -> dict:
-    from sae.train import Trainer, TrainConfig
+    from sae.train import TrainConfig, Trainer
 
     cfg = TrainConfig(
         model="smollm2-135m",
@@ -560,7 +560,7 @@ def synthetic_data(tokens: int) -> tuple[Path, Path, dict]:
     features with an unrelated seed."""
     from safetensors.torch import save_file
 
-    from sae.synthetic import firing_probabilities, planted_features, sample, write_synthetic_cache
+    from sae.synthetic import firing_probabilities, sample, write_synthetic_cache
 
     s = SYNTH
     folder = DATA / f"synthetic-d{s['d']}-F{s['n_features']}-a{s['mean_active']:g}-t{tokens}"
