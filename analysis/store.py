@@ -335,6 +335,7 @@ class FeatureStore:
         self._examples = pq.ParquetFile(path / "examples.parquet")
         self._lock = threading.Lock()  # Dash serves requests from several threads
         self._flat: dict[str, tuple[np.ndarray, ...]] = {}
+        self._lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def n_latents(self) -> int:
@@ -432,17 +433,23 @@ class FeatureStore:
         )
 
     def table(
-        self, offset: int = 0, limit: int = 50, sort: str = "feature", filters: dict | None = None
+        self,
+        offset: int = 0,
+        limit: int = 50,
+        sort: str | None = "feature",
+        filters: dict | None = None,
     ) -> dict:
         """One page of the latent list: {"total": matching latents, "rows": [...]}.
 
-        sort: a column of SORTABLE, '-' in front for descending (e.g. '-density').
-        filters: {"density": (lo, hi), "max_act": (lo, hi), "mean_act": (lo, hi),
-                  "n_active": (lo, hi), "dead": bool, "label": substring}; None bounds are open."""
+        sort: a column of SORTABLE, '-' in front for descending (e.g. '-density'); None keeps the
+        order of the "ids" filter (e.g. search results, best first), else feature order.
+        filters: {"feature" | "density" | "max_act" | "mean_act" | "n_active": (lo, hi),
+                  "dead": bool, "label": substring, "ids": latent ids}; None bounds are open."""
         cols = self._scalars
         keep = np.ones(self.n_latents, dtype=bool)
+        ids = None
         for key, value in (filters or {}).items():
-            if key in ("density", "max_act", "mean_act", "n_active"):
+            if key in ("feature", "density", "max_act", "mean_act", "n_active"):
                 lo, hi = value
                 if lo is not None:
                     keep &= cols[key] >= lo
@@ -453,24 +460,30 @@ class FeatureStore:
             elif key == "label":
                 text = str(value).lower()
                 keep &= np.array([text in label.lower() for label in self._labels])
+            elif key == "ids":
+                ids = np.asarray(list(value), dtype=np.int64)
+                ids = ids[(ids >= 0) & (ids < self.n_latents)]
             else:
                 raise UserError(
-                    f"Unknown filter '{key}'; use density, max_act, mean_act, n_active, dead "
-                    "or label."
+                    f"Unknown filter '{key}'; use feature, density, max_act, mean_act, n_active, "
+                    "dead, label or ids."
                 )
-        name = sort.lstrip("-")
-        if name not in SORTABLE:
-            raise UserError(f"Cannot sort by '{sort}'; use one of {', '.join(SORTABLE)}.")
-        ids = np.nonzero(keep)[0]
-        key = np.array(self._labels, dtype=object)[ids] if name == "label" else cols[name][ids]
-        order = np.argsort(key, kind="stable")
-        if sort.startswith("-"):
-            order = order[::-1]
-        page = ids[order][offset : offset + limit]
+        ids = np.nonzero(keep)[0] if ids is None else ids[keep[ids]]
+        if sort is not None:
+            name = sort.lstrip("-")
+            if name not in SORTABLE:
+                raise UserError(f"Cannot sort by '{sort}'; use one of {', '.join(SORTABLE)}.")
+            key = np.array(self._labels, dtype=object)[ids] if name == "label" else cols[name][ids]
+            order = np.argsort(key, kind="stable")
+            ids = ids[order[::-1] if sort.startswith("-") else order]
+        page = ids[offset : offset + limit]
         return dict(total=len(ids), rows=[self._summary(int(i)) for i in page])
 
     def _summary(self, i: int, **extra) -> dict:
+        """One latent's row of the feature list, with its firing tokens and promoted tokens."""
         cols = self._scalars
+        fires = dict.fromkeys(self.vocab[t] for t in self._row_values("top_tokens", i))
+        promotes = [self.vocab[t] for t in self._row_values("top_logit_ids", i)[:3]]
         return dict(
             feature=i,
             label=self._labels[i],
@@ -478,8 +491,21 @@ class FeatureStore:
             n_active=int(cols["n_active"][i]),
             mean_act=float(cols["mean_act"][i]),
             max_act=float(cols["max_act"][i]),
+            top_tokens=list(fires)[:5],
+            top_logits=promotes,
             **extra,
         )
+
+    def _list_column(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, values) of a list column of the per-latent table, cached."""
+        if column not in self._lists:
+            col = self.features.column(column).combine_chunks()
+            self._lists[column] = col.offsets.to_numpy(), col.flatten().to_numpy()
+        return self._lists[column]
+
+    def _row_values(self, column: str, i: int) -> np.ndarray:
+        offsets, values = self._list_column(column)
+        return values[offsets[i] : offsets[i + 1]]
 
     def _matching_tokens(self, text: str) -> np.ndarray:
         """Token ids whose string is `text` (ignoring case and spaces), else that contain it."""
@@ -493,10 +519,8 @@ class FeatureStore:
     def _flat_list(self, column: str) -> tuple[np.ndarray, np.ndarray]:
         """(row of each element, element) of a list column, cached."""
         if column not in self._flat:
-            col = self.features.column(column).combine_chunks()
-            offsets = col.offsets.to_numpy()
-            rows = np.repeat(np.arange(len(col)), np.diff(offsets))
-            self._flat[column] = rows, col.flatten().to_numpy()
+            offsets, values = self._list_column(column)
+            self._flat[column] = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)), values
         return self._flat[column]
 
     def search_tokens(self, text: str, limit: int = 50) -> list[dict]:

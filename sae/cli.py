@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-tokens", default="8k")
     demo.add_argument("--analyze-tokens", default="30k")
     demo.add_argument("--no-serve", action="store_true", help="do not start the dashboard")
+    demo.add_argument("--host", default="127.0.0.1", help="dashboard address (this machine only)")
+    demo.add_argument("--port", type=int, default=8050, help="dashboard port")
 
     corpus = sub.add_parser("corpus", help="inspect a text source")
     corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True)
@@ -356,7 +358,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _command("analyze")(build_parser().parse_args(analyze))
     print(f"== done: the run directory is {run}")
     if not args.no_serve:
-        print("   (the dashboard stage arrives with issue 4; nothing to serve yet)")
+        dashboard = ["dashboard", str(out), "--host", args.host, "--port", str(args.port)]
+        _command("dashboard")(build_parser().parse_args(dashboard))
 
 
 COMMANDS = {
@@ -374,6 +377,7 @@ COMMANDS = {
 PLUGINS = {
     "eval": ("analysis.evaluate", "add_eval_parser", "cmd_eval"),
     "analyze": ("analysis.features", "add_analyze_parser", "cmd_analyze"),
+    "dashboard": ("dashboard.app", "add_dashboard_parser", "cmd_dashboard"),
 }
 
 

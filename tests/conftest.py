@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 ARCHS = ("gpt2", "llama", "neox")
+
+
+def pytest_configure(config):
+    """Browser tests run headless in Debian's Chromium (dash[testing] reads these)."""
+    if hasattr(config.option, "headless"):
+        config.option.headless = True
+    for path in ("/usr/bin/chromium", "/usr/bin/chromium-browser"):
+        if os.path.exists(path):
+            os.environ.setdefault("DASH_TEST_CHROMEPATH", path)
+            break
+
 
 TEXT = (
     "The cat sat on the mat. The dog ran in the park. Paris is the capital of France. "
@@ -103,3 +116,62 @@ def tiny_dir(tmp_path_factory, tokenizer):
     make_model("llama", len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def single_token(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def build_planted_run(root, tokenizer, docs: int = 1600):
+    """A run whose features are known: site resid_pre.0 is the token embedding, so hand-set
+    embedding coordinates make latent 0 fire 10 on ' Paris' and 6 on ' France', and latents 1 and
+    2 fire 4 together on ' Monday'. Returns (run folder, {name: token id})."""
+    import json
+
+    from sae.formats import save_sae
+    from sae.model import SAEConfig, TopKSAE
+
+    ids = {
+        name: single_token(tokenizer, text)
+        for name, text in (
+            ("paris", " Paris"),
+            ("france", " France"),
+            ("monday", " Monday"),
+            ("up", " dog"),
+            ("down", " cat"),
+        )
+    }
+    model = make_model("llama", len(tokenizer))
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, :6] = 0
+        emb[ids["paris"], 0], emb[ids["france"], 0] = 11, 7
+        emb[ids["monday"], 1], emb[ids["monday"], 2] = 5, 5
+        head = model.get_output_embeddings().weight
+        head[:, 0] = 0
+        head[ids["up"], 0], head[ids["down"], 0] = 50, -50  # latent 0 promotes ' dog', not ' cat'
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=16, k=2))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        W_dec = torch.zeros(16, 32)
+        W_dec[:, 6:] = torch.randn(16, 26, generator=g)  # unplanted rows: orthogonal to e_0..e_5
+        W_dec[0], W_dec[1], W_dec[2] = torch.eye(32)[0], torch.eye(32)[1], torch.eye(32)[2]
+        W_dec[3] = torch.eye(32)[1] + 0.1 * torch.eye(32)[5]  # latent 1's nearest neighbour
+        sae.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True))
+        sae.W_enc.zero_()
+        sae.W_enc[0, 0] = sae.W_enc[1, 1] = sae.W_enc[2, 2] = 1.0
+        sae.b_enc.fill_(-1.0)
+    save_sae(sae, root / "run")
+    texts = []
+    for i in range(docs):  # every 20th document is held out; every 10th of those has Paris
+        city = " Paris is in France." if i % 200 == 199 else " France is big."
+        texts.append(f"The cat sat on the mat.{city} Monday comes before Tuesday. The dog ran {i}.")
+    (root / "text.txt").write_text("\n\n".join(texts))
+    run_json = dict(model=str(root / "model"), site="resid_pre.0")
+    run_json["data"] = dict(dataset=str(root / "text.txt"), context_size=32)
+    (root / "run" / "run.json").write_text(json.dumps(run_json))
+    return root / "run", ids

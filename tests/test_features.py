@@ -227,60 +227,14 @@ def test_bf16_search_keeps_exact_fp32_values():
 # -- end to end: a hand-set SAE on a tiny Llama whose latents fire on known tokens ----------------
 
 
-def _token(tokenizer, text: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) == 1, (text, ids)
-    return ids[0]
-
-
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, tokenizer):
-    """Site resid_pre.0 is the token embedding, so hand-set embedding coordinates make latent 0
-    fire 10 on ' Paris' and 6 on ' France', and latents 1 and 2 fire 4 together on ' Monday'."""
-    from conftest import make_model
+    from conftest import build_planted_run
 
-    root = tmp_path_factory.mktemp("planted")
-    paris, france = _token(tokenizer, " Paris"), _token(tokenizer, " France")
-    monday, up, down = (
-        _token(tokenizer, " Monday"),
-        _token(tokenizer, " dog"),
-        _token(tokenizer, " cat"),
-    )
-    model = make_model("llama", len(tokenizer))
-    with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        emb[:, :6] = 0
-        emb[paris, 0], emb[france, 0], emb[monday, 1], emb[monday, 2] = 11, 7, 5, 5
-        head = model.get_output_embeddings().weight
-        head[:, 0] = 0
-        head[up, 0], head[down, 0] = 50, -50  # latent 0 promotes ' dog', suppresses ' cat'
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=16, k=2))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        W_dec = torch.zeros(16, 32)
-        W_dec[:, 6:] = torch.randn(16, 26, generator=g)  # unplanted rows: orthogonal to e_0..e_5
-        W_dec[0], W_dec[1], W_dec[2] = torch.eye(32)[0], torch.eye(32)[1], torch.eye(32)[2]
-        W_dec[3] = torch.eye(32)[1] + 0.1 * torch.eye(32)[5]  # latent 1's nearest neighbour
-        sae.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True))
-        sae.W_enc.zero_()
-        sae.W_enc[0, 0] = sae.W_enc[1, 1] = sae.W_enc[2, 2] = 1.0
-        sae.b_enc.fill_(-1.0)
-    save_sae(sae, root / "run")
-    docs = []
-    for i in range(1600):  # every 20th document is held out; every 10th of those has Paris
-        city = " Paris is in France." if i % 200 == 199 else " France is big."
-        docs.append(f"The cat sat on the mat.{city} Monday comes before Tuesday. The dog ran {i}.")
-    (root / "text.txt").write_text("\n\n".join(docs))
-    run_json = dict(model=str(root / "model"), site="resid_pre.0")
-    run_json["data"] = dict(dataset=str(root / "text.txt"), context_size=32)
-    (root / "run" / "run.json").write_text(json.dumps(run_json))
-    run = open_run(root / "run")
+    path, ids = build_planted_run(tmp_path_factory.mktemp("planted"), tokenizer)
+    run = open_run(path)
     out = analyze(run, 100_000, batch_windows=4, progress=False)
-    return dict(
-        run=run, out=out, ids=dict(paris=paris, france=france, monday=monday, up=up, down=down)
-    )
+    return dict(run=run, out=out, ids=ids)
 
 
 def _heldout(run, tokenizer):

@@ -1,0 +1,161 @@
+"""Building blocks the pages share: highlighted token strips, notes, links and figures."""
+
+from __future__ import annotations
+
+import math
+from urllib.parse import urlencode
+
+import plotly.graph_objects as go
+from dash import dcc, html
+from plotly.subplots import make_subplots
+
+EMERALD = "52,211,153"
+CURVES = (("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_frac", "dead fraction"))
+
+
+def href(path: str, run: str | None = None, **query) -> str:
+    """A dashboard URL with the run (and anything else) in the query string."""
+    params = {"run": run, **query} if run else query
+    params = {k: v for k, v in params.items() if v is not None}
+    return path + ("?" + urlencode(params) if params else "")
+
+
+def feature_href(run: str, feature: int) -> str:
+    return href(f"/feature/{feature}", run)
+
+
+def note(text: str | list, kind: str = "info", id: str | None = None) -> html.Div:
+    """A boxed message: 'info' for parts that are missing, 'error' for bad input."""
+    extra = {"id": id} if id else {}
+    return html.Div(text, className=f"note note-{kind}", **extra)
+
+
+def command(text: str) -> html.Code:
+    return html.Code(text, className="command")
+
+
+def not_found(message: str) -> html.Div:
+    return html.Div(
+        [
+            html.H2("Not found"),
+            note(message, "error", id="not-found"),
+            dcc.Link("Back to the runs", href="/"),
+        ],
+        className="page",
+    )
+
+
+def display_token(token: str) -> str:
+    """Token text as shown: newlines and tabs visible, nothing collapsed."""
+    return token.replace("\n", "↵").replace("\t", "→").replace("\r", "")
+
+
+def opacity(value: float, top: float) -> float:
+    """Neuronpedia's ramp: faint for small activations, full at the list's maximum."""
+    if value <= 0 or top <= 0:
+        return 0.0
+    r = min(value / top, 1.0)
+    return 0.05 + 0.95 * math.log10(1 + 9 * r)
+
+
+def token_strip(
+    tokens: list[str],
+    acts: list[float],
+    top: float,
+    mark: int | None = None,
+    hover: list[str] | None = None,
+    id: str | dict | None = None,
+) -> html.Div:
+    """One line of text with each active token shaded by its activation. Hovering a token shows
+    its value (or `hover[i]`); `mark` outlines the token the example is about. Runs of inactive
+    tokens share one span, which keeps pages of many examples small."""
+    spans, plain = [], []
+
+    def flush() -> None:
+        if plain:
+            spans.append(html.Span("".join(plain)))
+            plain.clear()
+
+    for i, (token, value) in enumerate(zip(tokens, acts)):
+        text = display_token(token)
+        if value <= 0 and i != mark and hover is None:
+            plain.append(text)
+            continue
+        flush()
+        style = {"backgroundColor": f"rgba({EMERALD},{opacity(value, top):.3f})"}
+        title = hover[i] if hover is not None else f"{text!r}: {value:.3g}"
+        spans.append(
+            html.Span(
+                text,
+                title=title,
+                style=style,
+                className="tok tok-mark" if i == mark else ("tok tok-on" if value > 0 else "tok"),
+            )
+        )
+    flush()
+    extra = {"id": id} if id is not None else {}
+    return html.Div(spans, className="strip", **extra)
+
+
+def curves_figure(logs: dict[str, list[dict]]) -> go.Figure:
+    """Loss, FVU, L0 and dead fraction against tokens, one colour per run."""
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[title for _, title in CURVES])
+    palette = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"]
+    for i, (run, records) in enumerate(logs.items()):
+        color = palette[i % len(palette)]
+        tokens = [r["tokens"] for r in records]
+        for j, (key, _) in enumerate(CURVES):
+            fig.add_trace(
+                go.Scatter(
+                    x=tokens,
+                    y=[r.get(key) for r in records],
+                    name=run,
+                    legendgroup=run,
+                    showlegend=j == 0,
+                    mode="lines",
+                    line={"color": color},
+                ),
+                row=j // 2 + 1,
+                col=j % 2 + 1,
+            )
+    fig.update_xaxes(title_text="tokens")
+    fig.update_layout(height=520, margin=dict(l=40, r=20, t=40, b=40), template="plotly_white")
+    return fig
+
+
+def histogram_figure(edges: list[float], counts: list[int], density: float) -> go.Figure:
+    """Non-zero activations of one latent (the store's bins)."""
+    centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    fig = go.Figure(
+        go.Bar(x=centres, y=counts, width=widths, marker_color=f"rgb({EMERALD})", name="tokens")
+    )
+    fig.update_layout(
+        title=f"Activation density {100 * density:.3g}%",
+        xaxis_title="activation",
+        yaxis_title="tokens",
+        height=260,
+        margin=dict(l=40, r=10, t=40, b=40),
+        template="plotly_white",
+        bargap=0,
+    )
+    return fig
+
+
+def table(header: list[str], rows: list[list], className: str = "grid") -> html.Table:
+    return html.Table(
+        [html.Thead(html.Tr([html.Th(h) for h in header])), html.Tbody([html.Tr(r) for r in rows])],
+        className=className,
+    )
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.{digits}g}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,217 @@
+"""What the dashboard reads: the run directories under the served folder, their logs, eval and
+feature store, plus each run's model and SAE for live text. Nothing here takes a file path from a
+request: pages ask for a run by the name this module gave it, and unknown names are not found."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from analysis.store import FeatureStore
+from hooks.errors import UserError
+
+log = logging.getLogger("saewb.dashboard")
+
+MAX_DEPTH = 4  # run folders are found this many levels below the served folder at most
+SKIP = {"state", "features", "__pycache__", "node_modules"}
+RESCAN_SECONDS = 2.0  # runs appear while training: look again, but not on every request
+SAE_FILES = ("sae.safetensors", "sae_weights.safetensors")
+
+
+class NotFound(UserError):
+    """A run or feature the served folder does not have."""
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder `saewb train` wrote (run.json), or any folder holding an SAE with its cfg.json."""
+    if (path / "run.json").is_file():
+        return True
+    return (path / "cfg.json").is_file() and any((path / f).is_file() for f in SAE_FILES)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_train_log(path: Path) -> list[dict]:
+    """train_log.jsonl's records; a line being written (or damaged) is skipped."""
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "tokens" in record:
+            records.append(record)
+    return records
+
+
+class Jobs:
+    """Background work for callbacks: submit returns an id at once, the page polls for the
+    result. Threads, not processes, so a model loaded once stays loaded for every later call."""
+
+    def __init__(self, workers: int = 2, keep: int = 64):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="saewb-job")
+        self._jobs: OrderedDict[str, Future] = OrderedDict()
+        self._ids = itertools.count()
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable, *args) -> str:
+        with self._lock:
+            job = f"job-{next(self._ids)}"
+            self._jobs[job] = self._pool.submit(fn, *args)
+            while len(self._jobs) > self._keep:
+                self._jobs.popitem(last=False)
+        return job
+
+    def poll(self, job: str) -> tuple[bool, object]:
+        """(done, result). A failed job raises its exception here; an unknown id is NotFound."""
+        future = self._jobs.get(job) if isinstance(job, str) else None
+        if future is None:
+            raise NotFound("That request expired; run it again.")
+        if not future.done():
+            return False, None
+        return True, future.result()
+
+
+class Workspace:
+    """The served folder: a single run directory or a folder with runs somewhere below it."""
+
+    def __init__(self, root: Path | str, device: str = "cpu"):
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise UserError(
+                f"{root} is not a folder; pass a run directory or a folder of runs "
+                "(e.g. checkpoints)."
+            )
+        self.root = root.resolve()
+        self.device = device
+        self.jobs = Jobs()
+        self._runs: dict[str, Path] = {}
+        self._scanned = -1e9
+        self._stores: dict[str, tuple[float, FeatureStore]] = {}
+        self._probes: dict[str, object] = {}
+        self._models: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._probe_lock = threading.Lock()
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def runs(self) -> dict[str, Path]:
+        """{name: folder} of every run, named by its path below the served folder."""
+        with self._lock:
+            if time.monotonic() - self._scanned > RESCAN_SECONDS:
+                self._runs = self._scan()
+                self._scanned = time.monotonic()
+            return dict(self._runs)
+
+    def _scan(self) -> dict[str, Path]:
+        found = {}
+        for folder, dirs, _ in os.walk(self.root):  # symlinks are not followed out of the root
+            path = Path(folder)
+            depth = len(path.relative_to(self.root).parts)
+            dirs[:] = sorted(
+                d for d in dirs if d not in SKIP and not d.startswith(".") and depth < MAX_DEPTH
+            )
+            if is_run_dir(path):
+                name = path.relative_to(self.root).as_posix()
+                found[self.root.name if name == "." else name] = path
+        return found
+
+    def path(self, run: str | None) -> Path:
+        """The folder of a run given by name; None picks the only run there is."""
+        runs = self.runs()
+        if run is None or run == "":
+            if len(runs) == 1:
+                return next(iter(runs.values()))
+            raise NotFound("Choose a run: this folder holds " + _count(len(runs), "run") + ".")
+        if not isinstance(run, str) or run not in runs:
+            raise NotFound(f"There is no run named {str(run)[:80]!r} in {self.root}.")
+        return runs[run]
+
+    def name(self, run: str | None) -> str:
+        """The canonical name of a run (resolving None to the only run)."""
+        path = self.path(run)
+        return next(name for name, p in self.runs().items() if p == path)
+
+    def summary(self, run: str) -> dict:
+        """Model, site, shape, tokens and which parts (log, eval, store) the run has so far."""
+        path = self.path(run)
+        info = _read_json(path / "run.json") or {}
+        cfg = _read_json(path / "cfg.json") or {}
+        log_records = read_train_log(path / "train_log.jsonl")
+        evaluation = _read_json(path / "eval.json")
+        tokens = info.get("tokens") or cfg.get("tokens")
+        if log_records:
+            tokens = max(tokens or 0, log_records[-1]["tokens"])
+        return dict(
+            name=self.name(run),
+            model=info.get("model") or cfg.get("model") or cfg.get("model_name") or "?",
+            site=info.get("site") or cfg.get("site") or cfg.get("hook_name") or "?",
+            latents=info.get("n_latents") or cfg.get("n_latents") or cfg.get("d_sae"),
+            k=info.get("k") or cfg.get("k"),
+            tokens=tokens,
+            tokens_planned=info.get("tokens_planned"),
+            has_sae=any((path / f).is_file() for f in SAE_FILES),
+            log=log_records,
+            eval=evaluation,
+            has_store=(path / "features" / "manifest.json").is_file(),
+        )
+
+    # -- feature store ------------------------------------------------------------------------
+
+    def store(self, run: str | None) -> FeatureStore:
+        """The run's feature store, opened once (and again when `saewb analyze` rewrites it)."""
+        path = self.path(run)
+        manifest = path / "features" / "manifest.json"
+        if not manifest.is_file():
+            raise NotFound(
+                f"Run {self.name(run)!r} has no feature store yet; run "
+                f"`saewb analyze {path}` to build it."
+            )
+        stamp = manifest.stat().st_mtime
+        with self._lock:
+            cached = self._stores.get(str(path))
+            if cached is None or cached[0] != stamp:
+                cached = stamp, FeatureStore(path / "features")
+                self._stores[str(path)] = cached
+            return cached[1]
+
+    # -- live text ----------------------------------------------------------------------------
+
+    def probe(self, run: str):
+        """The run's model and SAE for live text, loaded on first use and then kept."""
+        from analysis.probe import TextProbe
+        from analysis.run import open_run
+
+        path = self.path(run)
+        with self._probe_lock:  # one load at a time; later calls find it loaded
+            if str(path) not in self._probes:
+                opened = open_run(path, device=self.device)
+                loaded = self._models.get(opened.model)
+                if loaded is None:
+                    loaded = opened.load_model(self.device, progress=False)
+                    self._models[opened.model] = loaded
+                self._probes[str(path)] = TextProbe(opened, loaded, self.device)
+            return self._probes[str(path)]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

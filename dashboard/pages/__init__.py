@@ -1,0 +1,1 @@
+"""Dashboard pages: see dashboard/app.py for what a page module provides."""

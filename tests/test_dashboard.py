@@ -1,0 +1,386 @@
+"""The dashboard: data access, page builders and callbacks as plain functions, then a real headless
+Chromium (Debian's chromium + chromium-driver) driving the app against a fixture folder of runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from dash import no_update
+
+from analysis.evaluate import evaluate
+from analysis.features import analyze
+from analysis.run import open_run
+from dashboard import app as dash_app
+from dashboard.app import create_app, guard, is_loopback, route
+from dashboard.components import opacity
+from dashboard.data import NotFound, Workspace
+from dashboard.pages import browser, feature, runs
+from hooks.errors import UserError
+
+PLANTED = "planted/run"
+
+
+def _train(tiny_dir, text: Path, out: Path, k: int) -> None:
+    from sae.cli import main
+
+    argv = [
+        "train",
+        "--model",
+        str(tiny_dir),
+        "--site",
+        "resid_post.1",
+        "--latents",
+        "64",
+        "--k",
+        str(k),
+        "--tokens",
+        "4096",
+        "--batch",
+        "512",
+        "--dataset",
+        str(text),
+        "--context",
+        "32",
+        "--log-every",
+        "1",
+        "--out",
+        str(out),
+        "--buffer-tokens",
+        "2048",
+    ]
+    assert main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tokenizer, tiny_dir):
+    """planted/run: known features, a store and eval.json but no training log;
+    sweep/k4, sweep/k8: trained for real (logs), with no eval or store yet."""
+    from conftest import build_planted_run
+
+    root = tmp_path_factory.mktemp("served")
+    (root / "planted").mkdir()
+    path, ids = build_planted_run(root / "planted", tokenizer)
+    run = open_run(path)
+    analyze(run, 100_000, batch_windows=4, progress=False)
+    (path / "eval.json").write_text(json.dumps(evaluate(run, 1000, progress=False)))
+    text = root / "sweep.txt"
+    text.write_text("\n\n".join(f"Story {i}: the cat sat on the mat in Paris." for i in range(300)))
+    for k in (4, 8):
+        _train(tiny_dir, text, root / "sweep" / f"k{k}", k)
+    return root, ids
+
+
+@pytest.fixture(scope="module")
+def ws(folder):
+    return Workspace(folder[0])
+
+
+def _json(component) -> str:
+    return json.dumps(component.to_plotly_json(), default=lambda o: o.to_plotly_json())
+
+
+# -- data access -----------------------------------------------------------------------------
+
+
+def test_runs_are_found_by_name_and_nothing_else_is_reachable(ws, folder, tmp_path):
+    assert sorted(ws.runs()) == [PLANTED, "sweep/k4", "sweep/k8"]
+    assert ws.path(PLANTED) == folder[0] / PLANTED
+    outside = tmp_path / "outside-run"
+    shutil.copytree(folder[0] / PLANTED, outside)
+    for bad in ("../outside-run", str(outside), "/etc", "planted", "planted/run/features", ""):
+        with pytest.raises(NotFound):
+            ws.path(bad)
+    os.symlink(outside, folder[0] / "link")  # a link out of the served folder is not followed
+    try:
+        ws._scanned = -1e9
+        assert "link" not in ws.runs()
+    finally:
+        (folder[0] / "link").unlink()
+
+
+def test_a_single_run_folder_is_served_as_itself(folder):
+    one = Workspace(folder[0] / PLANTED)
+    assert list(one.runs()) == ["run"] and one.name(None) == "run"
+    with pytest.raises(UserError, match="not a folder"):
+        Workspace(folder[0] / "missing")
+
+
+def test_summaries_say_what_each_run_has(ws):
+    planted, k4 = ws.summary(PLANTED), ws.summary("sweep/k4")
+    assert planted["has_store"] and planted["eval"] and not planted["log"]
+    assert planted["latents"] == 16 and planted["site"] == "resid_pre.0"
+    assert k4["log"] and not k4["eval"] and not k4["has_store"] and k4["k"] == 4
+    assert k4["tokens"] == k4["log"][-1]["tokens"] >= 4096
+
+
+def test_a_damaged_log_line_is_skipped(ws, folder):
+    log = folder[0] / "sweep/k8/train_log.jsonl"
+    saved = log.read_text()
+    try:
+        log.write_text(saved + '{"tokens": 99999, "fv')  # a line being written
+        assert len(ws.summary("sweep/k8")["log"]) == len(saved.splitlines())
+    finally:
+        log.write_text(saved)
+
+
+# -- pages as plain functions ------------------------------------------------------------------
+
+
+def test_runs_page_lists_runs_and_names_the_missing_commands(ws):
+    page = _json(runs.layout(ws))
+    for name in (PLANTED, "sweep/k4", "sweep/k8"):
+        assert name in page
+    assert "saewb eval sweep/k4" in page and "saewb analyze sweep/k8" in page
+    assert "no training log" in page  # the planted run was never trained
+
+
+def test_comparing_runs_overlays_their_curves(ws):
+    out = runs.compare(ws, ["sweep/k4", "sweep/k8"])
+    graph = next(c for c in out if getattr(c, "id", None) == "runs-curves")
+    traces = graph.figure.data
+    assert {t.name for t in traces} == {"sweep/k4", "sweep/k8"}
+    assert len(traces) == 8  # 4 curves each
+    k4_fvu = [t for t in traces if t.name == "sweep/k4" and t.yaxis == "y2"][0]
+    log = ws.summary("sweep/k4")["log"]
+    assert list(k4_fvu.y) == [r["fvu"] for r in log]
+    text = "".join(_json(c) for c in out)
+    assert "saewb eval sweep/k4" in text  # no eval yet: the page says how to get one
+    assert "CE loss recovered" in _json(runs.compare(ws, [PLANTED])[-1])
+    assert "no-such-run" in _json(runs.compare(ws, ["no-such-run"])[0])
+
+
+def test_grid_queries_sort_filter_and_page_on_the_server(ws):
+    store = ws.store(PLANTED)
+    density = store._scalars["density"]
+    request = {"startRow": 0, "endRow": 5, "sortModel": [{"colId": "density", "sort": "desc"}]}
+    response, message = browser.rows_for_grid(ws, PLANTED, request)
+    assert response["rowCount"] == store.n_latents and message == ""
+    got = [r["density"] for r in response["rowData"]]
+    assert got == sorted(density, reverse=True)[:5]
+    page2, _ = browser.rows_for_grid(ws, PLANTED, {**request, "startRow": 5, "endRow": 10})
+    assert [r["density"] for r in page2["rowData"]] == sorted(density, reverse=True)[5:10]
+    flt = {"density": {"filterType": "number", "type": "greaterThan", "filter": 0.001}}
+    response, _ = browser.rows_for_grid(
+        ws, PLANTED, {"startRow": 0, "endRow": 50, "filterModel": flt}
+    )
+    assert response["rowCount"] == int((density >= 0.001).sum()) == 3
+
+
+def test_text_search_finds_the_planted_features(ws, folder):
+    paris = browser.search_filter("top_tokens", "Paris")
+    response, _ = browser.rows_for_grid(
+        ws, PLANTED, {"startRow": 0, "endRow": 10, "filterModel": paris}
+    )
+    assert response["rowCount"] == 1 and response["rowData"][0]["feature"].startswith("[0]")
+    assert "Paris" in response["rowData"][0]["top_tokens"]
+    promotes = browser.search_filter("top_logits", "dog")
+    response, _ = browser.rows_for_grid(
+        ws, PLANTED, {"startRow": 0, "endRow": 10, "filterModel": promotes}
+    )
+    assert response["rowData"][0]["feature"].startswith("[0]")  # latent 0 promotes ' dog'
+    assert browser.search(ws, PLANTED, "id", "3")[2] == "/feature/3?run=planted%2Frun"
+    for bad in ("x3", "99"):
+        filters, message, url = browser.search(ws, PLANTED, "id", bad)
+        assert filters is no_update and url is no_update and "feature" in _json(message).lower()
+
+
+def test_bad_grid_filters_get_a_message_not_a_500(ws):
+    wrapped = guard(lambda r: browser.rows_for_grid(ws, PLANTED, r), fallback=(browser.EMPTY, None))
+    flt = {"density": {"filterType": "number", "type": "blank"}}
+    response, message = wrapped({"startRow": 0, "endRow": 5, "filterModel": flt})
+    assert response == browser.EMPTY and "not supported" in _json(message)
+
+
+def test_feature_page_shows_the_store(ws, folder):
+    ids = folder[1]
+    store = ws.store(PLANTED)
+    view = feature.feature_view(ws, PLANTED, 0)
+    text = _json(view)
+    record = store.feature(0)
+    assert record["top_examples"][0]["act"] == pytest.approx(10.0)
+    top = record["top_examples"][0]
+    assert top["tokens"][top["index"]] == " Paris"
+    assert "tok-mark" in text and "' Paris': 10" in text  # marked token, value on hover
+    assert "/feature/1?run=planted%2Frun" in text  # next
+    assert "Activation density" in text and "Promotes" in text
+    one = _json(feature.feature_view(ws, PLANTED, 1))
+    assert "/feature/3?run=planted%2Frun" in one  # the planted nearest neighbour
+    assert "/feature/0?run=planted%2Frun" in one  # previous
+    assert ids["paris"] != ids["france"]
+
+
+@pytest.mark.parametrize(
+    "path, search, expected",
+    [
+        ("/feature/abc", "?run=planted/run", "is not a feature id"),
+        ("/feature/-1", "?run=planted/run", "ids start at 0"),
+        ("/feature/16", "?run=planted/run", "out of range"),
+        ("/feature/1", "?run=../../etc", "There is no run named"),
+        ("/feature/1", "", "Choose a run"),
+        ("/features", "?run=sweep/k4", "no feature store yet"),
+        ("/no/such/page", "", "There is no page"),
+        ("/feature/1/extra", "", "There is no page"),
+    ],
+)
+def test_bad_urls_get_a_friendly_page(ws, path, search, expected):
+    body, title = route(ws, path, search)
+    assert expected in _json(body)
+    assert "saewb" in title
+
+
+def test_callbacks_never_leak_a_traceback(caplog):
+    def broken(_):
+        raise RuntimeError("secret internals")
+
+    message = guard(broken)(1)
+    assert "went wrong" in _json(message) and "secret" not in _json(message)
+    two = guard(broken, fallback=("kept", None))(1)
+    assert two[0] == "kept" and "went wrong" in _json(two[1])
+
+
+def test_try_your_own_text_runs_in_the_background(ws):
+    job, poll_disabled, status, button_disabled = feature.submit(
+        ws, {"run": PLANTED, "feature": 0}, "I saw Paris and France."
+    )
+    assert isinstance(job, str) and poll_disabled is False and button_disabled is True
+    deadline = time.monotonic() + 120
+    while True:
+        output, poll_disabled, _, _ = feature.poll(ws, job)
+        if output is not no_update or time.monotonic() > deadline:
+            break
+        assert poll_disabled is False
+        time.sleep(0.1)
+    text = _json(output)
+    assert poll_disabled is True and "probe-tokens" in text
+    assert "' Paris': feature 0 = 10" in text and "' France': feature 0 = 6" in text
+    assert "top features: #0 10" in text  # hover lists the token's top features
+    codes = ws.probe(PLANTED).encode("It is Monday")
+    assert ws.probe(PLANTED) is ws.probe(PLANTED)  # loaded once
+    assert codes.activation(1)[-1] == pytest.approx(4.0) and codes.activation(0)[-1] == 0.0
+    empty = feature.submit(ws, {"run": PLANTED, "feature": 0}, "   ")
+    assert empty[0] is no_update and "Type some text" in empty[2]
+    expired = feature.poll(ws, "job-does-not-exist")
+    assert "expired" in _json(expired[0])
+
+
+def test_opacity_ramp():
+    assert opacity(0, 5) == 0 and opacity(5, 5) == pytest.approx(1.0)
+    assert 0.05 < opacity(0.5, 5) < opacity(2.5, 5) < 1
+
+
+def test_binds_to_loopback_unless_told(folder, monkeypatch):
+    from sae.cli import build_parser, main
+
+    args = build_parser().parse_args(["dashboard", str(folder[0])])
+    assert args.host == "127.0.0.1" and args.port == 8050
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
+    served = {}
+    monkeypatch.setattr(dash_app.Dash, "run", lambda self, **kw: served.update(kw))
+    assert main(["dashboard", str(folder[0]), "--port", "8123"]) == 0
+    assert served == {"host": "127.0.0.1", "port": 8123, "debug": False}
+    assert main(["dashboard", str(folder[0] / "nope")]) == 2
+
+
+def test_http_layer_answers_without_errors(ws):
+    client = create_app(ws).server.test_client()
+    for url in ("/", "/feature/0?run=planted/run", "/feature/%00", "/_dash-layout"):
+        assert client.get(url).status_code == 200
+    assert client.get("/assets/../data.py").status_code == 404
+
+
+# -- a real browser ----------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+browser_only = pytest.mark.skipif(
+    not (CHROMIUM and shutil.which("chromedriver")),
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
+)
+SHOTS = Path(os.environ.get("SAEWB_SCREENSHOTS", Path(__file__).parent / "screenshots"))
+
+
+def _shot(duo, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    duo.driver.save_screenshot(str(SHOTS / f"{name}.png"))
+
+
+def _no_console_errors(duo) -> None:
+    errors = [e for e in duo.get_logs() or [] if e.get("level") == "SEVERE"]
+    assert errors == [], errors
+
+
+@pytest.fixture
+def duo(dash_duo, ws):
+    dash_duo.driver.set_window_size(1280, 900)
+    dash_duo.start_server(create_app(ws))
+    return dash_duo
+
+
+@browser_only
+def test_browser_runs_page(duo):
+    duo.wait_for_text_to_equal("h2", "Runs")
+    duo.wait_for_element("#runs-curves")
+    assert "saewb eval sweep/k4" in duo.find_element("table").text
+    duo.wait_for_contains_text("#runs-curves", "sweep/k4")  # the first run with a log
+    boxes = duo.driver.find_elements("css selector", "#runs-compare input")
+    boxes[2].click()  # overlay sweep/k8
+    duo.wait_for_contains_text("#runs-curves", "sweep/k8")
+    assert "sweep/k4" in duo.find_element("#runs-curves").text
+    _shot(duo, "runs")
+    _no_console_errors(duo)
+
+
+@browser_only
+def test_browser_search_open_feature_and_follow_a_neighbour(duo):
+    duo.driver.get(duo.server_url + "/features?run=planted/run")
+    duo.wait_for_element(".ag-row")
+    search = duo.find_element("#search-text")
+    search.send_keys("Paris")
+    duo.find_element("#search-go").click()
+    duo.wait_for_contains_text(".ag-center-cols-container", "France · Paris")
+    rows = duo.driver.find_elements("css selector", ".ag-center-cols-container .ag-row")
+    assert len(rows) == 1
+    _shot(duo, "browser")
+    rows[0].find_element("css selector", "a").click()
+    duo.wait_for_contains_text("h2", "Feature 0")
+    marked = duo.driver.find_elements("css selector", "#top-examples .tok-mark")
+    assert marked and marked[0].text == " Paris"
+    assert marked[0].get_attribute("title") == "' Paris': 10"
+    assert "rgb(52, 211, 153)" in marked[0].get_attribute("style")
+    _shot(duo, "feature")
+    duo.find_element("#feature-next").click()
+    duo.wait_for_contains_text("h2", "Feature 1")
+    duo.find_element("#neighbours a").click()  # latent 1's nearest neighbour is latent 3
+    duo.wait_for_contains_text("h2", "Feature 3")
+    assert duo.driver.current_url.endswith("/feature/3?run=planted%2Frun")
+    _no_console_errors(duo)
+
+
+@browser_only
+def test_browser_try_your_own_text(duo):
+    duo.driver.get(duo.server_url + "/feature/0?run=planted/run")
+    duo.wait_for_element("#probe-text").send_keys("We flew to Paris, then France.")
+    duo.find_element("#probe-run").click()
+    duo.wait_for_contains_text("#probe-summary", "feature 0 fires on 2", timeout=60)
+    lit = [
+        s
+        for s in duo.driver.find_elements("css selector", "#probe-tokens span")
+        if "rgb(52, 211, 153)" in (s.get_attribute("style") or "")
+    ]
+    assert [s.text for s in lit] == [" Paris"]
+    assert "top features: #0 10" in lit[0].get_attribute("title")
+    _shot(duo, "try-text")
+    _no_console_errors(duo)
+
+
+@browser_only
+def test_browser_bad_url_is_a_friendly_page(duo):
+    duo.driver.get(duo.server_url + "/feature/not-a-number?run=planted/run")
+    duo.wait_for_contains_text("#not-found", "is not a feature id")
+    duo.driver.get(duo.server_url + "/runs/../../etc/passwd")
+    duo.wait_for_element("#not-found")
+    _no_console_errors(duo)
