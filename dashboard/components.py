@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from html import escape
 from urllib.parse import urlencode
 
 import plotly.graph_objects as go
@@ -58,43 +59,52 @@ def opacity(value: float, top: float) -> float:
     return 0.05 + 0.95 * math.log10(1 + 9 * r)
 
 
+def token_html(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """(shown, quoted): each token escaped for HTML as displayed, and as repr() for hover
+    titles. Computed once per vocabulary; pages index these lists by token id."""
+    shown = [display_token(t) for t in tokens]
+    return [escape(t) for t in shown], [escape(repr(t)) for t in shown]
+
+
 def token_strip(
-    tokens: list[str],
+    shown: list[str],
+    quoted: list[str],
     acts: list[float],
     top: float,
     mark: int | None = None,
     hover: list[str] | None = None,
-    id: str | dict | None = None,
-) -> html.Div:
-    """One line of text with each active token shaded by its activation. Hovering a token shows
-    its value (or `hover[i]`); `mark` outlines the token the example is about. Runs of inactive
-    tokens share one span, which keeps pages of many examples small."""
-    spans, plain = [], []
-
-    def flush() -> None:
-        if plain:
-            spans.append(html.Span("".join(plain)))
-            plain.clear()
-
-    for i, (token, value) in enumerate(zip(tokens, acts)):
-        text = display_token(token)
+) -> str:
+    """One line of text as HTML, each active token shaded by its activation. `shown`/`quoted`
+    are the tokens from token_html. Hovering a token shows its value (or escaped `hover[i]`);
+    `mark` outlines the token the example is about. Runs of inactive tokens share one span.
+    Plain strings, not Dash components: a feature page holds ~70 such lines, and building them
+    as components costs ~10x more server time."""
+    parts, plain = ['<div class="strip">'], []
+    for i, value in enumerate(acts):
         if value <= 0 and i != mark and hover is None:
-            plain.append(text)
+            plain.append(shown[i])
             continue
-        flush()
-        style = {"backgroundColor": f"rgba({EMERALD},{opacity(value, top):.3f})"}
-        title = hover[i] if hover is not None else f"{text!r}: {value:.3g}"
-        spans.append(
-            html.Span(
-                text,
-                title=title,
-                style=style,
-                className="tok tok-mark" if i == mark else ("tok tok-on" if value > 0 else "tok"),
-            )
+        if plain:
+            parts.append(f"<span>{''.join(plain)}</span>")
+            plain.clear()
+        title = hover[i] if hover is not None else f"{quoted[i]}: {value:.3g}"
+        cls = "tok tok-mark" if i == mark else ("tok tok-on" if value > 0 else "tok")
+        shade = (
+            f' style="background:rgba({EMERALD},{opacity(value, top):.3f})"' if value > 0 else ""
         )
-    flush()
+        parts.append(f'<span class="{cls}" title="{title}"{shade}>{shown[i]}</span>')
+    if plain:
+        parts.append(f"<span>{''.join(plain)}</span>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def raw_html(fragments: list[str], id: str | None = None) -> dcc.Markdown:
+    """Trusted HTML built by this module (all text escaped), shown as one block. Wrapped in a
+    single <div> without blank lines, so Markdown leaves its contents alone."""
     extra = {"id": id} if id is not None else {}
-    return html.Div(spans, className="strip", **extra)
+    body = "<div>" + "".join(fragments).replace("\n", "&#10;") + "</div>"  # no blank lines
+    return dcc.Markdown(body, dangerously_allow_html=True, className="raw", **extra)
 
 
 def curves_figure(logs: dict[str, list[dict]]) -> go.Figure:
@@ -123,23 +133,27 @@ def curves_figure(logs: dict[str, list[dict]]) -> go.Figure:
     return fig
 
 
-def histogram_figure(edges: list[float], counts: list[int], density: float) -> go.Figure:
-    """Non-zero activations of one latent (the store's bins)."""
+def histogram_figure(edges: list[float], counts: list[int], density: float) -> dict:
+    """Non-zero activations of one latent (the store's bins). A plain figure dict: plotly's
+    graph objects validate and deep-copy their template, ~20x the cost of this whole page."""
     centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
     widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-    fig = go.Figure(
-        go.Bar(x=centres, y=counts, width=widths, marker_color=f"rgb({EMERALD})", name="tokens")
-    )
-    fig.update_layout(
-        title=f"Activation density {100 * density:.3g}%",
-        xaxis_title="activation",
-        yaxis_title="tokens",
-        height=260,
-        margin=dict(l=40, r=10, t=40, b=40),
-        template="plotly_white",
-        bargap=0,
-    )
-    return fig
+    axis = {"gridcolor": "#e5e7eb", "zeroline": False}
+    return {
+        "data": [
+            {"type": "bar", "x": centres, "y": counts, "width": widths, "name": "tokens",
+             "marker": {"color": f"rgb({EMERALD})"}}
+        ],
+        "layout": {
+            "title": {"text": f"Activation density {100 * density:.3g}%"},
+            "xaxis": {**axis, "title": {"text": "activation"}},
+            "yaxis": {**axis, "title": {"text": "tokens"}},
+            "height": 260,
+            "margin": {"l": 40, "r": 10, "t": 40, "b": 40},
+            "plot_bgcolor": "white",
+            "bargap": 0,
+        },
+    }  # fmt: skip
 
 
 def table(header: list[str], rows: list[list], className: str = "grid") -> html.Table:

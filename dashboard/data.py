@@ -194,6 +194,16 @@ class Workspace:
                 self._stores[str(path)] = cached
             return cached[1]
 
+    def token_html(self, run: str | None) -> tuple[list[str], list[str]]:
+        """The run's vocabulary escaped for the pages, once per store (see token_html)."""
+        from dashboard.components import token_html
+
+        store = self.store(run)
+        with self._lock:
+            if getattr(store, "_token_html", None) is None:
+                store._token_html = token_html(store.vocab)
+            return store._token_html
+
     # -- live text ----------------------------------------------------------------------------
 
     def probe(self, run: str):

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,7 @@ def test_feature_page_shows_the_store(ws, folder):
     assert record["top_examples"][0]["act"] == pytest.approx(10.0)
     top = record["top_examples"][0]
     assert top["tokens"][top["index"]] == " Paris"
-    assert "tok-mark" in text and "' Paris': 10" in text  # marked token, value on hover
+    assert "tok-mark" in text and escape("' Paris': 10") in text  # marked token, hover value
     assert "/feature/1?run=planted%2Frun" in text  # next
     assert "Activation density" in text and "Promotes" in text
     one = _json(feature.feature_view(ws, PLANTED, 1))
@@ -233,7 +234,7 @@ def test_bad_urls_get_a_friendly_page(ws, path, search, expected):
     assert "saewb" in title
 
 
-def test_callbacks_never_leak_a_traceback(caplog):
+def test_callbacks_never_leak_a_traceback():
     def broken(_):
         raise RuntimeError("secret internals")
 
@@ -257,7 +258,8 @@ def test_try_your_own_text_runs_in_the_background(ws):
         time.sleep(0.1)
     text = _json(output)
     assert poll_disabled is True and "probe-tokens" in text
-    assert "' Paris': feature 0 = 10" in text and "' France': feature 0 = 6" in text
+    assert escape("' Paris': feature 0 = 10") in text
+    assert escape("' France': feature 0 = 6") in text
     assert "top features: #0 10" in text  # hover lists the token's top features
     codes = ws.probe(PLANTED).encode("It is Monday")
     assert ws.probe(PLANTED) is ws.probe(PLANTED)  # loaded once

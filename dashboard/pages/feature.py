@@ -3,6 +3,8 @@ box to run the model and SAE on your own text."""
 
 from __future__ import annotations
 
+from html import escape
+
 from dash import Input, Output, State, dcc, html, no_update
 
 from dashboard.components import (
@@ -12,7 +14,9 @@ from dashboard.components import (
     href,
     not_found,
     note,
+    raw_html,
     table,
+    token_html,
     token_strip,
 )
 from dashboard.data import NotFound, Workspace
@@ -33,18 +37,18 @@ def parse_feature_id(feature_id) -> int:
     return value
 
 
-def _examples(examples: list[dict], top: float, prefix: str) -> list:
-    return [
-        html.Div(
-            [
-                html.Span(fmt(ex["act"]), className="ex-act"),
-                token_strip(ex["tokens"], ex["acts"], top, mark=ex["index"]),
-            ],
-            className="example",
-            id=f"{prefix}-{i}",
+def _examples(examples: list[dict], top: float, id: str, vocab: tuple) -> dcc.Markdown:
+    """Example lines: the example token's activation, then its highlighted context."""
+    shown, quoted = vocab
+    lines = []
+    for ex in examples:
+        ids = ex["token_ids"]
+        strip = token_strip([shown[t] for t in ids], [quoted[t] for t in ids], ex["acts"], top,
+                            mark=ex["index"])  # fmt: skip
+        lines.append(
+            f'<div class="example"><span class="ex-act">{ex["act"]:.3g}</span>{strip}</div>'
         )
-        for i, ex in enumerate(examples)
-    ]
+    return raw_html(lines, id=id)
 
 
 def _feature_links(run: str, items: list[dict], value_key: str, value_name: str) -> list:
@@ -80,6 +84,7 @@ def feature_view(ws: Workspace, run: str, feature: int) -> html.Div:
         )
     f = store.feature(feature)
     top = f["max_act"]
+    vocab = ws.token_html(run)
     nav = html.Div(
         [
             dcc.Link("← previous", href=feature_href(run, feature - 1), id="feature-prev")
@@ -111,13 +116,13 @@ def feature_view(ws: Workspace, run: str, feature: int) -> html.Div:
                             f"{100 * b['frac_active']:.3g}% of active tokens "
                             f"({100 * b['frac_all']:.3g}% of all)"
                         ),
-                        *_examples(b["examples"], top, f"interval-{i}"),
+                        _examples(b["examples"], top, f"interval-{i}", vocab),
                     ]
                 )
             )
         body = [
             html.H3("Top activations"),
-            html.Div(_examples(f["top_examples"], top, "top"), id="top-examples"),
+            _examples(f["top_examples"], top, "top-examples", vocab),
             html.H3("Interval samples"),
             html.Div(intervals, id="intervals"),
         ]
@@ -194,7 +199,9 @@ def probe_result(ws: Workspace, run: str, feature: int, text: str) -> html.Div:
         top = codes.top_features(i)
         listed = ", ".join(f"#{j} {v:.2f}" for j, v in top) or "none"
         shown = f"{token!r}: feature {feature} = {acts[i]:.3g}"
-        hover.append(shown + (f"\ntop features: {listed}" if codes.kept[i] else " (not encoded)"))
+        hover.append(
+            escape(shown + (f"\ntop features: {listed}" if codes.kept[i] else " (not encoded)"))
+        )
     store_max = ws.store(run).feature(feature)["max_act"] if _has_store(ws, run) else 0.0
     scale = max(store_max, max(acts), 1e-9)
     peak = max(range(len(acts)), key=lambda i: acts[i])
@@ -213,7 +220,10 @@ def probe_result(ws: Workspace, run: str, feature: int, text: str) -> html.Div:
     return html.Div(
         [
             html.P(summary, id="probe-summary"),
-            token_strip(codes.tokens, acts, scale, hover=hover, id="probe-tokens"),
+            raw_html(
+                [token_strip(*token_html(codes.tokens), acts, scale, hover=hover)],
+                id="probe-tokens",
+            ),  # fmt: skip
             html.Details(
                 [html.Summary("top features on each token"), table(["token", "top"], top_rows)]
             ),
