@@ -375,7 +375,8 @@ def test_browser_try_your_own_text(duo):
     ]
     assert [s.text for s in lit] == [" Paris"]
     assert "top features: #0 10" in lit[0].get_attribute("title")
-    _shot(duo, "try-text")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    duo.find_element(".probe").screenshot(str(SHOTS / "try-text.png"))
     _no_console_errors(duo)
 
 

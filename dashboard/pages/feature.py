@@ -108,6 +108,8 @@ def feature_view(ws: Workspace, run: str, feature: int) -> html.Div:
     else:
         intervals = []
         for i, b in enumerate(f["intervals"]):
+            if not b["examples"]:
+                continue  # an empty bin between the latent's typical and top values
             intervals.append(
                 html.Div(
                     [
@@ -153,7 +155,7 @@ def feature_view(ws: Workspace, run: str, feature: int) -> html.Div:
             stats,
             html.Div(
                 [
-                    html.Div(body + [try_text(run, feature)], className="main-col"),
+                    html.Div([try_text(run, feature)] + body, className="main-col"),
                     html.Div(side, className="side-col"),
                 ],
                 className="columns",
