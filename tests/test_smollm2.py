@@ -165,3 +165,18 @@ def test_demo_runs_every_stage(tmp_path: Path, capsys):
     assert json.loads((run / "eval.json").read_text())["metrics"]["l0"] == 16
     assert (run / "features" / "manifest.json").exists()
     assert "== done" in out
+    # The dashboard serves what the demo made, and live text runs the real model and SAE.
+    from dashboard.app import route
+    from dashboard.data import Workspace
+    from dashboard.pages import feature
+
+    ws = Workspace(tmp_path / "demo")
+    assert list(ws.runs()) == ["run"]
+    body, _ = route(ws, "/feature/0", "?run=run")
+    assert "Top activations" in str(body) or "never fired" in str(body)
+    with user_cache():
+        codes = ws.probe("run").encode("Paris is the capital of France.")
+    assert not codes.kept[0] and all(codes.kept[1:])  # position 0 is never encoded
+    assert all(len(row) == 16 for row in codes.idx.tolist())
+    text = str(feature.probe_result(ws, "run", int(codes.idx[3, 0]), "Paris is lovely."))
+    assert "probe-tokens" in text
