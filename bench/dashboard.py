@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=32768)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--out", default=str(ROOT / "bench/out/dashboard.json"))
+    parser.add_argument("--folder", help="keep the synthetic store here and reuse it next time")
     args = parser.parse_args()
 
     from analyze import synthetic_store
@@ -87,12 +88,15 @@ def main() -> None:
     from dashboard.app import create_app
 
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.folder or tmp
         run = Path(tmp) / "bench"
-        run.mkdir()
+        run.mkdir(parents=True, exist_ok=True)
         (run / "run.json").write_text(json.dumps({"model": "smollm2-135m", "site": "resid_post.3"}))
-        start = time.perf_counter()
-        synthetic_store(run / "features", args.latents, 20, intervals=True)
-        print(f"store of {args.latents:,} latents written in {time.perf_counter() - start:.0f} s")
+        manifest = run / "features" / "manifest.json"
+        if not manifest.exists() or json.loads(manifest.read_text())["n_latents"] != args.latents:
+            start = time.perf_counter()
+            synthetic_store(run / "features", args.latents, 20, intervals=True)
+            print(f"store of {args.latents:,} latents written in {time.perf_counter() - start:.0f} s")
         client = create_app(Path(tmp)).server.test_client()
         rng = np.random.default_rng(0)
         ids = rng.integers(0, args.latents, args.requests)
