@@ -9,7 +9,8 @@ this repository (the bench venv). Everything runs on 2 threads, batch 4096, side
 
   1. synthetic planted features (d=576, n=9216, k=32): one activation cache on disk, and every
      trainer reads the same batches in the same order through our cache reader (DataStream):
-       ours      sae.train.Trainer.fit(), adam and signum, fp32 and dtype="bf16"
+       ours      sae.train.Trainer.fit(), adam, signum and sf-signsgd (schedule-free sign
+                 descent, the default), fp32 and dtype="bf16"
        sparsify  SparseCoder + the per-step logic of sparsify/trainer.py (b_dec from the first
                  batch, unit-norm decoder, FVU loss, gradient projection, its optimisers: the
                  default schedule-free SignSGD and Adam with its lr rule and 1000-step warm-up),
@@ -53,6 +54,7 @@ BATCH = 4096
 SEED = 0
 # The planted-feature stream: more features than latents (superposition), ~30 active per token.
 SYNTH = dict(d=576, n_features=16384, mean_active=32.0, zipf=1.0, seed=0)
+OURS = ("adam", "signum", "sf-signsgd")  # our optimizers (sparsify's: signum = its schedule-free)
 SHAPES = {"synthetic": dict(d=576, n=9216, k=32), "smollm2": dict(d=576, n=2304, k=16)}
 LIVE = dict(site="resid_post.3", n=2304, k=16, context=128, batch=1024, tokens=60_000)
 DATA = Path(os.environ.get("SAEWB_BENCH_DATA", "/tmp/saewb-bench"))  # reused between runs
@@ -198,6 +200,7 @@ def run_ours(spec: dict, x_eval: torch.Tensor) -> dict:
         tokens=spec["tokens"],
         batch=spec["batch"],
         optimizer=spec["optimizer"],
+        lr=spec.get("lr"),
         dtype=spec["dtype"],
         seed=SEED,
     )
@@ -681,9 +684,11 @@ def ratio_lines(results: dict, roof: dict, default_opt: str) -> dict:
         f"ours {default_opt} share of the fp32 matmul bound": (ours, None, 0.8),
         f"ours {default_opt} bf16/fp32": (f"ours {default_opt} bf16", ours, 1.5),
     }
-    for opt in ("adam", "signum"):
-        pairs[f"ours {opt}/sparsify {opt} fp32"] = (f"ours {opt} fp32", f"sparsify {opt} fp32", None)
-        pairs[f"ours {opt}/sparsify {opt} bf16"] = (f"ours {opt} bf16", f"sparsify {opt} bf16", None)
+    counterpart = {"adam": "adam", "signum": "signum", "sf-signsgd": "signum"}  # sparsify's
+    for opt, theirs in counterpart.items():
+        for dt in ("fp32", "bf16"):
+            ratio = (f"ours {opt} {dt}", f"sparsify {theirs} {dt}", None)
+            pairs[f"ours {opt}/sparsify {theirs} {dt}"] = ratio
         pairs.setdefault(f"ours {opt} bf16/fp32", (f"ours {opt} bf16", f"ours {opt} fp32", None))
     checks = {}
     for name, (num, den, target) in pairs.items():
@@ -701,8 +706,10 @@ def ratio_lines(results: dict, roof: dict, default_opt: str) -> dict:
         print(f"  {name:52s} {value:6.2f}x {top:5.2f}x {goal:16s} {verdict}")
         out[name] = {"value": value, "best": top, "target": target,
                      "met": verdict == "MET" if target else None}
-    for opt in ("adam", "signum"):
+    for opt in OURS:
         value = fvu_of(f"ours {opt} fp32")
+        if math.isnan(value):
+            continue
         verdict = "MET" if value <= best_sparsify + 0.01 else "MISSED"
         print(
             f"  FVU ours {opt} fp32 {value:.3f} vs the better sparsify {best_sparsify:.3f} + 0.01"
@@ -732,10 +739,14 @@ def compare(section: str, shape: dict, cache: Path, held_out: Path, tokens: int,
     return {"roofline": roof, "trainers": results, "same_first_batch": same, "tokens": tokens}
 
 
-def trainer_list(dtypes: list[str], with_saelens: bool = True) -> list[dict]:
-    out = []
+def trainer_list(dtypes: list[str], with_saelens: bool = True, adam_lrs=()) -> list[dict]:
+    # --adam-lrs: does a higher Adam lr help these short runs?
+    out = [
+        dict(trainer="ours", optimizer="adam", dtype="fp32", lr=lr, label=f"ours adam lr={lr:g} fp32")
+        for lr in adam_lrs
+    ]
     for dtype in dtypes:
-        for opt in ("adam", "signum"):
+        for opt in OURS:
             out.append(dict(trainer="ours", optimizer=opt, dtype=dtype, label=f"ours {opt} {dtype}"))
         for opt in ("signum", "adam"):
             out.append(dict(trainer="sparsify", optimizer=opt, dtype=dtype,
@@ -753,6 +764,8 @@ def main() -> None:
     parser.add_argument("--only", default="synthetic,smollm2,live")
     parser.add_argument("--repeats", type=int, default=1, help="rounds; medians are reported")
     parser.add_argument("--no-saelens", action="store_true", help="skip the (slow) SAELens runs")
+    parser.add_argument("--no-bf16", action="store_true", help="synthetic: fp32 runs only")
+    parser.add_argument("--adam-lrs", default="", help="also our Adam at these lrs, e.g. 1e-3,4e-3")
     parser.add_argument(
         "--profile", default=None, metavar="OPT,DTYPE",
         help="only profile our trainer on the synthetic data (e.g. adam,fp32): op table of 4 steps",
@@ -770,6 +783,7 @@ def main() -> None:
     report: dict = {"batch": BATCH, "threads": 2, "warmup_steps": WARMUP_STEPS,
                     "torch": torch.__version__, "default_optimizer": default_opt}
     with_saelens = not args.no_saelens
+    adam_lrs = [float(v) for v in args.adam_lrs.split(",") if v]
 
     if args.profile:
         cache, held_out, _ = synthetic_data(args.tokens)
@@ -783,8 +797,9 @@ def main() -> None:
     if "synthetic" in sections:
         cache, held_out, planted = synthetic_data(args.tokens)
         shape = SHAPES["synthetic"]
-        res = compare("synthetic", shape, cache, held_out, args.tokens, "synthetic",
-                      trainer_list(["fp32", "bf16"], with_saelens), args)
+        dtypes = ["fp32"] if args.no_bf16 else ["fp32", "bf16"]
+        trainers = trainer_list(dtypes, with_saelens, adam_lrs)
+        res = compare("synthetic", shape, cache, held_out, args.tokens, "synthetic", trainers, args)
         res["planted"] = planted
         n_steps = math.ceil(args.tokens / BATCH)
         print_table(
@@ -800,7 +815,7 @@ def main() -> None:
         site = LIVE["site"]
         cache, held_out = smollm2_data(args.smollm2_tokens, site)
         shape = SHAPES["smollm2"]
-        trainers = [t for t in trainer_list(["fp32"], with_saelens)]
+        trainers = trainer_list(["fp32"], with_saelens, adam_lrs)
         res = compare("smollm2", shape, cache, held_out, args.smollm2_tokens, site, trainers, args)
         print_table(
             f"SmolLM2 {site} cache, d={shape['d']} n={shape['n']} k={shape['k']}, "
@@ -828,13 +843,13 @@ def main() -> None:
 
 def live(args) -> dict:
     _, held_out = smollm2_data(max(args.smollm2_tokens, 16384), LIVE["site"])
-    spec = dict(LIVE, eval=str(held_out), optimizer="signum")
+    spec = dict(LIVE, eval=str(held_out), optimizer="sf-signsgd")
     results = {}
     print("\n[live]")
     results["forward bound (layers 0-3)"] = run_child(
         dict(LIVE, trainer="forward_bound", label="forward bound", bound_tokens=16_000), args.max_wait
     )
-    for opt in ("adam", "signum"):
+    for opt in ("sf-signsgd", "adam"):
         results[f"ours {opt}"] = run_child(
             dict(spec, trainer="ours_live", optimizer=opt, label=f"ours live {opt}"), args.max_wait
         )
@@ -854,7 +869,7 @@ def live(args) -> dict:
         print(f"{name:30s} {r['tokens_per_s']:9,.0f} {r['tokens_per_s'] / bound:8.0%} "
               f"{r['peak_rss_mib']:6.0f}MiB {r.get('fvu', float('nan')):7.3f} "
               f"{r.get('unused_latents', float('nan')):7.1%} {r['other_load']:7.0%}")
-    for opt in ("adam", "signum"):
+    for opt in ("sf-signsgd", "adam"):
         r = results[f"ours {opt}"]
         if "error" not in r:
             print(f"  ours {opt}: >= 4,000 tokens/s {'MET' if r['tokens_per_s'] >= 4000 else 'MISSED'}; "

@@ -1,23 +1,34 @@
 """Optimisers and the learning-rate schedule of the trainer.
 
-`Signum` (sign of the momentum) is what sparsify's default SignSGD amounts to; Adam follows Gao et
-al. Both get the same schedule: linear warm-up, constant, then linear decay to zero.
+  adam       Adam as in Gao et al.: linear warm-up, constant, then linear decay to zero.
+  signum     sign of the momentum, same schedule.
+  sf-signsgd the default: schedule-free sign descent (the `schedulefree` package's wrapper
+             around plain sign SGD, momentum 0.95), as sparsify's default, with half the lr on
+             W_enc: warm-up, then a constant lr and no decay (the wrapper's running average
+             plays the decay's part). Per token it beats both others by far on short runs.
+
+A schedule-free optimiser keeps two points: training computes gradients at y (what the
+parameters hold while training), and the weights to use or save are the average x. `eval_weights`
+switches the parameters to x for a while and back to y exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+from schedulefree import ScheduleFreeWrapper
 from torch import Tensor
 
 from hooks.errors import UserError
 
-OPTIMIZERS = ("adam", "signum")
+OPTIMIZERS = ("adam", "signum", "sf-signsgd")
 
 
 class Signum(torch.optim.Optimizer):
-    """p -= lr * sign(m), m = beta * m + (1 - beta) * g. Every parameter moves by exactly lr."""
+    """p -= lr * sign(m), m = beta * m + (1 - beta) * g. Every parameter moves by exactly lr.
+    With momentum 0 it is plain sign SGD: p -= lr * sign(g)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.95):
         super().__init__(params, {"lr": lr, "momentum": momentum})
@@ -27,6 +38,9 @@ class Signum(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
+                    continue
+                if group["momentum"] == 0:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
                     continue
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -38,17 +52,60 @@ class Signum(torch.optim.Optimizer):
 
 def default_lr(optimizer: str, n_latents: int) -> float:
     """Gao et al.'s 1/sqrt(n) fit: 2e-4 at 2^14 latents for Adam; sparsify's 5e-3 for sign SGD."""
-    base = {"adam": 2e-4, "signum": 5e-3}[optimizer]
+    base = {"adam": 2e-4, "signum": 5e-3, "sf-signsgd": 5e-3}[optimizer]
     return base / math.sqrt(n_latents / 2**14)
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+# Sign descent moves every entry of W_enc by lr, i.e. a column by lr * sqrt(d_in), a third of
+# its unit norm per step at sparsify's lr. Half that on W_enc measured better for the
+# schedule-free optimiser on both the synthetic and the SmolLM2 benchmarks (0.3-0.5 are equal).
+SF_ENCODER_LR_SCALE = 0.5
+
+
+def make_optimizer(name: str, model: torch.nn.Module, lr: float):
+    """The optimiser for `model`'s parameters, ready to step (a schedule-free one is already in
+    train mode). A param group's `lr_scale` multiplies the lr the trainer sets."""
     if name not in OPTIMIZERS:
         raise UserError(f"Unknown optimizer '{name}'; use one of {', '.join(OPTIMIZERS)}.")
+    params = list(model.parameters())
     if name == "adam":
         # eps as in OpenAI's trainer: FVU-scale gradients are small.
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+    if name == "sf-signsgd":
+        named = dict(model.named_parameters())
+        encoder = [named["W_enc"]] if "W_enc" in named else []
+        rest = [p for p in params if all(p is not q for q in encoder)]
+        groups = [{"params": encoder, "lr_scale": SF_ENCODER_LR_SCALE}] if encoder else []
+        groups.append({"params": rest, "lr_scale": 1.0})
+        opt = ScheduleFreeWrapper(Signum(groups, lr=lr, momentum=0.0), momentum=0.95)
+        for group in opt.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        opt.train()  # no averaged point exists yet, so this only sets the mode
+        return opt
     return Signum(params, lr=lr)
+
+
+def is_schedule_free(optimizer) -> bool:
+    return isinstance(optimizer, ScheduleFreeWrapper)
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer):
+    """Inside, the parameters hold the weights to evaluate or save (a schedule-free optimiser's
+    average x); on exit they hold exactly what they held before (its y), bit for bit."""
+    if not is_schedule_free(optimizer) or not optimizer.train_mode:
+        yield
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = [p.detach().clone() for p in params]
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, y in zip(params, saved, strict=True):
+                p.copy_(y)
+        optimizer.train_mode = True  # train() would recompute y from x, with rounding
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_steps: int) -> float:

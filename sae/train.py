@@ -34,7 +34,7 @@ from tqdm import tqdm
 from hooks.errors import UserError
 from hooks.paths import atomic_write_json
 from sae.model import SAEConfig, TopKSAE
-from sae.optim import default_lr, lr_factor, make_optimizer
+from sae.optim import default_lr, eval_weights, is_schedule_free, lr_factor, make_optimizer
 
 
 @dataclass
@@ -47,7 +47,7 @@ class TrainConfig:
     multi_topk: bool = False
     tokens: int = 2_000_000
     batch: int = 4096
-    optimizer: str = "adam"  # measured best at equal tokens: see BENCHMARKS.md
+    optimizer: str = "sf-signsgd"  # or adam, signum; measured best per token: see BENCHMARKS.md
     lr: float | None = None  # None: the 1/sqrt(n) rule for the optimizer
     warmup_steps: int | None = None  # None: 5% of the steps, at most 1000
     decay_frac: float = 0.2  # linear decay to zero over the last 20% of steps
@@ -237,7 +237,7 @@ class Member:
         self.sae = TopKSAE(sae_cfg, device=device)
         self.sae.reset_parameters(torch.Generator().manual_seed(cfg.seed + 1000 * index))
         self.lr = cfg.lr or default_lr(cfg.optimizer, sae_cfg.n_latents)
-        self.optimizer = make_optimizer(cfg.optimizer, self.sae.parameters(), self.lr)
+        self.optimizer = make_optimizer(cfg.optimizer, self.sae, self.lr)
         self.since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.int64, device=device)
         self.log_sums: dict[str, float] = {}
 
@@ -318,7 +318,9 @@ class Trainer:
             if cfg.warmup_steps is not None
             else min(1000, max(1, self.total_steps // 20))
         )
-        self.decay = int(cfg.decay_frac * self.total_steps)
+        # Schedule-free optimisers average their iterates instead of decaying the lr.
+        schedule_free = is_schedule_free(self.members[0].optimizer)
+        self.decay = 0 if schedule_free else int(cfg.decay_frac * self.total_steps)
         self.kernel_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
         for m in self.members:  # BatchTopK's threshold EMA spans at most a fifth of the run
             m.sae.threshold_lr = max(0.01, 5 / self.total_steps)
@@ -410,7 +412,8 @@ class Trainer:
             tensors, meta = m.state()
             save_file(tensors, str(tmp / f"sae-{m.index}.safetensors"))
             (tmp / f"sae-{m.index}.json").write_text(json.dumps(meta))
-            save_sae(m.sae, m.run_dir, extra_cfg={"tokens": self.tokens})
+            with eval_weights(m.optimizer):  # a schedule-free optimiser's average, not its y
+                save_sae(m.sae, m.run_dir, extra_cfg={"tokens": self.tokens})
         (tmp / "trainer.json").write_text(
             json.dumps({"step": self.step, "tokens": self.tokens, "nonfinite": self.nonfinite})
         )
@@ -472,8 +475,9 @@ class Trainer:
         sae.remove_gradient_parallel_to_decoder_directions()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        factor = lr_factor(self.step, self.total_steps, self.warmup, self.decay)
         for group in m.optimizer.param_groups:
-            group["lr"] = m.lr * lr_factor(self.step, self.total_steps, self.warmup, self.decay)
+            group["lr"] = m.lr * factor * group.get("lr_scale", 1.0)
         m.optimizer.step()
         sae.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
@@ -513,7 +517,7 @@ class Trainer:
                 "l0": sums["l0"],
                 "dead_frac": float((m.since_fired >= self.dead_tokens).float().mean()),
                 "aux": sums["aux"],
-                "lr": m.optimizer.param_groups[0]["lr"],
+                "lr": m.optimizer.param_groups[-1]["lr"],  # the unscaled group
                 "tokens_per_s": rate,
             }
             if self.world.main:
@@ -531,6 +535,9 @@ class Trainer:
         if self.world.main:
             self._write_run_files()
         next_checkpoint = (self.tokens // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+        for m in self.members:
+            if is_schedule_free(m.optimizer):
+                m.optimizer.train()  # the training point y (a no-op unless fit ran before)
         started, tokens_at_start = time.perf_counter(), self.tokens
         bar = tqdm(
             total=cfg.tokens,
@@ -564,6 +571,9 @@ class Trainer:
         if self.tokens < cfg.tokens:
             raise UserError(f"The data ran out after {self.tokens} of {cfg.tokens} tokens.")
         self._checkpoint()
+        for m in self.members:
+            if is_schedule_free(m.optimizer):
+                m.optimizer.eval()  # leave the trained SAEs holding the weights that were saved
         if self.world.main:
             self._write_run_files()
         return [m.run_dir for m in self.members]

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from hooks.errors import UserError
+from sae.optim import OPTIMIZERS
 from sae.synthetic import recovery, write_synthetic_cache
 from sae.train import TrainConfig, Trainer
 
@@ -48,7 +49,7 @@ def test_planted_features_are_recovered(planted, tmp_path):
     assert cos.mean() >= 0.9, cos.mean()
     log = _log(run)
     assert log[-1]["fvu"] < 0.5 * log[0]["fvu"]
-    assert abs(log[-1]["l0"] - 8) < 1e-6
+    assert 7.9 < log[-1]["l0"] <= 8  # ReLU after TopK: a token may have fewer than k positive
     # The saved SAE is the trained one, with the input scale folded in.
     from sae.formats import load_sae
 
@@ -87,15 +88,24 @@ def test_auxk_revives_dead_latents(tmp_path):
         (run,) = trainer.fit()
         dead_frac[auxk], fvu[auxk] = _log(run)[-1]["dead_frac"], _log(run)[-1]["fvu"]
     assert dead_frac[False] > 0.45, dead_frac
-    assert dead_frac[True] < 0.1, dead_frac
+    assert dead_frac[True] < 0.01, dead_frac
     assert fvu[True] < fvu[False]
 
 
-def test_killed_run_resumes_exactly(planted, tmp_path):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_killed_run_resumes_exactly(planted, tmp_path, optimizer):
+    """The uninterrupted run writes no checkpoint until the end, so this also shows that writing
+    one (a schedule-free optimiser switches to its average and back) leaves training untouched."""
     cache, _ = planted
-    cfg = dict(tokens=40 * 1024, log_every=1, checkpoint_every=10 * 1024, buffer_tokens=8192)
-    whole = Trainer(_cfg(cache, **cfg), tmp_path / "whole", progress=False)
-    whole.fit()
+    cfg = dict(
+        tokens=40 * 1024,
+        log_every=1,
+        checkpoint_every=10 * 1024,
+        buffer_tokens=8192,
+        optimizer=optimizer,
+    )
+    no_checkpoints = _cfg(cache, **{**cfg, "checkpoint_every": 10**9})
+    Trainer(no_checkpoints, tmp_path / "whole", progress=False).fit()
 
     killed = Trainer(_cfg(cache, **cfg), tmp_path / "killed", progress=False)
     calls = {"n": 0}
@@ -125,6 +135,42 @@ def test_killed_run_resumes_exactly(planted, tmp_path):
     )
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_free_signsgd(planted, tmp_path):
+    """The default optimiser, schedule-free sign descent: per token it beats Adam and Signum with
+    their schedules by far on planted features, it keeps a constant lr after warm-up, and what it
+    saves (and leaves in the trainer) is its average x, not the training point y it steps from."""
+    cache, features = planted
+    fvu = {}
+    for opt in OPTIMIZERS:
+        cfg = _cfg(cache, tokens=30 * 1024, optimizer=opt)
+        trainer = Trainer(cfg, tmp_path / opt, progress=False)
+        (run,) = trainer.fit()
+        fvu[opt] = _log(run)[-1]["fvu"]
+    assert fvu["sf-signsgd"] < 0.5 * min(fvu["adam"], fvu["signum"]), fvu
+    assert recovery(trainer.members[0].sae.W_dec.detach(), features).mean() > 0.9
+    lrs = [r["lr"] for r in _log(run)]
+    assert lrs[-1] == lrs[0] == trainer.members[0].lr  # no decay
+    optimizer = trainer.members[0].optimizer
+    assert not optimizer.train_mode and optimizer.param_groups[0]["lr_scale"] == 0.5
+    state_dir = next((run / "state").glob("step-*"))
+    state = load_file(state_dir / "sae-0.safetensors")
+    sae = trainer.members[0].sae
+    for pid, name in enumerate(("W_enc", "b_enc", "W_dec", "b_dec")):
+        y, z = state[f"param.{name}"], state[f"opt.{pid}.z"]
+        x = getattr(sae, name).detach()
+        assert (x - y).abs().max() > 1e-3  # the average is not the training point
+        torch.testing.assert_close(x, y.lerp(z, 1 - 1 / 0.95), rtol=1e-5, atol=1e-6)
+    from sae.formats import load_sae
+
+    saved, probe = load_sae(run), torch.randn(64, 32)
+    torch.testing.assert_close(
+        saved.decode(*saved.encode(probe)[:2]),
+        sae.decode(*sae.encode(probe)[:2]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_several_saes_from_one_stream(planted, tmp_path):
