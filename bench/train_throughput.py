@@ -170,22 +170,46 @@ def steps_for(spec: dict) -> int:
     return math.ceil(spec["tokens"] / spec["batch"])
 
 
+def _matmul_variants(x: torch.Tensor, W: torch.Tensor) -> dict:
+    """x @ W three ways: a fresh output, a preallocated one, and 512-token chunks into one."""
+    whole = x.new_empty(x.shape[0], W.shape[1])
+    chunk = x.new_empty(512, W.shape[1])
+
+    def chunked():
+        for start in range(0, len(x), 512):
+            rows = x[start : start + 512]
+            torch.mm(rows, W, out=chunk[: len(rows)])
+
+    return {"alloc": lambda: x @ W, "out": lambda: torch.mm(x, W, out=whole), "chunk512": chunked}
+
+
 def run_roofline(spec: dict) -> dict:
-    """The encoder matmul alone, x @ W_enc, on the trainers' shapes."""
+    """The encoder matmul alone on the trainers' shapes: x @ W_enc into a preallocated output,
+    whole batch or in 512-token chunks (the faster is the bound). A fresh (N, n) output per call
+    ("alloc") also pays ~40 ms of page faults, so it is reported but is not the bound."""
     g = torch.Generator().manual_seed(0)
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         x = torch.randn(spec["batch"], spec["d"], generator=g).to(dtype)
         W = torch.randn(spec["d"], spec["n"], generator=g).to(dtype)
-        for _ in range(3):
-            x @ W
-        times = []
-        for _ in range(spec.get("reps", 12)):
-            start = time.perf_counter()
-            x @ W
-            times.append(time.perf_counter() - start)
-        ms = 1e3 * statistics.median(times)
-        out[name] = {"matmul_ms": ms, "tokens_per_s": spec["batch"] / ms * 1e3}
+        variants = _matmul_variants(x, W)
+        ms = {}
+        for _ in range(2):  # interleaved, twice
+            for variant, fn in variants.items():
+                fn()
+                times = []
+                for _ in range(spec.get("reps", 6)):
+                    start = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - start)
+                ms.setdefault(variant, []).extend(times)
+        ms = {v: 1e3 * statistics.median(t) for v, t in ms.items()}
+        bound = min(ms["out"], ms["chunk512"])
+        out[name] = {
+            "matmul_ms": bound,
+            "tokens_per_s": spec["batch"] / bound * 1e3,
+            "variants_ms": ms,
+        }
     return out
 
 
@@ -217,7 +241,9 @@ def run_ours(spec: dict, x_eval: torch.Tensor) -> dict:
         with torch.no_grad():
             enc = sae.encode(x_eval)
             recon = sae.decode(enc.top_acts, enc.top_idx)
-        log = [json.loads(line) for line in (trainer.out / "train_log.jsonl").read_text().splitlines()]
+        log = [
+            json.loads(line) for line in (trainer.out / "train_log.jsonl").read_text().splitlines()
+        ]
         dead = float((m.since_fired >= trainer.dead_tokens).float().mean())
     return {
         **stream.report(spec["batch"]),
@@ -238,7 +264,9 @@ def _maybe_profiler(spec: dict, stream: TimedStream):
     from torch.profiler import ProfilerActivity, profile, schedule
 
     def report(prof):
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
+        print(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr
+        )
 
     prof = profile(
         activities=[ProfilerActivity.CPU],
@@ -265,7 +293,9 @@ def run_sparsify(spec: dict, x_eval: torch.Tensor) -> dict:
     torch.manual_seed(SEED)
     sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), "cpu", dtype=torch.float32)
     schedulers = []
-    if spec["optimizer"] == "adam":  # bitsandbytes is not installed: torch.optim.Adam, as they fall back
+    if (
+        spec["optimizer"] == "adam"
+    ):  # bitsandbytes is not installed: torch.optim.Adam, as they fall back
         lr = 2e-4 / (n / 2**14) ** 0.5
         opt = torch.optim.Adam([dict(params=sae.parameters(), lr=lr)])
         schedulers = [get_linear_schedule_with_warmup(opt, 1000, steps)]  # lr_warmup_steps=1000
@@ -333,7 +363,8 @@ def run_saelens(spec: dict, x_eval: torch.Tensor) -> dict:
         total_training_samples=steps * spec["batch"],
         train_batch_size_samples=spec["batch"],
         device="cpu",
-        lr_end=3e-4 / 10,  # what LanguageModelSAERunnerConfig fills in (lr / 10; unused: constant lr)
+        lr_end=3e-4
+        / 10,  # what LanguageModelSAERunnerConfig fills in (lr / 10; unused: constant lr)
         logger=LoggingConfig(log_to_wandb=False),
     )
     trainer = SAETrainer(cfg, sae, data_provider=None)
@@ -422,7 +453,9 @@ def run_ours_live(spec: dict, x_eval: torch.Tensor) -> dict:
         with torch.no_grad():
             enc = sae.encode(x_eval)
             recon = sae.decode(enc.top_acts, enc.top_idx)
-        log = [json.loads(line) for line in (trainer.out / "train_log.jsonl").read_text().splitlines()]
+        log = [
+            json.loads(line) for line in (trainer.out / "train_log.jsonl").read_text().splitlines()
+        ]
     return {
         "tokens_per_s": trainer.tokens / fit_s,  # end to end: model forwards, buffer and steps
         "fit_s": fit_s,
@@ -701,11 +734,17 @@ def ratio_lines(results: dict, roof: dict, default_opt: str) -> dict:
     for name, (value, top, target) in checks.items():
         if math.isnan(value):
             continue  # a trainer this section does not run
-        verdict = "" if target is None or math.isnan(value) else ("MET" if value >= target else "MISSED")
+        verdict = (
+            "" if target is None or math.isnan(value) else ("MET" if value >= target else "MISSED")
+        )
         goal = f"(target >= {target:g})" if target else ""
         print(f"  {name:52s} {value:6.2f}x {top:5.2f}x {goal:16s} {verdict}")
-        out[name] = {"value": value, "best": top, "target": target,
-                     "met": verdict == "MET" if target else None}
+        out[name] = {
+            "value": value,
+            "best": top,
+            "target": target,
+            "met": verdict == "MET" if target else None,
+        }
     for opt in OURS:
         value = fvu_of(f"ours {opt} fp32")
         if math.isnan(value):
@@ -715,12 +754,24 @@ def ratio_lines(results: dict, roof: dict, default_opt: str) -> dict:
             f"  FVU ours {opt} fp32 {value:.3f} vs the better sparsify {best_sparsify:.3f} + 0.01"
             f"{'':8s} {verdict}"
         )
-        out[f"fvu ours {opt}"] = {"value": value, "target": best_sparsify + 0.01, "met": verdict == "MET"}
+        out[f"fvu ours {opt}"] = {
+            "value": value,
+            "target": best_sparsify + 0.01,
+            "met": verdict == "MET",
+        }
     return out
 
 
-def compare(section: str, shape: dict, cache: Path, held_out: Path, tokens: int, site: str,
-            trainers: list[dict], args) -> dict:
+def compare(
+    section: str,
+    shape: dict,
+    cache: Path,
+    held_out: Path,
+    tokens: int,
+    site: str,
+    trainers: list[dict],
+    args,
+) -> dict:
     """Roofline plus every trainer, interleaved over repeats."""
     base = dict(shape, cache=str(cache), eval=str(held_out), tokens=tokens, batch=BATCH, site=site)
     runs: dict[str, list[dict]] = {t["label"]: [] for t in trainers}
@@ -731,9 +782,20 @@ def compare(section: str, shape: dict, cache: Path, held_out: Path, tokens: int,
         roofs.append(run_child(roof_spec, args.max_wait))
         for t in trainers:
             runs[t["label"]].append(run_child({**base, **t}, args.max_wait))
-    roof = {dtype: {k: statistics.median(r[dtype][k] for r in roofs) for k in roofs[0][dtype]}
-            for dtype in ("fp32", "bf16")}
+    roof = {
+        dtype: {
+            "matmul_ms": statistics.median(r[dtype]["matmul_ms"] for r in roofs),
+            "tokens_per_s": statistics.median(r[dtype]["tokens_per_s"] for r in roofs),
+            "variants_ms": {
+                v: statistics.median(r[dtype]["variants_ms"][v] for r in roofs)
+                for v in roofs[0][dtype]["variants_ms"]
+            },
+        }
+        for dtype in ("fp32", "bf16")
+    }
     results = {label: median_runs(r) for label, r in runs.items()}
+    for label, r in results.items():
+        r["runs"] = runs[label]  # every repeat, as measured
     checksums = {r.get("first_batch_checksum") for r in results.values() if "error" not in r}
     same = len(checksums) == 1
     return {"roofline": roof, "trainers": results, "same_first_batch": same, "tokens": tokens}
@@ -742,15 +804,22 @@ def compare(section: str, shape: dict, cache: Path, held_out: Path, tokens: int,
 def trainer_list(dtypes: list[str], with_saelens: bool = True, adam_lrs=()) -> list[dict]:
     # --adam-lrs: does a higher Adam lr help these short runs?
     out = [
-        dict(trainer="ours", optimizer="adam", dtype="fp32", lr=lr, label=f"ours adam lr={lr:g} fp32")
+        dict(
+            trainer="ours", optimizer="adam", dtype="fp32", lr=lr, label=f"ours adam lr={lr:g} fp32"
+        )
         for lr in adam_lrs
     ]
     for dtype in dtypes:
         for opt in OURS:
-            out.append(dict(trainer="ours", optimizer=opt, dtype=dtype, label=f"ours {opt} {dtype}"))
+            out.append(
+                dict(trainer="ours", optimizer=opt, dtype=dtype, label=f"ours {opt} {dtype}")
+            )
         for opt in ("signum", "adam"):
-            out.append(dict(trainer="sparsify", optimizer=opt, dtype=dtype,
-                            label=f"sparsify {opt} {dtype}"))
+            out.append(
+                dict(
+                    trainer="sparsify", optimizer=opt, dtype=dtype, label=f"sparsify {opt} {dtype}"
+                )
+            )
     if with_saelens:
         out.append(dict(trainer="saelens", dtype="fp32", label="SAELens fp32"))
     return out
@@ -767,7 +836,9 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true", help="synthetic: fp32 runs only")
     parser.add_argument("--adam-lrs", default="", help="also our Adam at these lrs, e.g. 1e-3,4e-3")
     parser.add_argument(
-        "--profile", default=None, metavar="OPT,DTYPE",
+        "--profile",
+        default=None,
+        metavar="OPT,DTYPE",
         help="only profile our trainer on the synthetic data (e.g. adam,fp32): op table of 4 steps",
     )
     parser.add_argument("--max-wait", type=float, default=300, help="s to wait for a quiet CPU")
@@ -780,17 +851,32 @@ def main() -> None:
 
     default_opt = TrainConfig().optimizer
     sections = set(args.only.split(","))
-    report: dict = {"batch": BATCH, "threads": 2, "warmup_steps": WARMUP_STEPS,
-                    "torch": torch.__version__, "default_optimizer": default_opt}
+    report: dict = {
+        "batch": BATCH,
+        "threads": 2,
+        "warmup_steps": WARMUP_STEPS,
+        "torch": torch.__version__,
+        "default_optimizer": default_opt,
+    }
     with_saelens = not args.no_saelens
     adam_lrs = [float(v) for v in args.adam_lrs.split(",") if v]
 
     if args.profile:
         cache, held_out, _ = synthetic_data(args.tokens)
         opt, dtype = args.profile.split(",")
-        spec = dict(SHAPES["synthetic"], cache=str(cache), eval=str(held_out), tokens=args.tokens,
-                    batch=BATCH, site="synthetic", trainer="ours", optimizer=opt, dtype=dtype,
-                    label=f"ours {opt} {dtype} (profiled)", profile=True)
+        spec = dict(
+            SHAPES["synthetic"],
+            cache=str(cache),
+            eval=str(held_out),
+            tokens=args.tokens,
+            batch=BATCH,
+            site="synthetic",
+            trainer="ours",
+            optimizer=opt,
+            dtype=dtype,
+            label=f"ours {opt} {dtype} (profiled)",
+            profile=True,
+        )
         run_child(spec, args.max_wait)
         return
 
@@ -806,7 +892,8 @@ def main() -> None:
             f"Synthetic planted features (F={planted['n_features']}, ~{planted['mean_active_actual']:.0f}"
             f" active, Zipf {planted['zipf']}), d={shape['d']} n={shape['n']} k={shape['k']}, "
             f"{n_steps} steps x {BATCH} tokens; same batches: {res['same_first_batch']}",
-            res["trainers"], res["roofline"],
+            res["trainers"],
+            res["roofline"],
         )
         res["checks"] = ratio_lines(res["trainers"], res["roofline"], default_opt)
         report["synthetic"] = res
@@ -821,7 +908,8 @@ def main() -> None:
             f"SmolLM2 {site} cache, d={shape['d']} n={shape['n']} k={shape['k']}, "
             f"{math.ceil(args.smollm2_tokens / BATCH)} steps x {BATCH} tokens; "
             f"same batches: {res['same_first_batch']}",
-            res["trainers"], res["roofline"],
+            res["trainers"],
+            res["roofline"],
         )
         res["checks"] = ratio_lines(res["trainers"], res["roofline"], default_opt)
         report["smollm2"] = res
@@ -847,7 +935,8 @@ def live(args) -> dict:
     results = {}
     print("\n[live]")
     results["forward bound (layers 0-3)"] = run_child(
-        dict(LIVE, trainer="forward_bound", label="forward bound", bound_tokens=16_000), args.max_wait
+        dict(LIVE, trainer="forward_bound", label="forward bound", bound_tokens=16_000),
+        args.max_wait,
     )
     for opt in ("sf-signsgd", "adam"):
         results[f"ours {opt}"] = run_child(
@@ -858,24 +947,32 @@ def live(args) -> dict:
             dict(spec, trainer="saelens_live", label="SAELens live runner"), args.max_wait
         )
     bound = results["forward bound (layers 0-3)"].get("tokens_per_s", float("nan"))
-    print(f"\nLive SmolLM2 {LIVE['site']}, n={LIVE['n']} k={LIVE['k']}, context {LIVE['context']}, "
-          f"{LIVE['batch']} tokens/step, {LIVE['tokens']:,} tokens")
-    print(f"{'trainer':30s} {'tokens/s':>9s} {'% bound':>8s} {'peak RSS':>9s} {'FVU':>7s} "
-          f"{'unused':>7s} {'others':>7s}")
+    print(
+        f"\nLive SmolLM2 {LIVE['site']}, n={LIVE['n']} k={LIVE['k']}, context {LIVE['context']}, "
+        f"{LIVE['batch']} tokens/step, {LIVE['tokens']:,} tokens"
+    )
+    print(
+        f"{'trainer':30s} {'tokens/s':>9s} {'% bound':>8s} {'peak RSS':>9s} {'FVU':>7s} "
+        f"{'unused':>7s} {'others':>7s}"
+    )
     for name, r in results.items():
         if "error" in r:
             print(f"{name:30s} failed: {r['error'].strip().splitlines()[-1][:90]}")
             continue
-        print(f"{name:30s} {r['tokens_per_s']:9,.0f} {r['tokens_per_s'] / bound:8.0%} "
-              f"{r['peak_rss_mib']:6.0f}MiB {r.get('fvu', float('nan')):7.3f} "
-              f"{r.get('unused_latents', float('nan')):7.1%} {r['other_load']:7.0%}")
+        print(
+            f"{name:30s} {r['tokens_per_s']:9,.0f} {r['tokens_per_s'] / bound:8.0%} "
+            f"{r['peak_rss_mib']:6.0f}MiB {r.get('fvu', float('nan')):7.3f} "
+            f"{r.get('unused_latents', float('nan')):7.1%} {r['other_load']:7.0%}"
+        )
     for opt in ("sf-signsgd", "adam"):
         r = results[f"ours {opt}"]
         if "error" not in r:
-            print(f"  ours {opt}: >= 4,000 tokens/s {'MET' if r['tokens_per_s'] >= 4000 else 'MISSED'}; "
-                  f"FVU <= 0.21 {'MET' if r['fvu'] <= 0.21 else 'MISSED'}; "
-                  f"model forwards + buffer {r['data_s']:.1f} s for {r['model_tokens']:,} model tokens, "
-                  f"SAE steps {r['step_s']:.1f} s")
+            print(
+                f"  ours {opt}: >= 4,000 tokens/s {'MET' if r['tokens_per_s'] >= 4000 else 'MISSED'}; "
+                f"FVU <= 0.21 {'MET' if r['fvu'] <= 0.21 else 'MISSED'}; "
+                f"model forwards + buffer {r['data_s']:.1f} s for {r['model_tokens']:,} model tokens, "
+                f"SAE steps {r['step_s']:.1f} s"
+            )
     return {"trainers": results, "forward_bound_tokens_per_s": bound}
 
 

@@ -67,6 +67,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sae.optim import OPTIMIZERS
+
     parser = argparse.ArgumentParser(prog="saewb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -119,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch", type=int, default=4096, help="tokens per step")
     train.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="SAE kernel dtype")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--optimizer", default=None, choices=["adam", "signum"])
+    train.add_argument(
+        "--optimizer",
+        default=None,
+        choices=OPTIMIZERS,
+        help="default sf-signsgd (schedule-free sign descent); adam, signum",
+    )
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--architecture", default="topk", choices=["topk", "batchtopk"])
     train.add_argument("--multi-topk", action="store_true", help="add FVU(4k)/8 to the loss")
