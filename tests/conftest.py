@@ -175,3 +175,11 @@ def build_planted_run(root, tokenizer, docs: int = 1600):
     run_json["data"] = dict(dataset=str(root / "text.txt"), context_size=32)
     (root / "run" / "run.json").write_text(json.dumps(run_json))
     return root / "run", ids
+
+
+def tiny_train_argv(model_dir, text, out, k: int = 4, tokens: int = 4096, log_every: int = 1):
+    """`saewb train` arguments for a few seconds of live training on a tiny model."""
+    return ["train", "--model", str(model_dir), "--site", "resid_post.1", "--latents", "64",
+            "--k", str(k), "--tokens", str(tokens), "--batch", "512", "--dataset", str(text),
+            "--context", "32", "--log-every", str(log_every), "--out", str(out),
+            "--buffer-tokens", "2048"]  # fmt: skip

@@ -27,34 +27,11 @@ PLANTED = "planted/run"
 
 
 def _train(tiny_dir, text: Path, out: Path, k: int) -> None:
+    from conftest import tiny_train_argv
+
     from sae.cli import main
 
-    argv = [
-        "train",
-        "--model",
-        str(tiny_dir),
-        "--site",
-        "resid_post.1",
-        "--latents",
-        "64",
-        "--k",
-        str(k),
-        "--tokens",
-        "4096",
-        "--batch",
-        "512",
-        "--dataset",
-        str(text),
-        "--context",
-        "32",
-        "--log-every",
-        "1",
-        "--out",
-        str(out),
-        "--buffer-tokens",
-        "2048",
-    ]
-    assert main(argv) == 0
+    assert main(tiny_train_argv(tiny_dir, text, out, k=k)) == 0
 
 
 @pytest.fixture(scope="module")

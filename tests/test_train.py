@@ -339,31 +339,9 @@ def test_train_from_a_live_model_cli(tmp_path, tiny_dir, capsys):
     text.write_text(
         "\n\n".join(f"Story {i}: the cat sat on the mat, {i % 7} dogs ran." for i in range(400))
     )
-    argv = [
-        "train",
-        "--model",
-        str(tiny_dir),
-        "--site",
-        "resid_post.1",
-        "--latents",
-        "64",
-        "--k",
-        "4",
-        "--tokens",
-        "6144",
-        "--batch",
-        "512",
-        "--dataset",
-        str(text),
-        "--context",
-        "32",
-        "--log-every",
-        "2",
-        "--out",
-        str(tmp_path / "run"),
-        "--buffer-tokens",
-        "2048",
-    ]
+    from conftest import tiny_train_argv
+
+    argv = tiny_train_argv(tiny_dir, text, tmp_path / "run", tokens=6144, log_every=2)
     assert main(argv) == 0, capsys.readouterr().err
     log = _log(tmp_path / "run")
     assert log[-1]["tokens"] >= 6144 and log[-1]["fvu"] < log[0]["fvu"]
