@@ -16,8 +16,9 @@ For each shape:
                 synthetic.sample), held on the device; every trainer sees the same batches in the
                 same order, and one held-out batch for FVU.
   3. ours       sae.train.Trainer.fit() itself (the real training step, logging included), fed
-                those batches instead of its cache reader; Adam (default) and signum, fp32 and
-                dtype="bf16". The end-of-run checkpoint is skipped (it writes ~1 GiB at n=65536).
+                those batches instead of its cache reader; --optimizers (default: Adam and
+                sf-signsgd, the trainer's default), fp32 and dtype="bf16". The end-of-run
+                checkpoint is skipped (it writes ~1 GiB at n=65536).
   4. sparsify   SparseCoder with its Triton decoder (on CUDA) and the per-step logic of its
                 Trainer.fit() (b_dec from the first batch, unit-norm decoder, FVU loss, gradient
                 projection, did_fire bookkeeping, its per-step float(fvu)), its default optimizer
@@ -584,11 +585,23 @@ def ratios(sec: dict) -> dict:
         return r.get("tokens_per_s", float("nan"))
 
     pairs = {
-        "ours adam / sparsify signSGD-sf (defaults), fp32 tf32": (
+        "ours sf-signsgd / sparsify signSGD-sf (defaults), fp32 tf32": (
+            "ours sf-signsgd fp32 tf32",
+            "sparsify signSGD-sf fp32 tf32",
+        ),
+        "ours sf-signsgd bf16 / sparsify default (bf16 autocast)": (
+            "ours sf-signsgd bf16",
+            "sparsify signSGD-sf bf16",
+        ),
+        "ours sf-signsgd fp32 tf32 / sparsify default (bf16 autocast)": (
+            "ours sf-signsgd fp32 tf32",
+            "sparsify signSGD-sf bf16",
+        ),
+        "ours adam / sparsify signSGD-sf, fp32 tf32": (
             "ours adam fp32 tf32",
             "sparsify signSGD-sf fp32 tf32",
         ),
-        "ours adam / sparsify signSGD-sf (defaults), bf16": (
+        "ours adam / sparsify signSGD-sf, bf16": (
             "ours adam bf16",
             "sparsify signSGD-sf bf16",
         ),
@@ -648,7 +661,7 @@ def main() -> None:
     parser.add_argument("--only", default="gpu,cpu", help="shapes: gpu, cpu")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--no-sparsify", action="store_true")
-    parser.add_argument("--optimizers", default="adam,signum", help="ours: any of sae.optim's")
+    parser.add_argument("--optimizers", default="adam,sf-signsgd", help="ours: any of sae.optim's")
     parser.add_argument("--tiny", action="store_true", help="tiny shape on the CPU, seconds")
     args = parser.parse_args()
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from hooks.errors import UserError
-from sae.kernels import sparse_decode, topk_encode
+from sae.kernels import normalize_rows_, project_out_rows_, sparse_decode, topk_encode
 
 ARCHITECTURES = ("topk", "batchtopk")
 
@@ -73,7 +73,8 @@ def variance(x: Tensor, reduce: Reduce | None = None) -> Tensor:
         [
             x.detach().double().pow(2).sum().view(1),
             x.detach().double().sum(0),
-            x.new_tensor([x.shape[0]], dtype=torch.float64),
+            # a fill, not new_tensor: copying a host list to the GPU waits for the GPU
+            torch.full((1,), x.shape[0], dtype=torch.float64, device=x.device),
         ]
     )
     if reduce is not None:
@@ -156,22 +157,27 @@ class TopKSAE(nn.Module):
         dead_mask: Tensor | None = None,
         dtype: torch.dtype | None = None,
         reduce: Reduce | None = None,
+        n_dead: int | None = None,
     ) -> ForwardOutput:
         """Reconstruction and losses for raw x (N, d_in).
 
         `reduce` sums statistics over data-parallel ranks, so that every rank divides by the
         variance of the global batch and the ranks' summed gradients equal one process's.
+        `n_dead`, when the caller already knows it, is dead_mask.sum(): reading it here would
+        wait for the GPU.
         """
         cfg = self.cfg
         xs = x.to(self.W_enc.dtype) * self.input_scale  # (N, d)
         total_variance = variance(xs, reduce)
-        use_aux = dead_mask is not None and bool(dead_mask.any())
+        if dead_mask is not None and n_dead is None:
+            n_dead = int(dead_mask.sum())  # a host sync on CUDA
+        use_aux = dead_mask is not None and n_dead > 0
         batch_topk = cfg.architecture == "batchtopk" and self.training
         # Multi-TopK and BatchTopK both start from each token's 4k largest candidates.
         k_cand = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk or batch_topk else cfg.k
         if cfg.architecture == "batchtopk" and not self.training:
             k_cand = None  # inference: the JumpReLU threshold (see encode)
-        n_dead = int(dead_mask.sum()) if use_aux else 0
+        n_dead = n_dead if use_aux else 0
         # With no more dead latents than k_aux, AuxK selects all of them: two small dense GEMMs
         # over the dead columns beat sparse bookkeeping of k_aux entries per token.
         sparse_aux = use_aux and n_dead > cfg.k_aux
@@ -199,7 +205,10 @@ class TopKSAE(nn.Module):
             if sparse_aux:
                 aux_recon = self._decode_scaled(enc.aux_acts, enc.aux_idx, dtype)
             else:
-                dead = dead_mask.nonzero().squeeze(1)  # (n_dead,)
+                if dead_mask.is_cuda:  # the count is known: no wait for the GPU
+                    dead = torch.nonzero_static(dead_mask, size=n_dead).squeeze(1)
+                else:
+                    dead = dead_mask.nonzero().squeeze(1)  # (n_dead,)
                 pre = (xs - self.b_dec) @ self.W_enc[:, dead] + self.b_enc[dead]  # (N, n_dead)
                 aux_recon = pre.relu() @ self.W_dec[dead]  # (N, d)
             scale = min(n_dead / cfg.k_aux, 1.0)
@@ -227,15 +236,14 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        normalize_rows_(self.W_dec)
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
         """Project out the part of each row's gradient along the (unit) row: it only changes norms."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)  # (n, 1)
-        self.W_dec.grad -= parallel * self.W_dec
+        project_out_rows_(self.W_dec.grad, self.W_dec)
 
     @torch.no_grad()
     def init_from_sample(self, x: Tensor, reduce: Reduce | None = None) -> None:

@@ -34,7 +34,14 @@ from tqdm import tqdm
 from hooks.errors import UserError
 from hooks.paths import atomic_write_json
 from sae.model import SAEConfig, TopKSAE
-from sae.optim import default_lr, eval_weights, is_schedule_free, lr_factor, make_optimizer
+from sae.optim import (
+    default_lr,
+    eval_weights,
+    is_schedule_free,
+    is_sign_descent,
+    lr_factor,
+    make_optimizer,
+)
 
 
 @dataclass
@@ -462,10 +469,12 @@ class Trainer:
             m.sae.init_from_sample(x_by_site[m.site], self._reduce)
         self.initialised = True
 
-    def _train_member(self, m: Member, x: torch.Tensor, global_rows: int) -> None:
+    def _train_member(
+        self, m: Member, x: torch.Tensor, global_rows: int, n_dead: int | None = None
+    ) -> None:
         sae, cfg = m.sae, self.cfg
         dead = (m.since_fired >= self.dead_tokens) if cfg.auxk else None
-        out = sae(x, dead, dtype=self.kernel_dtype, reduce=self._reduce)
+        out = sae(x, dead, dtype=self.kernel_dtype, reduce=self._reduce, n_dead=n_dead)
         loss = out.fvu + cfg.aux_alpha * out.aux_loss + out.multi_topk_fvu / 8
         m.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -473,7 +482,9 @@ class Trainer:
             for p in sae.parameters():
                 self.world.sum(p.grad)
         sae.remove_gradient_parallel_to_decoder_directions()
-        if cfg.grad_clip:
+        # Clipping scales every gradient by one positive factor, which sign descent ignores: on
+        # CUDA that pass (~3 bytes moved per parameter byte) is skipped for it.
+        if cfg.grad_clip and not (x.is_cuda and is_sign_descent(m.optimizer)):
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         factor = lr_factor(self.step, self.total_steps, self.warmup, self.decay)
         for group in m.optimizer.param_groups:
@@ -481,11 +492,12 @@ class Trainer:
         m.optimizer.step()
         sae.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
+            # counts of positive activations per latent; no boolean indexing, so no host sync
             fired = torch.zeros_like(m.since_fired)
-            fired[out.top_idx[out.top_acts > 0]] = 1
+            fired.scatter_add_(0, out.top_idx.reshape(-1), (out.top_acts > 0).reshape(-1).long())
             fired = self.world.max(fired)
             m.since_fired += global_rows
-            m.since_fired[fired.bool()] = 0
+            m.since_fired.masked_fill_(fired > 0, 0)
             stats = {
                 "loss": loss.detach(),
                 "fvu": out.fvu.detach(),
@@ -552,15 +564,7 @@ class Trainer:
             for batch in self.data:
                 if self.tokens >= cfg.tokens:
                     break
-                x_by_site, dropped = self._finite_rows(batch)
-                if not self.initialised:
-                    self._first_batch(x_by_site)
-                global_rows = int(self.world.sum(torch.tensor(len(next(iter(x_by_site.values()))))))
-                for m in self.members:
-                    self._train_member(m, x_by_site[m.site], global_rows)
-                self.step += 1
-                self.tokens += global_rows + dropped
-                bar.update(global_rows + dropped)
+                bar.update(self._step(batch))
                 if self.step % cfg.log_every == 0:
                     self._log(bar, started, tokens_at_start)
                 if self.tokens >= next_checkpoint:
@@ -578,14 +582,33 @@ class Trainer:
             self._write_run_files()
         return [m.run_dir for m in self.members]
 
-    def _finite_rows(self, batch) -> tuple[dict[str, torch.Tensor], int]:
-        """Drop rows with NaN/inf at any site; abort once too many tokens were bad."""
+    def _step(self, batch) -> int:
+        """One training step of every member on one batch; returns the tokens it consumed."""
+        x_by_site, dropped, n_dead = self._finite_rows(batch)
+        if not self.initialised:
+            self._first_batch(x_by_site)
+        global_rows = int(self.world.sum(torch.tensor(len(next(iter(x_by_site.values()))))))
+        for m, dead in zip(self.members, n_dead, strict=True):
+            self._train_member(m, x_by_site[m.site], global_rows, dead)
+        self.step += 1
+        self.tokens += global_rows + dropped
+        return global_rows + dropped
+
+    def _finite_rows(self, batch) -> tuple[dict[str, torch.Tensor], int, list[int | None]]:
+        """Drop rows with NaN/inf at any site; abort once too many tokens were bad. Also returns
+        each member's dead-latent count (None without AuxK), read in the same host sync: on
+        CUDA this is the step's only wait for the GPU."""
         device = torch.device(self.cfg.device)
         acts = {
             s: batch.acts[s].to(device, torch.float32, non_blocking=True) for s in self.cfg.sites
         }
         finite = torch.stack([torch.isfinite(a).all(dim=1) for a in acts.values()]).all(dim=0)
-        dropped = int(self.world.sum(torch.tensor(int((~finite).sum()))))
+        counts = [(~finite).sum()]
+        if self.cfg.auxk:
+            counts += [(m.since_fired >= self.dead_tokens).sum() for m in self.members]
+        counts = torch.stack([c.to(device) for c in counts]).tolist()  # one host sync
+        n_dead = counts[1:] if self.cfg.auxk else [None] * len(self.members)
+        dropped = int(self.world.sum(torch.tensor(counts[0])))
         if dropped:
             self.nonfinite += dropped
             seen = self.tokens + self.cfg.batch
@@ -595,7 +618,7 @@ class Trainer:
                     f"the limit of {self.cfg.max_nonfinite:.1%}; check the model's dtype and input."
                 )
             acts = {s: a[finite] for s, a in acts.items()}
-        return acts, dropped
+        return acts, dropped, n_dead
 
 
 def _truncate_log(path: Path, tokens: int) -> None:

@@ -385,3 +385,87 @@ def test_decoder_selected_on_cuda(dtype, monkeypatch):
     assert name.startswith("_TritonDecode" if dtype != torch.float64 else "_SparseDecode"), name
     monkeypatch.setenv("SAEWB_DISABLE_TRITON", "1")
     assert type(sparse_decode(acts, idx, W_dec).grad_fn).__name__.startswith("_SparseDecode")
+
+
+# -- the CUDA-only branches: each against the torch formulation it replaces ----------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_matches_torch(dtype, device):
+    a = torch.randn(130, 70).to(device, dtype)  # not multiples of the 64 x 64 tiles
+    assert torch.equal(kernels._transposed(a), a.t())
+    assert kernels._transposed(a).is_contiguous()
+    if dtype == torch.float32:  # the narrowing cast goes first on CUDA: same values
+        out = kernels._transposed(a, torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, a.t().bfloat16())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_latent_order(device):
+    idx = random_indices(300, 70, 6, device)
+    idx[1] = idx[0]  # shared latents; with 70 latents and 6 per token, some are never used
+    crow, order = kernels._latent_order(idx, 70)
+    flat = idx.reshape(-1).cpu()
+    counts = torch.bincount(flat, minlength=70)
+    assert torch.equal(crow.cpu(), torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+    assert torch.equal(flat[order.cpu()], flat.sort(stable=True).values)
+    assert torch.equal(order.cpu(), torch.argsort(flat, stable=True))  # tokens ascending
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_projection_and_normalisation(device):
+    W = torch.randn(50, 37, dtype=torch.float32).to(device)
+    W /= W.norm(dim=1, keepdim=True)
+    g = torch.randn(50, 37).to(device)
+    ref = g - (g * W).sum(1, keepdim=True) * W
+    kernels.project_out_rows_(g, W)
+    torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
+    assert (g * W).sum(1).abs().max() < 1e-5
+
+    V = torch.randn(50, 3000).to(device) * 3  # d over the 2048-wide row block: two passes
+    V[0] = 0  # the eps clamp: a zero row stays zero
+    ref = V / V.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    kernels.normalize_rows_(V)
+    torch.testing.assert_close(V, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(V[0], torch.zeros_like(V[0]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_schedule_free_sign_step_matches_the_wrapper(device):
+    """ScheduleFreeSign (one Triton pass per parameter on CUDA) against schedulefree's wrapper
+    around Signum(momentum=0): parameters, z, and the group bookkeeping, over a warm-up."""
+    from schedulefree import ScheduleFreeWrapper
+
+    from sae.optim import ScheduleFreeSign, Signum
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 33), (5000,), (1,)]  # the wrapper cannot swap 0-d tensors
+    init = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+    for gs in grads:
+        gs[0][:3] = 0.0  # sign(0) = 0: no move
+    runs = []
+    for cls in (ScheduleFreeWrapper, ScheduleFreeSign):
+        params = [torch.nn.Parameter(t.clone().to(device)) for t in init]
+        groups = [{"params": params[:1]}, {"params": params[1:]}]
+        opt = cls(Signum(groups, lr=1e-2, momentum=0.0), momentum=0.95)
+        opt.train()
+        for step, gs in enumerate(grads):
+            for group, scale in zip(opt.param_groups, (0.5, 1.0), strict=True):
+                group["lr"] = 1e-2 * scale * (step + 1) / 4  # a warm-up, as the trainer's
+            for p, grad in zip(params, gs, strict=True):
+                p.grad = grad.to(device)
+            opt.step()
+        runs.append((params, opt))
+    (p_ref, o_ref), (p_new, o_new) = runs
+    for a, b in zip(p_ref, p_new, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(o_new.state[b]["z"], o_ref.state[a]["z"], rtol=1e-6, atol=1e-7)
+    for ga, gb in zip(o_ref.param_groups, o_new.param_groups, strict=True):
+        assert {k: ga[k] for k in ("k", "lr_max", "weight_sum")} == {
+            k: gb[k] for k in ("k", "lr_max", "weight_sum")
+        }
+    o_ref.eval(), o_new.eval()  # the averages agree too
+    for a, b in zip(p_ref, p_new, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
