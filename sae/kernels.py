@@ -126,7 +126,9 @@ def _grouped_topk(pre: Tensor, k: int, G: int) -> tuple[Tensor, Tensor]:
 
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, dead_mask, k_aux, chunk_size):
+    def forward(ctx, x, W_enc, b_enc, k, dead_mask, k_aux, chunk_size, b_dec):
+        if b_dec is not None:
+            x = x - b_dec  # (N, d) centred here, so that backward needs no dx for b_dec's grad
         N = x.shape[0]
         top_acts = x.new_empty(N, k)
         top_idx = torch.empty(N, k, dtype=torch.long, device=x.device)
@@ -139,9 +141,11 @@ class _TopKEncode(torch.autograd.Function):
             aux_acts = x.new_zeros(N, k_aux)
             aux_idx = torch.zeros(N, k_aux, dtype=torch.long, device=x.device)
 
+        # One (chunk, n) buffer for every chunk: a fresh one each time costs page faults on CPU.
+        buffer = x.new_empty(min(chunk_size, N), W_enc.shape[1])
         for start in range(0, N, chunk_size):
             end = min(start + chunk_size, N)
-            pre = torch.addmm(b_enc, x[start:end], W_enc)  # (chunk, n), never (N, n)
+            pre = torch.addmm(b_enc, x[start:end], W_enc, out=buffer[: end - start])  # (chunk, n)
             values, idx = _topk(pre, k)
             top_acts[start:end] = values.relu_()  # ReLU after TopK
             top_idx[start:end] = idx
@@ -152,6 +156,7 @@ class _TopKEncode(torch.autograd.Function):
 
         ctx.set_materialize_grads(False)
         ctx.b_enc_dtype = b_enc.dtype
+        ctx.b_dec_dtype = None if b_dec is None else b_dec.dtype
         ctx.mark_non_differentiable(top_idx, *([aux_idx] if aux_idx is not None else []))
         ctx.save_for_backward(x, W_enc, top_acts, top_idx, aux_acts, aux_idx)
         return top_acts, top_idx, aux_acts, aux_idx
@@ -167,7 +172,7 @@ class _TopKEncode(torch.autograd.Function):
                 grads.append(grad * (acts > 0))  # ReLU mask
                 idxs.append(idx)
         if not grads:
-            return (None,) * 7
+            return (None,) * 8
         acc = _acc_dtype(x.dtype)
         grad = torch.cat(grads, 1).to(acc)  # (N, K) with K = k + k_aux
         idx = torch.cat(idxs, 1)  # (N, K)
@@ -184,10 +189,13 @@ class _TopKEncode(torch.autograd.Function):
             # (cuSPARSE on CUDA: 0.87 ms at N=4096, k=64, n=65536 on an H200, where a Triton
             # per-latent kernel took 4 ms, held up by the latents with a thousand entries)
             dW_enc = _transposed(_by_latent(idx, grad, n) @ x.to(acc), W_enc.dtype)  # (d, n)
-        if ctx.needs_input_grad[2]:
-            db_enc = grad.new_zeros(n).index_add_(0, idx.reshape(-1), grad.reshape(-1))
-            db_enc = db_enc.to(ctx.b_enc_dtype)
-        return dx, dW_enc, db_enc, None, None, None, None
+        db_dec = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[7]:
+            db = grad.new_zeros(n).index_add_(0, idx.reshape(-1), grad.reshape(-1))  # (n,)
+            db_enc = db.to(ctx.b_enc_dtype) if ctx.needs_input_grad[2] else None
+            if ctx.needs_input_grad[7]:  # pre = (x - b_dec) W + b: d b_dec = -W_enc @ db, a
+                db_dec = -(W_enc.to(acc) @ db).to(ctx.b_dec_dtype)  # mat-vec instead of dx
+        return dx, dW_enc, db_enc, None, None, None, None, db_dec
 
 
 def topk_encode(
@@ -198,8 +206,11 @@ def topk_encode(
     dead_mask: Tensor | None = None,
     k_aux: int = 0,
     chunk_size: int | None = None,
+    b_dec: Tensor | None = None,
 ) -> EncodeResult:
     """ReLU(TopK(x @ W_enc + b_enc)) for centred x (N, d_in), plus AuxK over the dead latents.
+    With b_dec, x is uncentred and the kernel subtracts b_dec; b_dec's gradient is then the
+    mat-vec -W_enc @ (per-latent gradient sums), without the (N, d) input gradient.
 
     dead_mask (bool [n]) and k_aux > 0 switch on AuxK: the top k_aux pre-activations among the dead
     latents, ReLU'd; with fewer than k_aux dead latents the extra slots hold 0 (latent 0, no
@@ -210,7 +221,7 @@ def topk_encode(
         chunk_size = (
             max(1, CUDA_CHUNK_ELEMENTS // W_enc.shape[1]) if x.is_cuda else DEFAULT_CHUNK_SIZE
         )
-    return EncodeResult(*_TopKEncode.apply(x, W_enc, b_enc, k, dead_mask, k_aux, chunk_size))
+    return EncodeResult(*_TopKEncode.apply(x, W_enc, b_enc, k, dead_mask, k_aux, chunk_size, b_dec))
 
 
 class _SparseDecode(torch.autograd.Function):

@@ -132,16 +132,17 @@ class TopKSAE(nn.Module):
         A trained BatchTopK SAE encodes at inference like the JumpReLU it exports as: the
         activations above its threshold, at most 4k per token.
         """
-        xs = x.to(self.W_enc.dtype) * self.input_scale - self.b_dec  # (N, d) centred
-        W_enc, b_enc = self.W_enc, self.b_enc
+        xs = x.to(self.W_enc.dtype) * self.input_scale  # (N, d); the kernel subtracts b_dec
+        W_enc, b_enc, b_dec = self.W_enc, self.b_enc, self.b_dec
         if dtype is not None and dtype != W_enc.dtype:
-            xs, W_enc, b_enc = xs.to(dtype), W_enc.to(dtype), b_enc.to(dtype)
+            xs, W_enc, b_enc, b_dec = (t.to(dtype) for t in (xs, W_enc, b_enc, b_dec))
         jumprelu = self.cfg.architecture == "batchtopk" and not self.training and k is None
         if jumprelu and float(self.threshold) > 0:
-            enc = topk_encode(xs, W_enc, b_enc, min(4 * self.cfg.k, self.cfg.n_latents))
+            k_max = min(4 * self.cfg.k, self.cfg.n_latents)
+            enc = topk_encode(xs, W_enc, b_enc, k_max, b_dec=b_dec)
             acts = enc.top_acts * (enc.top_acts > self.threshold)  # (N, 4k), zeros below
             return enc._replace(top_acts=acts)
-        return topk_encode(xs, W_enc, b_enc, k or self.cfg.k, dead_mask, k_aux)
+        return topk_encode(xs, W_enc, b_enc, k or self.cfg.k, dead_mask, k_aux, b_dec=b_dec)
 
     def decode(self, top_acts: Tensor, top_idx: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Reconstruction in the input's units, (N, d_in)."""

@@ -127,6 +127,34 @@ def test_gradcheck_encode_with_aux(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_b_dec_inside_the_kernel(device):
+    """topk_encode(x, ..., b_dec=b) is topk_encode(x - b, ...) in value and in every gradient,
+    with b_dec's gradient from the mat-vec instead of the input gradient; gradcheck in fp64."""
+    x, W_enc, b_enc = make_encoder(N=6, d=5, n=24, seed=2, device=device)
+    x = x.detach()  # data: the trainer never needs dx
+    b_dec = rand(5, dtype=torch.float64, device=device, requires_grad=True, normal=True)
+    dead_mask = torch.zeros(24, dtype=torch.bool, device=device)
+    dead_mask[::4] = True
+
+    def f(b_dec, W_enc, b_enc):
+        out = topk_encode(x, W_enc, b_enc, 4, dead_mask, k_aux=3, chunk_size=4, b_dec=b_dec)
+        return out.top_acts, out.aux_acts
+
+    assert torch.autograd.gradcheck(f, (b_dec, W_enc, b_enc))
+    inside = topk_encode(x, W_enc, b_enc, 4, dead_mask, 3, b_dec=b_dec)
+    outside = topk_encode(x - b_dec, W_enc, b_enc, 4, dead_mask, 3)
+    assert torch.equal(inside.top_idx, outside.top_idx)
+    weight = rand(6, 4, dtype=torch.float64, device=device, normal=True)
+    params = [b_dec, W_enc, b_enc]
+    for a, b in zip(
+        grads((inside.top_acts * weight).sum() + inside.aux_acts.sum(), params),
+        grads((outside.top_acts * weight).sum() + outside.aux_acts.sum(), params),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k, d", [(3, 7), (5, 2)])  # k > d too
 def test_gradcheck_decode(k, d, device):
     top_idx = random_indices(5, 12, k, device)
@@ -462,6 +490,8 @@ def test_fused_schedule_free_sign_step_matches_the_wrapper(device):
     for a, b in zip(p_ref, p_new, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(o_new.state[b]["z"], o_ref.state[a]["z"], rtol=1e-6, atol=1e-7)
+        if device == "cpu":  # the same torch ops in the same order, without the XOR swaps
+            assert torch.equal(b, a) and torch.equal(o_new.state[b]["z"], o_ref.state[a]["z"])
     for ga, gb in zip(o_ref.param_groups, o_new.param_groups, strict=True):
         assert {k: ga[k] for k in ("k", "lr_max", "weight_sum")} == {
             k: gb[k] for k in ("k", "lr_max", "weight_sum")
