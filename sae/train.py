@@ -169,6 +169,11 @@ class DataStream:
             if cfg.batch % world.size:
                 raise UserError(f"--batch {cfg.batch} must divide evenly over {world.size} ranks.")
             self.local_batch = cfg.batch // world.size
+        # A live run captures only the rows it will train on: once they are all in the buffer
+        # the model stops and the buffer serves what it holds, instead of capturing a last
+        # buffer-full that is never used (a cache is cheap to read, so it keeps streaming).
+        self.rows_needed = math.ceil(cfg.tokens / cfg.batch) * self.local_batch
+        self.captured = 0  # live rows handed to the buffer so far
         # From a cache all ranks draw the same global batches; live ranks mix their own rows.
         seed = cfg.seed if self.from_cache else cfg.seed + 7919 * world.rank
         self.buffer = MixingBuffer(self._source(0), self.buffer_tokens, self.local_batch, seed)
@@ -208,8 +213,13 @@ class DataStream:
             cfg.model_batch,
             CaptureOptions(),
         )
+        if self.captured >= self.rows_needed:
+            return
         for consumed, batch in rows:
+            self.captured += len(batch)
             yield cursor + consumed, batch
+            if self.captured >= self.rows_needed:
+                return
 
     def __iter__(self):
         for batch in self.buffer:
@@ -224,11 +234,13 @@ class DataStream:
         state = self.buffer.state_dict()
         tensors = {f"pool.{k}": v.contiguous() for k, v in state.pop("pool").items()}
         tensors["rng"] = state.pop("rng")
+        state["captured"] = self.captured
         return tensors, state
 
     def load(self, tensors: dict, meta: dict) -> None:
         pool = {k.removeprefix("pool."): v for k, v in tensors.items() if k.startswith("pool.")}
         self.buffer.load_state_dict({**meta, "pool": pool, "rng": tensors["rng"]}, self.cfg.sites)
+        self.captured = int(meta.get("captured", 0))
         self.buffer.source = self._source(self.buffer.cursor)
 
 

@@ -380,3 +380,38 @@ def test_dense_auxk_path_matches_the_sparse_kernel():
         torch.testing.assert_close(
             getattr(dense, name).grad, getattr(sparse, name).grad, rtol=1e-4, atol=1e-6
         )
+
+
+def test_live_run_captures_only_what_it_trains_on(tmp_path, tiny_dir):
+    """Live data stops once the run's rows are all in the buffer: no last buffer-full is captured
+    for nothing, and a killed run resumes with the same count (same weights as uninterrupted)."""
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Story {i}: a cat sat on mat {i % 9}." for i in range(600)))
+    base = dict(model=str(tiny_dir), sites=["resid_post.1"], latents=[64], ks=[4],
+                tokens=6144, batch=512, dataset=str(text), context=32, buffer_tokens=2048,
+                log_every=1, checkpoint_every=10**9)  # fmt: skip
+    whole = Trainer(TrainConfig(**base), tmp_path / "whole", progress=False)
+    whole.fit()
+    data = whole.data
+    assert data.rows_needed == 6144
+    per_forward = TrainConfig().model_batch * 31  # rows of one model forward at most
+    assert data.rows_needed <= data.captured < data.rows_needed + per_forward
+    killed = Trainer(TrainConfig(**{**base, "checkpoint_every": 2048}), tmp_path / "cut",
+                     progress=False)  # fmt: skip
+    real_step = killed._step
+
+    def stop_after_two_checkpoints(batch, calls=[0]):  # noqa: B006 - a counter across calls
+        calls[0] += 1
+        if calls[0] == 9:
+            raise KeyboardInterrupt
+        return real_step(batch)
+
+    killed._step = stop_after_two_checkpoints
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    resumed = Trainer(TrainConfig(**{**base, "checkpoint_every": 2048}), tmp_path / "cut",
+                      resume=True, progress=False)  # fmt: skip
+    resumed.fit()
+    assert resumed.data.captured == data.captured
+    a, b = whole.members[0].sae, resumed.members[0].sae
+    torch.testing.assert_close(b.W_dec, a.W_dec, rtol=1e-5, atol=1e-6)
