@@ -161,6 +161,16 @@ def test_text_search_finds_the_planted_features(ws, folder):
         ws, PLANTED, {"startRow": 0, "endRow": 10, "filterModel": promotes}
     )
     assert response["rowData"][0]["feature"].startswith("[0]")  # latent 0 promotes ' dog'
+    both = {**paris, **promotes}  # fires on Paris and promotes ' dog': latent 0 alone
+    response, _ = browser.rows_for_grid(
+        ws, PLANTED, {"startRow": 0, "endRow": 10, "filterModel": both}
+    )
+    assert response["rowCount"] == 1 and response["rowData"][0]["feature"].startswith("[0]")
+    monday = browser.search_filter("top_tokens", "Monday")
+    response, _ = browser.rows_for_grid(
+        ws, PLANTED, {"startRow": 0, "endRow": 10, "filterModel": {**monday, **promotes}}
+    )
+    assert response["rowCount"] == 0  # no Monday latent has ' dog' among its top logits
     assert browser.search(ws, PLANTED, "id", "3")[2] == "/feature/3?run=planted%2Frun"
     for bad in ("x3", "99"):
         filters, message, url = browser.search(ws, PLANTED, "id", bad)

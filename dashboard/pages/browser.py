@@ -173,7 +173,10 @@ def store_query(store, request: dict) -> dict:
         elif column in ("top_tokens", "top_logits"):
             search = store.search_tokens if column == "top_tokens" else store.search_logits
             found = [r["feature"] for r in search(str(f.get("filter") or ""), store.n_latents)]
-            ids = found if ids is None else [i for i in found if i in set(ids)]  # both filters
+            if ids is not None:  # both text filters: latents that pass both
+                earlier = set(ids)
+                found = [i for i in found if i in earlier]
+            ids = found
         else:
             raise UserError(f"Cannot filter on the column {column!r}.")
     if ids is not None:
