@@ -12,7 +12,7 @@ from torch import Tensor
 from analysis.features import encode_codes
 from analysis.run import Run
 from hooks.errors import UserError
-from hooks.windows import _special_id
+from hooks.windows import special_id
 
 MAX_TEXT_TOKENS = 512
 
@@ -63,7 +63,7 @@ class TextProbe:
             raise UserError("The text is empty; type a sentence to run through the model.")
         tokenizer = self.loaded.tokenizer
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = _special_id(tokenizer, "bos")
+        bos = special_id(tokenizer, "bos")
         ids = ([bos] if bos is not None else []) + ids
         if len(ids) > max_tokens:
             raise UserError(

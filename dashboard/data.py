@@ -107,6 +107,7 @@ class Workspace:
         self._runs: dict[str, Path] = {}
         self._scanned = -1e9
         self._stores: dict[str, tuple[float, FeatureStore]] = {}
+        self._token_html: dict[str, tuple[FeatureStore, tuple[list[str], list[str]]]] = {}
         self._probes: dict[str, object] = {}
         self._models: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -200,9 +201,11 @@ class Workspace:
 
         store = self.store(run)
         with self._lock:
-            if getattr(store, "_token_html", None) is None:
-                store._token_html = token_html(store.vocab)
-            return store._token_html
+            cached = self._token_html.get(str(store.path))
+            if cached is None or cached[0] is not store:  # a rebuilt store: escape again
+                cached = store, token_html(store.vocab)
+                self._token_html[str(store.path)] = cached
+            return cached[1]
 
     # -- live text ----------------------------------------------------------------------------
 

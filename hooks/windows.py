@@ -45,7 +45,7 @@ class WindowSpec:
             )
 
 
-def _special_id(tokenizer, which: str) -> int | None:
+def special_id(tokenizer, which: str) -> int | None:
     token_id = getattr(tokenizer, f"{which}_token_id", None)
     if token_id is None and which == "bos":
         token_id = tokenizer.eos_token_id  # GPT-2 style: one special token plays both roles
@@ -58,8 +58,8 @@ def iter_windows(
     spec: WindowSpec = WindowSpec(),
 ) -> Iterator[Window]:
     """Yield every full window of the documents, in order."""
-    bos_id = _special_id(tokenizer, "bos") if spec.bos == "prepend" else None
-    sep_id = _special_id(tokenizer, spec.separator) if spec.separator != "none" else None
+    bos_id = special_id(tokenizer, "bos") if spec.bos == "prepend" else None
+    sep_id = special_id(tokenizer, spec.separator) if spec.separator != "none" else None
     body = spec.context_size - (1 if bos_id is not None else 0)
     tokens: list[int] = []
     docs: list[int] = []

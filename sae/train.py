@@ -494,9 +494,9 @@ class Trainer:
             for p in sae.parameters():
                 self.world.sum(p.grad)
         sae.remove_gradient_parallel_to_decoder_directions()
-        # Clipping scales every gradient by one positive factor, which sign descent ignores: on
-        # CUDA that pass (~3 bytes moved per parameter byte) is skipped for it.
-        if cfg.grad_clip and not (x.is_cuda and is_sign_descent(m.optimizer)):
+        # Clipping scales every gradient by one positive factor, which sign descent ignores: the
+        # pass (~3 bytes moved per parameter byte) is skipped for it.
+        if cfg.grad_clip and not is_sign_descent(m.optimizer):
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         factor = lr_factor(self.step, self.total_steps, self.warmup, self.decay)
         for group in m.optimizer.param_groups:

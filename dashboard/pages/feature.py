@@ -204,7 +204,10 @@ def probe_result(ws: Workspace, run: str, feature: int, text: str) -> html.Div:
         hover.append(
             escape(shown + (f"\ntop features: {listed}" if codes.kept[i] else " (not encoded)"))
         )
-    store_max = ws.store(run).feature(feature)["max_act"] if _has_store(ws, run) else 0.0
+    try:  # shade on the store's scale when there is one, so pages and live text agree
+        store_max = ws.store(run).feature(feature)["max_act"]
+    except NotFound:
+        store_max = 0.0
     scale = max(store_max, max(acts), 1e-9)
     peak = max(range(len(acts)), key=lambda i: acts[i])
     summary = (
@@ -231,14 +234,6 @@ def probe_result(ws: Workspace, run: str, feature: int, text: str) -> html.Div:
             ),
         ]
     )
-
-
-def _has_store(ws: Workspace, run: str) -> bool:
-    try:
-        ws.store(run)
-        return True
-    except NotFound:
-        return False
 
 
 def submit(ws: Workspace, target: dict, text: str | None):
