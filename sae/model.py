@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hooks.errors import UserError
@@ -69,10 +70,12 @@ def variance(x: Tensor, reduce: Reduce | None = None) -> Tensor:
 
     Computed from float64 sums so that ranks can add their parts before subtracting.
     """
+    xd = x.detach().double()
+    flat = xd.reshape(-1)
     stats = torch.cat(
         [
-            x.detach().double().pow(2).sum().view(1),
-            x.detach().double().sum(0),
+            torch.dot(flat, flat).view(1),  # one pass, no (N, d) temporary of squares
+            xd.sum(0),
             # a fill, not new_tensor: copying a host list to the GPU waits for the GPU
             torch.full((1,), x.shape[0], dtype=torch.float64, device=x.device),
         ]
@@ -127,30 +130,32 @@ class TopKSAE(nn.Module):
         k: int | None = None,
         dtype: torch.dtype | None = None,
     ):
-        """(top_acts, top_indices, aux...) for raw x (N, d_in); `dtype` runs the kernels in bf16.
+        """(top_acts, top_indices, aux...) for raw x (N, d_in). `dtype` (bf16) runs the matmul
+        and top-k search in that dtype; the activations come back in the weights' dtype.
 
         A trained BatchTopK SAE encodes at inference like the JumpReLU it exports as: the
         activations above its threshold, at most 4k per token.
         """
         xs = x.to(self.W_enc.dtype) * self.input_scale  # (N, d); the kernel subtracts b_dec
-        W_enc, b_enc, b_dec = self.W_enc, self.b_enc, self.b_dec
-        if dtype is not None and dtype != W_enc.dtype:
-            xs, W_enc, b_enc, b_dec = (t.to(dtype) for t in (xs, W_enc, b_enc, b_dec))
+        return self._encode_scaled(xs, dead_mask, k_aux, k, dtype)
+
+    def _encode_scaled(self, xs, dead_mask=None, k_aux=0, k=None, dtype=None):
         jumprelu = self.cfg.architecture == "batchtopk" and not self.training and k is None
+        params = dict(b_dec=self.b_dec, search_dtype=dtype)
         if jumprelu and float(self.threshold) > 0:
             k_max = min(4 * self.cfg.k, self.cfg.n_latents)
-            enc = topk_encode(xs, W_enc, b_enc, k_max, b_dec=b_dec)
+            enc = topk_encode(xs, self.W_enc, self.b_enc, k_max, **params)
             acts = enc.top_acts * (enc.top_acts > self.threshold)  # (N, 4k), zeros below
             return enc._replace(top_acts=acts)
-        return topk_encode(xs, W_enc, b_enc, k or self.cfg.k, dead_mask, k_aux, b_dec=b_dec)
+        k = k or self.cfg.k
+        return topk_encode(xs, self.W_enc, self.b_enc, k, dead_mask, k_aux, **params)
 
-    def decode(self, top_acts: Tensor, top_idx: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    def decode(self, top_acts: Tensor, top_idx: Tensor) -> Tensor:
         """Reconstruction in the input's units, (N, d_in)."""
-        return (self._decode_scaled(top_acts, top_idx, dtype) + self.b_dec) / self.input_scale
+        return (self._decode_scaled(top_acts, top_idx) + self.b_dec) / self.input_scale
 
-    def _decode_scaled(self, top_acts, top_idx, dtype=None) -> Tensor:
-        W_dec = self.W_dec if dtype is None else self.W_dec.to(dtype)
-        return sparse_decode(top_acts.to(W_dec.dtype), top_idx, W_dec).to(self.W_dec.dtype)
+    def _decode_scaled(self, top_acts: Tensor, top_idx: Tensor) -> Tensor:
+        return sparse_decode(top_acts.to(self.W_dec.dtype), top_idx, self.W_dec)
 
     def forward(
         self,
@@ -162,6 +167,8 @@ class TopKSAE(nn.Module):
     ) -> ForwardOutput:
         """Reconstruction and losses for raw x (N, d_in).
 
+        `dtype` (bf16) runs the encoder's matmul and top-k search in that dtype, as autocast
+        would; the decoder, the losses and every gradient stay in the weights' precision.
         `reduce` sums statistics over data-parallel ranks, so that every rank divides by the
         variance of the global batch and the ranks' summed gradients equal one process's.
         `n_dead`, when the caller already knows it, is dead_mask.sum(): reading it here would
@@ -183,28 +190,28 @@ class TopKSAE(nn.Module):
         # over the dead columns beat sparse bookkeeping of k_aux entries per token.
         sparse_aux = use_aux and n_dead > cfg.k_aux
         aux = (dead_mask, cfg.k_aux) if sparse_aux else (None, 0)
-        enc = self.encode(x, *aux, k=k_cand, dtype=dtype)
+        enc = self._encode_scaled(xs, *aux, k=k_cand, dtype=dtype)
         acts, idx = enc.top_acts, enc.top_idx  # (N, k_cand)
         multi_fvu = xs.new_zeros(())
         if cfg.multi_topk and self.training:
             # FVU of the top 4k too (Gao et al.), so that latents beyond the top k also learn.
-            multi = self._decode_scaled(acts, idx, dtype) + self.b_dec
+            multi = self._decode_scaled(acts, idx) + self.b_dec
             multi_fvu = (xs - multi).pow(2).sum() / total_variance
         if batch_topk:
             acts = self._batch_topk(acts)  # k * N over the whole batch, zeros elsewhere
         elif k_cand is not None and k_cand > cfg.k:
             order = acts.topk(cfg.k, dim=1).indices
             acts, idx = acts.gather(1, order), idx.gather(1, order)  # (N, k)
-        recon_s = self._decode_scaled(acts, idx, dtype) + self.b_dec  # (N, d), scaled units
-        error = xs - recon_s
-        fvu = error.pow(2).sum() / total_variance
+        recon_s = self._decode_scaled(acts, idx) + self.b_dec  # (N, d), scaled units
+        # one fused pass each way, no (N, d) error and square temporaries
+        fvu = F.mse_loss(recon_s, xs, reduction="sum") / total_variance
         aux_loss = xs.new_zeros(())
         if use_aux:
             # AuxK: the dead latents model the residual. b_dec is deliberately not added (it is
             # already in recon_s; sparsify issue 132 counted it twice).
-            residual = error.detach()
+            residual = xs - recon_s.detach()
             if sparse_aux:
-                aux_recon = self._decode_scaled(enc.aux_acts, enc.aux_idx, dtype)
+                aux_recon = self._decode_scaled(enc.aux_acts, enc.aux_idx)
             else:
                 if dead_mask.is_cuda:  # the count is known: no wait for the GPU
                     dead = torch.nonzero_static(dead_mask, size=n_dead).squeeze(1)

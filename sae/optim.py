@@ -54,8 +54,9 @@ class ScheduleFreeSign(ScheduleFreeWrapper):
     """ScheduleFreeWrapper(Signum(momentum=0)) with the same arithmetic and the same state ('z'
     per parameter; k, lr_max and weight_sum per group), stepped per parameter without the
     wrapper's XOR swaps: one Triton pass for CUDA fp32 parameters (reads y, z and the gradient
-    once, writes y and z once), four in-place torch ops elsewhere, against the wrapper's ~8
-    passes and 6 byte-wise XORs. Weight decay at y, or another base optimiser, takes the
+    once, writes y and z once), four in-place torch ops elsewhere (the composed update below),
+    against the wrapper's ~8 passes and 6 byte-wise XORs. The step overwrites each gradient
+    with its sign. Weight decay at y, or another base optimiser, takes the
     wrapper's own step."""
 
     def _simple(self) -> bool:
@@ -100,10 +101,13 @@ class ScheduleFreeSign(ScheduleFreeWrapper):
                 if self._triton_ok([p, p.grad, z]):
                     sf_sign_step_(p, z, p.grad, group["lr"], beta, ckp1)
                     continue
-                p.lerp_(z, 1 - 1 / beta)  # y -> x
-                z.add_(p.grad.sign(), alpha=-group["lr"])  # the sign step on z
-                p.lerp_(z, ckp1)  # x moves towards z
-                p.lerp_(z, 1 - beta)  # x -> y
+                # The wrapper's four moves (y -> x, z -= lr sign(g), x towards z, x -> y) are
+                # linear, and compose to y' = lerp(y, z, ckp1) - lr (1 - beta (1 - ckp1)) sign(g)
+                # on the old z: three passes, and the gradient is consumed as its own sign.
+                sign = p.grad.sign_()
+                p.lerp_(z, ckp1)
+                p.add_(sign, alpha=-group["lr"] * (1 - beta * (1 - ckp1)))
+                z.add_(sign, alpha=-group["lr"])
             group["k"] = k + 1
         return loss
 
