@@ -119,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     train.add_argument("--batch", type=int, default=4096, help="tokens per step")
-    train.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="SAE kernel dtype")
+    train.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16 runs the encoder's matmul and top-k in bf16, as autocast would; the decoder, "
+        "losses, gradients and weights stay fp32",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--optimizer",

@@ -59,7 +59,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: 5% of the steps, at most 1000
     decay_frac: float = 0.2  # linear decay to zero over the last 20% of steps
     grad_clip: float = 1.0
-    dtype: str = "fp32"  # the SAE kernels' dtype: fp32 or bf16 (weights stay fp32)
+    dtype: str = "fp32"  # bf16: the encoder's matmul and top-k in bf16 (all else stays fp32)
     seed: int = 0
     auxk: bool = True
     aux_alpha: float = 1 / 32
