@@ -932,20 +932,23 @@ def main() -> None:
 def live(args) -> dict:
     _, held_out = smollm2_data(max(args.smollm2_tokens, 16384), LIVE["site"])
     spec = dict(LIVE, eval=str(held_out), optimizer="sf-signsgd")
-    results = {}
-    print("\n[live]")
-    results["forward bound (layers 0-3)"] = run_child(
-        dict(LIVE, trainer="forward_bound", label="forward bound", bound_tokens=16_000),
-        args.max_wait,
-    )
+    children = {
+        "forward bound (layers 0-3)": dict(
+            LIVE, trainer="forward_bound", label="forward bound", bound_tokens=30_000
+        )
+    }
     for opt in ("sf-signsgd", "adam"):
-        results[f"ours {opt}"] = run_child(
-            dict(spec, trainer="ours_live", optimizer=opt, label=f"ours live {opt}"), args.max_wait
+        children[f"ours {opt}"] = dict(
+            spec, trainer="ours_live", optimizer=opt, label=f"ours live {opt}"
         )
     if not args.no_saelens:
-        results["SAELens runner"] = run_child(
-            dict(spec, trainer="saelens_live", label="SAELens live runner"), args.max_wait
-        )
+        children["SAELens runner"] = dict(spec, trainer="saelens_live", label="SAELens live runner")
+    runs = {name: [] for name in children}
+    for rep in range(args.repeats):  # interleaved rounds: the machine's speed drifts between them
+        print(f"\n[live] round {rep + 1}/{args.repeats}")
+        for name, child in children.items():
+            runs[name].append(run_child(child, args.max_wait))
+    results = {name: median_runs(r) for name, r in runs.items()}
     bound = results["forward bound (layers 0-3)"].get("tokens_per_s", float("nan"))
     print(
         f"\nLive SmolLM2 {LIVE['site']}, n={LIVE['n']} k={LIVE['k']}, context {LIVE['context']}, "
@@ -973,7 +976,24 @@ def live(args) -> dict:
                 f"model forwards + buffer {r['data_s']:.1f} s for {r['model_tokens']:,} model tokens, "
                 f"SAE steps {r['step_s']:.1f} s"
             )
-    return {"trainers": results, "forward_bound_tokens_per_s": bound}
+    ratios = {}
+    for other, target in (("forward bound (layers 0-3)", 0.9), ("SAELens runner", 1.3)):
+        if other not in runs:
+            continue
+        per_round = [
+            a["tokens_per_s"] / b["tokens_per_s"]
+            for a, b in zip(runs["ours sf-signsgd"], runs[other], strict=True)
+            if "error" not in a and "error" not in b
+        ]
+        if per_round:
+            ratios[other] = median = statistics.median(per_round)
+            rounds = ", ".join(f"{r:.2f}" for r in per_round)
+            verdict = "MET" if median >= target else "MISSED"
+            print(
+                f"  ours sf-signsgd / {other}, per round: {rounds}; median {median:.2f} "
+                f"(target >= {target}) {verdict}"
+            )
+    return {"trainers": results, "forward_bound_tokens_per_s": bound, "ratios": ratios}
 
 
 if __name__ == "__main__":
