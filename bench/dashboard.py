@@ -96,7 +96,9 @@ def main() -> None:
         if not manifest.exists() or json.loads(manifest.read_text())["n_latents"] != args.latents:
             start = time.perf_counter()
             synthetic_store(run / "features", args.latents, 20, intervals=True)
-            print(f"store of {args.latents:,} latents written in {time.perf_counter() - start:.0f} s")
+            print(
+                f"store of {args.latents:,} latents written in {time.perf_counter() - start:.0f} s"
+            )
         client = create_app(Path(tmp)).server.test_client()
         rng = np.random.default_rng(0)
         ids = rng.integers(0, args.latents, args.requests)

@@ -139,7 +139,9 @@ def main() -> None:
         read = json.loads(child.stdout.strip().splitlines()[-1])
     read_rate = read["rows"] / read["seconds"]
 
-    print(f"\nSmolLM2-135M fp32, {args.threads} threads, {args.batches} batches of 8 x 128 tokens, 2 repeats\n")
+    print(
+        f"\nSmolLM2-135M fp32, {args.threads} threads, {args.batches} batches of 8 x 128 tokens, 2 repeats\n"
+    )
     print(f"{'variant':42s} {'tokens/s':>10s} {'vs full':>8s}")
     for name, rate in rates.items():
         print(f"{name:42s} {rate:10,.0f} {rate / full:7.2f}x")
