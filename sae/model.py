@@ -217,11 +217,14 @@ class TopKSAE(nn.Module):
                     dead = torch.nonzero_static(dead_mask, size=n_dead).squeeze(1)
                 else:
                     dead = dead_mask.nonzero().squeeze(1)  # (n_dead,)
-                pre = (xs - self.b_dec) @ self.W_enc[:, dead] + self.b_enc[dead]  # (N, n_dead)
+                W_dead = self.W_enc[:, dead]  # (d, n_dead)
+                # (xs - b_dec) @ W with b_dec folded into the bias: no (N, d) pass either way
+                bias = self.b_enc[dead] - self.b_dec @ W_dead  # (n_dead,)
+                pre = torch.addmm(bias, xs, W_dead)  # (N, n_dead)
                 aux_recon = pre.relu() @ self.W_dec[dead]  # (N, d)
             scale = min(n_dead / cfg.k_aux, 1.0)
             aux_var = variance(residual, reduce).clamp_min(1e-12)
-            aux_loss = scale * (residual - aux_recon).pow(2).sum() / aux_var
+            aux_loss = scale * F.mse_loss(aux_recon, residual, reduction="sum") / aux_var
         return ForwardOutput(recon_s / self.input_scale, fvu, aux_loss, multi_fvu, acts, idx)
 
     def _batch_topk(self, acts: Tensor) -> Tensor:
