@@ -55,9 +55,8 @@ class ScheduleFreeSign(ScheduleFreeWrapper):
     per parameter; k, lr_max and weight_sum per group), stepped per parameter without the
     wrapper's XOR swaps: one Triton pass for CUDA fp32 parameters (reads y, z and the gradient
     once, writes y and z once), four in-place torch ops elsewhere (the composed update below),
-    against the wrapper's ~8 passes and 6 byte-wise XORs. The step overwrites each gradient
-    with its sign. Weight decay at y, or another base optimiser, takes the
-    wrapper's own step."""
+    against the wrapper's ~8 passes and 6 byte-wise XORs. The torch path overwrites each gradient
+    with its sign. Weight decay at y, or another base optimiser, takes the wrapper's own step."""
 
     def _simple(self) -> bool:
         if self.weight_decay_at_y != 0.0 or not isinstance(self.base, Signum):
