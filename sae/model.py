@@ -196,7 +196,7 @@ class TopKSAE(nn.Module):
         if cfg.multi_topk and self.training:
             # FVU of the top 4k too (Gao et al.), so that latents beyond the top k also learn.
             multi = self._decode_scaled(acts, idx) + self.b_dec
-            multi_fvu = (xs - multi).pow(2).sum() / total_variance
+            multi_fvu = F.mse_loss(multi, xs, reduction="sum") / total_variance
         if batch_topk:
             acts = self._batch_topk(acts)  # k * N over the whole batch, zeros elsewhere
         elif k_cand is not None and k_cand > cfg.k:
