@@ -27,14 +27,12 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from analysis.run import Run, open_run
-from hooks.activations import CaptureOptions
 from hooks.errors import UserError
 from hooks.paths import atomic_write_json
 from hooks.sites import Capture, Splice, outlier_mask, special_token_ids, token_mask
@@ -226,21 +224,6 @@ def zero_splice(keep: Tensor) -> Callable[[Tensor], Tensor]:
     return fn
 
 
-def _selection(run: Run) -> CaptureOptions:
-    """The token selection the SAE was trained with: a cache records its own, live runs use the
-    defaults (the trainer captures with CaptureOptions())."""
-    cache = run.info.get("data", {}).get("cache")
-    if cache:
-        from hooks.cache import read_manifest
-
-        try:
-            saved = read_manifest(cache).get("capture", {})
-        except UserError:  # the cache was deleted: the harvest defaults are the best guess
-            saved = {}
-        return CaptureOptions(**{k: v for k, v in saved.items() if k != "extra_drop_ids"})
-    return CaptureOptions()
-
-
 # -----------------------------------------------------------------------------
 # the evaluation
 
@@ -273,7 +256,7 @@ def evaluate(
     if model_device != device:
         raise UserError(f"The model is on {model_device} but the SAE on {device}; use one device.")
 
-    options = _selection(run)
+    options = run.selection.capture
     special = special_token_ids(tokenizer) if options.drop_special else frozenset()
     special = special | options.extra_drop_ids
     recon = ReconstructionStats(sae.cfg.d_in, sae.cfg.n_latents, device)
@@ -330,8 +313,8 @@ def evaluate(
                 break
     if recon.n == 0:
         raise UserError(
-            f"The held-out split of '{run.dataset}' (every 20th document) gave no full window "
-            f"of {run.context} tokens; evaluate on more text."
+            f"The held-out split of '{run.selection.dataset}' (every 20th document) gave no "
+            f"full window of {run.selection.context_size} tokens; evaluate on more text."
         )
     if recon.n < n_tokens:
         print(
@@ -342,15 +325,13 @@ def evaluate(
         "run": str(run.path),
         "model": run.model,
         "site": run.site,
-        "dataset": run.dataset,
+        "selection": run.selection.to_dict(),
         "split": "eval (every 20th document, never trained on)",
-        "context_size": run.context,
         "n_tokens": recon.n,
         "n_tokens_requested": n_tokens,
         "n_scored_tokens": losses.n,
         "n_windows": n_windows,
         "scored_positions": SCORED,
-        "selection": {k: v for k, v in asdict(options).items() if k != "extra_drop_ids"},
         "use_error_term": use_error_term,
         "metrics": {**recon.metrics(), **losses.metrics()},
         "sae": sae.cfg.to_dict(),
@@ -383,7 +364,7 @@ def format_table(record: dict) -> str:
     m = record["metrics"]
     lines = [
         f"{record['run']}: {record['model']} at {record['site']}, "
-        f"{record['n_tokens']:,} held-out tokens of '{record['dataset']}' "
+        f"{record['n_tokens']:,} held-out tokens of '{record['selection']['dataset']}' "
         f"({record['n_scored_tokens']:,} scored) in {record['seconds']:.1f} s"
     ]
     for section, keys in _TABLE:

@@ -668,7 +668,7 @@ def analyze(
     (benchmarks); a killed pass continues with resume=True and gives the same store.
     encode_dtype=torch.bfloat16 searches the top-k in bf16 (see encode_codes)."""
     from analysis.store import write_store
-    from hooks.sites import Capture, resolve_site, special_token_ids, token_mask
+    from hooks.sites import Capture, resolve_site, special_token_ids
     from hooks.windows import batched, stack
 
     if n_tokens <= 0:
@@ -721,7 +721,7 @@ def analyze(
         )
     special = special_token_ids(loaded.tokenizer)
     W_T = sae.W_enc.detach().T.contiguous() if encode_dtype not in (None, torch.float32) else None
-    T = run.context
+    T = run.selection.context_size
     acc = FeatureAccumulator(sae.cfg.n_latents, T, cfg, device)
     log = WindowLog(partial / WINDOWS_FILE, T)
     if saved is not None:
@@ -751,7 +751,7 @@ def analyze(
                     raise UserError(f"Windows of {tokens.shape[1]} tokens, but the run uses {T}.")
                 x = capture(tokens.to(device))[site]  # (B, T, d)
                 B = x.shape[0]
-                keep = token_mask(tokens, special_ids=special, drop_first=True)
+                keep = run.selection.capture.keep(tokens, special, [x]).to(device)  # (B, T)
                 acts, idx = encode_codes(sae, x.reshape(B * T, -1).float(), encode_dtype, W_T)
                 ids = torch.arange(acc.n_windows, acc.n_windows + B)
                 before = acc.n_tokens
@@ -765,7 +765,7 @@ def analyze(
                     next_checkpoint += checkpoint_tokens
         if acc.n_tokens == 0:
             raise UserError(
-                f"The held-out text of {run.path} ({run.dataset}) gave no windows of {T} tokens; "
+                f"The held-out text of {run.path} ({run.selection.dataset}) gave no windows of {T} tokens; "
                 "use a run trained on more text."
             )
         seconds = time.perf_counter() - started
@@ -780,7 +780,7 @@ def analyze(
         manifest = dict(
             extra,
             sae_file=weights_file(run.path).name,
-            dataset=run.dataset,
+            selection=run.selection.to_dict(),
             stream_seconds=seconds,
             stream_tokens_per_s=(acc.n_tokens - tokens_at_start) / max(seconds, 1e-9),
         )

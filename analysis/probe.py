@@ -56,14 +56,14 @@ class TextProbe:
         self._lock = threading.Lock()  # one forward at a time through the shared hooks
 
     def encode(self, text: str, max_tokens: int = MAX_TEXT_TOKENS) -> TextCodes:
-        """Tokenise as the training windows do (BOS first) and encode every token."""
-        from hooks.sites import token_mask
-
+        """Tokenise as the training windows do (BOS first, if they had it) and encode every
+        token; the run's selection says which tokens the SAE was trained on."""
         if not isinstance(text, str) or not text.strip():
             raise UserError("The text is empty; type a sentence to run through the model.")
         tokenizer = self.loaded.tokenizer
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = special_id(tokenizer, "bos")
+        selection = self.run.selection
+        bos = special_id(tokenizer, "bos") if selection.bos == "prepend" else None
         ids = ([bos] if bos is not None else []) + ids
         if len(ids) > max_tokens:
             raise UserError(
@@ -73,6 +73,6 @@ class TextProbe:
         with self._lock, torch.no_grad(), self._capture as capture:
             x = capture(tokens)[self.site][0].float()  # (T, d)
         acts, idx = encode_codes(self.sae, x)  # (T, k) each
-        keep = token_mask(tokens, special_ids=self.special, drop_first=True)[0]
+        keep = selection.capture.keep(tokens.cpu(), self.special, [x[None].cpu()])[0]  # (T,)
         display = tokenizer.batch_decode([[i] for i in ids])
         return TextCodes(display, ids, acts.cpu(), idx.cpu(), keep.cpu().tolist())

@@ -1,16 +1,18 @@
-"""Opening a run directory for analysis: its SAE, where its activations came from, and held-out
-text from the same source (every 20th document, never seen in training)."""
+"""Opening a run directory for analysis: its SAE, the token selection its data was made with,
+and held-out text from the same source (every 20th document, never seen in training)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from hooks.errors import UserError
-from hooks.windows import Window, WindowSpec, holdout_split, iter_windows
-from sae.formats import load_sae
+from hooks.selection import Selection
+from hooks.windows import Window
+from sae.formats import load_sae, weights_file
 from sae.model import TopKSAE
 
 
@@ -20,51 +22,56 @@ class Run:
     sae: TopKSAE
     model: str  # model name as given to load_model
     site: str
-    dataset: str
-    text_column: str
-    context: int
+    selection: Selection  # which tokens the SAE was trained on, read back from the run
     info: dict  # run.json
 
     def load_model(self, device: str = "cpu", progress: bool = True):
+        """The run's model, in the dtype its training data was captured in."""
         from hooks.models import load_model
 
-        return load_model(self.model, device, progress=progress)
+        return load_model(self.model, device, self.selection.model_dtype, progress=progress)
 
     def heldout_windows(self, tokenizer) -> Iterator[Window]:
-        from hooks.text import iter_documents
+        return self.selection.windows(tokenizer, "eval")
 
-        docs = holdout_split(iter_documents(self.dataset, text_column=self.text_column), "eval")
-        return iter_windows(docs, tokenizer, WindowSpec(context_size=self.context))
+
+def run_selection(path: Path, info: dict) -> Selection:
+    """The selection recorded in run.json (a run trained from a cache records the cache's). A
+    folder from another tool, with no run.json, gets the defaults, and a warning says so."""
+    if "selection" in info and info["selection"] is None:
+        raise UserError(
+            f"{path} was trained on planted synthetic activations, not on text, so there is no "
+            "text to evaluate or analyze it on."
+        )
+    if "selection" in info:
+        return Selection.from_dict(info["selection"], where=f"{path / 'run.json'}")
+    if info:
+        raise UserError(
+            f"{path / 'run.json'} records no token selection; it was written by an older "
+            "sae-workbench. Train the run again with this version."
+        )
+    print(
+        f"[saewb] warning: {path} has no run.json, so the default token selection is assumed "
+        "(built-in corpus, 128-token windows, position 0 and special tokens dropped).",
+        file=sys.stderr,
+    )
+    return Selection()
 
 
 def open_run(path: Path | str, device: str = "cpu") -> Run:
-    """A run directory written by `saewb train` (or any folder with an SAE and a run.json)."""
+    """A run directory written by `saewb train` (or any folder with an SAE, run.json optional)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"Run directory {path} does not exist.")
-    if not (path / "sae.safetensors").exists() and not (path / "sae_weights.safetensors").exists():
+    if weights_file(path) is None:
         raise UserError(f"{path} holds no SAE yet (no sae.safetensors); run `saewb train` first.")
     sae = load_sae(path, device=device)
     info = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
-    data = info.get("data", {})
-    dataset, text_column, context = data.get("dataset"), "text", data.get("context_size")
-    if "cache" in data:  # trained from a cache: take the text source the cache was made from
-        from hooks.cache import read_manifest
-
-        try:
-            manifest = read_manifest(Path(data["cache"]))
-            dataset, context = manifest.get("dataset"), manifest.get("context_size")
-            text_column = manifest.get("text_column", "text")
-        except UserError:
-            pass
-    config = info.get("config", {})
     return Run(
         path=path,
         sae=sae,
         model=info.get("model") or sae.cfg.model or "smollm2-135m",
         site=info.get("site") or sae.cfg.site,
-        dataset=dataset or config.get("dataset") or "builtin",
-        text_column=config.get("text_column", text_column),
-        context=int(context or config.get("context") or 128),
+        selection=run_selection(path, info),
         info=info,
     )

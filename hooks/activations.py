@@ -61,6 +61,26 @@ class CaptureOptions:
     outlier_factor: float | None = None  # drop tokens with norm > factor x median norm
     extra_drop_ids: frozenset[int] = field(default_factory=frozenset)
 
+    def keep(
+        self,
+        tokens: torch.Tensor,
+        special_ids: frozenset[int],
+        acts: Iterable[torch.Tensor] = (),
+    ) -> torch.Tensor:
+        """Which (B, T) positions become data. `acts` are the (B, T, d) activations the outlier
+        rule looks at (each site's own median); without them only the token rules apply."""
+        keep = token_mask(
+            tokens,
+            special_ids=(special_ids if self.drop_special else frozenset()) | self.extra_drop_ids,
+            drop_first=self.drop_first,
+        )
+        if self.outlier_factor:
+            for site_acts in acts:
+                keep &= outlier_mask(site_acts.cpu(), keep.cpu(), self.outlier_factor).to(
+                    keep.device
+                )
+        return keep
+
 
 def window_rows(
     capture: Capture,
@@ -73,14 +93,7 @@ def window_rows(
     tokens, doc, pos = stack(batch)  # (B, T) each
     device = next(capture.model.parameters()).device
     acts = capture(tokens.to(device))  # {site: (B, T, d)}
-    keep = token_mask(
-        tokens,
-        special_ids=(special_ids if options.drop_special else frozenset()) | options.extra_drop_ids,
-        drop_first=options.drop_first,
-    )
-    if options.outlier_factor:
-        for site_acts in acts.values():
-            keep &= outlier_mask(site_acts.cpu(), keep, options.outlier_factor)
+    keep = options.keep(tokens, special_ids, acts.values())  # (B, T) on the CPU
     windows = torch.tensor([w.index for w in batch], dtype=torch.int64)[:, None].expand_as(tokens)
     keep_dev = keep.to(device)
     return Rows(

@@ -1,8 +1,9 @@
 """The on-disk activation cache: harvest once, train many SAEs from it.
 
 Layout of a cache directory:
-  manifest.json              model, sites, d_model, dtype, tokenizer, context size, token count,
-                             the rows and window cursor of every finished shard, package version
+  manifest.json              model, sites, d_model, dtype, tokenizer, the token selection (text
+                             source, windows, kept tokens, model dtype), token count, the rows and
+                             window cursor of every finished shard, package version
   shard_00000.safetensors    one tensor per site (rows, d_model), plus token, doc, pos, window (rows,)
 
 Shards are written to a temp file and renamed, and the manifest is rewritten (atomically) only after
@@ -17,7 +18,6 @@ import itertools
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -26,18 +26,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from hooks.activations import META, CaptureOptions, Rows, live_rows
+from hooks.activations import META, Rows, live_rows
 from hooks.buffer import MixingBuffer
 from hooks.errors import UserError
-from hooks.models import LoadedModel
+from hooks.models import LoadedModel, parse_dtype
 from hooks.paths import atomic_write_json
+from hooks.selection import Selection
 from hooks.windows import Window
 
 FORMAT = "saewb-activation-cache"
 MANIFEST = "manifest.json"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Settings that must match for a resumed harvest to continue the same stream.
-_RESUME_KEYS = ("model", "sites", "d_model", "dtype", "context_size", "dataset", "capture")
+_RESUME_KEYS = ("model", "sites", "d_model", "dtype", "selection")
 
 
 def _package_version() -> str:
@@ -57,21 +58,26 @@ def harvest(
     windows: Iterator[Window],
     n_tokens: int,
     out: Path,
-    describe: dict,
+    selection: Selection,
     batch_windows: int = 8,
     dtype: torch.dtype = torch.float32,
     shard_tokens: int = 16384,
-    options: CaptureOptions | None = None,
     progress: bool = True,
 ) -> dict:
     """Capture `n_tokens` rows at `sites` into `out`, resuming a partial cache there.
 
-    `windows` must be the same deterministic stream on every call; `describe` says where it came
-    from (dataset, context_size, ...) and is stored in, and checked against, the manifest.
+    `windows` must be the same deterministic stream on every call, made by `selection` (usually
+    `selection.windows(tokenizer)`); the selection is stored in, and checked against, the
+    manifest, so a resume with other settings is refused.
     """
     if n_tokens <= 0:
         raise UserError(f"--tokens must be a positive number of tokens, got {n_tokens}.")
-    options = options or CaptureOptions()
+    model_dtype = next(loaded.model.parameters()).dtype
+    if model_dtype != parse_dtype(selection.model_dtype):
+        raise UserError(
+            f"The model runs in {model_dtype}, but the selection says model_dtype="
+            f"{selection.model_dtype!r}; load the model with that dtype."
+        )
     out = Path(out)
     wanted = {
         "format": FORMAT,
@@ -81,8 +87,7 @@ def harvest(
         "dtype": DTYPE_NAMES[dtype],
         "tokenizer": getattr(loaded.tokenizer, "name_or_path", type(loaded.tokenizer).__name__),
         "vocab_size": len(loaded.tokenizer),
-        **describe,
-        "capture": {k: v for k, v in asdict(options).items() if k != "extra_drop_ids"},
+        "selection": selection.to_dict(),
         "package_version": _package_version(),
     }
     # Look at the first window before creating anything, so an empty source leaves no folder.
@@ -90,10 +95,11 @@ def harvest(
     first = next(windows, None)
     if first is None:
         raise UserError(
-            f"The text source '{describe.get('dataset')}' gave no full window of "
-            f"{describe.get('context_size')} tokens; use more text or a smaller --context."
+            f"The text source '{selection.dataset}' gave no full window of "
+            f"{selection.context_size} tokens; use more text or a smaller --context."
         )
     stream = itertools.chain([first], windows)
+    options = selection.capture
 
     def rows_after(skip: int) -> Iterator[tuple[int, Rows]]:
         source = live_rows(
@@ -222,6 +228,13 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def read_selection(path: Path, manifest: dict) -> Selection | None:
+    """A manifest's recorded token selection; None where the rows came from no text."""
+    if "planted" in manifest:
+        return None
+    return Selection.from_dict(manifest.get("selection"), where=f"The cache {path}")
+
+
 class ActivationCache:
     """Read side of a cache: shards stream in a seeded order; the whole cache is never loaded."""
 
@@ -238,6 +251,11 @@ class ActivationCache:
     @property
     def tokens(self) -> int:
         return int(self.manifest["tokens"])
+
+    @property
+    def selection(self) -> Selection | None:
+        """The token selection the cache was harvested with (None for planted, synthetic data)."""
+        return read_selection(self.path, self.manifest)
 
     def check(
         self, model: str | None = None, site: str | None = None, d_model: int | None = None
@@ -299,8 +317,7 @@ class ActivationCache:
             f"dtype       {m['dtype']}",
             f"tokens      {m['tokens']:,} of {m['tokens_target']:,} asked for, {state}",
             f"shards      {len(sizes)} (rows {min(sizes):,}..{max(sizes):,}), {disk / 2**20:.1f} MiB",
-            f"text        {m.get('dataset')}, context {m.get('context_size')}",
-            f"capture     {m.get('capture')}",
+            f"selection   {m.get('selection')}",
             f"written by  sae-workbench {m.get('package_version')}",
         ]
         return "\n".join(lines)

@@ -193,31 +193,19 @@ def cmd_sites(args: argparse.Namespace) -> None:
         print(f"  {name:16s} (batch, seq, {acts[name].shape[-1]})")
 
 
-def text_windows(args: argparse.Namespace, tokenizer, part: str = "train"):
-    """The deterministic window stream of a text source, and a description for manifests."""
-    from hooks.text import iter_documents
-    from hooks.windows import WindowSpec, holdout_split, iter_windows
+def selection_from_args(args: argparse.Namespace):
+    """The token selection the text and model flags ask for."""
+    from hooks.selection import Selection
 
-    spec = WindowSpec(context_size=args.context, bos=args.bos)
-    docs = holdout_split(iter_documents(args.dataset, text_column=args.text_column), part)
-    describe = {
-        "dataset": str(args.dataset),
-        "text_column": args.text_column,
-        "split": part,
-        "context_size": spec.context_size,
-        "bos": spec.bos,
-        "separator": spec.separator,
-    }
-    return iter_windows(docs, tokenizer, spec), describe
-
-
-def capture_options(args: argparse.Namespace):
-    from hooks.activations import CaptureOptions
-
-    return CaptureOptions(
+    return Selection(
+        dataset=str(args.dataset),
+        text_column=args.text_column,
+        context_size=args.context,
+        bos=args.bos,
         drop_special=not args.keep_special,
         drop_first=not args.keep_first,
         outlier_factor=args.drop_outliers,
+        model_dtype=args.model_dtype,
     )
 
 
@@ -228,22 +216,21 @@ def cmd_harvest(args: argparse.Namespace) -> None:
 
     n_tokens = parse_count(args.tokens)
     shard_tokens = parse_count(args.shard_tokens, "--shard-tokens")
-    loaded = load_model(args.model, args.device, args.model_dtype)
+    selection = selection_from_args(args)
+    loaded = load_model(args.model, args.device, selection.model_dtype)
     for site in args.site:
         resolve_site(loaded.model, site)
-    windows, describe = text_windows(args, loaded.tokenizer)
     start = time.perf_counter()
     manifest = harvest(
         loaded,
         args.site,
-        windows,
+        selection.windows(loaded.tokenizer),
         n_tokens,
         Path(args.cache),
-        describe,
+        selection,
         batch_windows=args.batch,
         dtype=parse_dtype(args.dtype),
         shard_tokens=shard_tokens,
-        options=capture_options(args),
     )
     seconds = time.perf_counter() - start
     print(ActivationCache(Path(args.cache)).describe())
@@ -274,20 +261,26 @@ def train_config(args: argparse.Namespace):
         log_every=args.log_every,
         checkpoint_every=parse_count(args.checkpoint_every, "--checkpoint-every"),
         cache=args.cache,
-        dataset=args.dataset,
-        text_column=args.text_column,
-        context=args.context,
+        selection=selection_from_args(args),
         model_batch=args.model_batch,
         buffer_tokens=parse_count(args.buffer_tokens, "--buffer-tokens")
         if args.buffer_tokens
         else None,
         device=args.device,
-        model_dtype=args.model_dtype,
     )
     if args.cache:
         from hooks.cache import ActivationCache
 
-        manifest = ActivationCache(Path(args.cache)).manifest
+        cache = ActivationCache(Path(args.cache))
+        manifest = cache.manifest
+        asked = [a for a in _SELECTION_FLAGS if getattr(args, a) != build_parser_defaults()[a]]
+        if asked and cache.selection is not None:
+            flag = asked[0]
+            raise UserError(
+                f"--{flag.replace('_', '-')} selects tokens when data is made, but --cache "
+                f"{args.cache} was harvested already with {cache.selection.to_dict()}; "
+                "harvest a new cache with it, or drop the flag."
+            )
         cfg.sites = args.site or manifest["sites"][:1]
         if args.model != "smollm2-135m" and args.model != manifest["model"]:
             raise UserError(
@@ -295,6 +288,24 @@ def train_config(args: argparse.Namespace):
                 f"not '{args.model}'."
             )
     return cfg
+
+
+# Flags that choose which tokens become data: a cache has chosen already.
+_SELECTION_FLAGS = (
+    "dataset",
+    "text_column",
+    "context",
+    "bos",
+    "keep_first",
+    "keep_special",
+    "drop_outliers",
+    "model_dtype",
+)
+
+
+def build_parser_defaults() -> dict:
+    train = build_parser().parse_args(["train"])
+    return vars(train)
 
 
 def cmd_train(args: argparse.Namespace) -> list[Path]:

@@ -31,6 +31,19 @@ SAELENS_VERSION = "6.54.12"  # the version we verified against; >= 6 skips its l
 SPARSIFY_NAMES = dict(W_enc="encoder.weight", b_enc="encoder.bias", W_dec="W_dec", b_dec="b_dec")
 
 
+def weights_file(run_dir: Path) -> Path | None:
+    """The SAE weights file of a run folder (ours, sparsify's or SAELens's), or None."""
+    for name in (WEIGHTS, SAELENS_WEIGHTS):
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
+
+
+def log10_density(density: Tensor) -> Tensor:
+    """SAELens's sparsity convention: log10 of the firing fraction, 1e-10 keeping dead ones finite."""
+    return torch.log10(density + 1e-10)
+
+
 def _shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     """Our folded tensors and their shapes (BatchTopK adds its threshold, one per latent)."""
     d, n = cfg.d_in, cfg.n_latents
@@ -83,7 +96,7 @@ def export_saelens(
         out |= dict(rescale_acts_by_decoder_norm=False, architecture="topk")
     _write_tensors(out_dir / SAELENS_WEIGHTS, state)
     if sparsity is not None:
-        _write_tensors(out_dir / SAELENS_SPARSITY, {"sparsity": torch.log10(sparsity + 1e-10)})
+        _write_tensors(out_dir / SAELENS_SPARSITY, {"sparsity": log10_density(sparsity)})
     atomic_write_json(out_dir / CFG, {**out, "metadata": meta})
 
 

@@ -101,9 +101,7 @@ def write_synthetic_cache(
         "d_model": d,
         "dtype": "float32",
         "tokenizer": None,
-        "dataset": f"planted features F={n_features} seed={seed}",
-        "context_size": None,
-        "capture": None,
+        "selection": None,  # no text: the rows are planted features
         "planted": {
             "n_features": n_features,
             "mean_active": mean_active,

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from hooks.errors import UserError
 from hooks.paths import atomic_write_json
+from hooks.selection import Selection
 from sae.model import SAEConfig, TopKSAE
 from sae.optim import (
     default_lr,
@@ -68,13 +69,11 @@ class TrainConfig:
     log_every: int = 10  # steps
     checkpoint_every: int = 500_000  # tokens
     cache: str | None = None
-    dataset: str = "builtin"
-    text_column: str = "text"
-    context: int = 128
+    # Which tokens a live run trains on; a cache brings its own (Trainer reads it from there).
+    selection: Selection = field(default_factory=Selection)
     model_batch: int = 8  # windows per model forward
     buffer_tokens: int | None = None  # None: 64k tokens or a quarter of the run, >= 8 batches
     device: str = "cpu"
-    model_dtype: str = "fp32"
     max_nonfinite: float = 0.01  # abort once this fraction of tokens was NaN/inf
 
     def specs(self) -> list[tuple[str, int, int]]:
@@ -186,12 +185,9 @@ class DataStream:
         return self._live(cursor)
 
     def _live(self, cursor: int):
-        from hooks.activations import CaptureOptions, live_rows
-        from hooks.text import iter_documents
-        from hooks.windows import WindowSpec, holdout_split, iter_windows
+        from hooks.activations import live_rows
 
         cfg, world = self.cfg, self.world
-        spec = WindowSpec(context_size=cfg.context)
 
         def epochs():
             for epoch in itertools.count():
@@ -200,10 +196,7 @@ class DataStream:
                         f"[saewb] the text ran out; starting pass {epoch + 1} over it",
                         file=sys.stderr,
                     )
-                docs = holdout_split(
-                    iter_documents(cfg.dataset, text_column=cfg.text_column), "train"
-                )
-                yield from iter_windows(docs, self.loaded.tokenizer, spec)
+                yield from cfg.selection.windows(self.loaded.tokenizer, "train")
 
         mine = itertools.islice(epochs(), world.rank, None, world.size)  # this rank's share
         rows = live_rows(
@@ -211,7 +204,7 @@ class DataStream:
             cfg.sites,
             itertools.islice(mine, cursor, None),
             cfg.model_batch,
-            CaptureOptions(),
+            cfg.selection.capture,
         )
         if self.captured >= self.rows_needed:
             return
@@ -301,7 +294,7 @@ class Trainer:
         if cfg.cache is None:
             from hooks.models import load_model
 
-            loaded = load_model(cfg.model, cfg.device, cfg.model_dtype, progress=progress)
+            loaded = load_model(cfg.model, cfg.device, cfg.selection.model_dtype, progress=progress)
             from hooks.sites import resolve_site
 
             for site in cfg.sites:
@@ -309,6 +302,7 @@ class Trainer:
         self.data = DataStream(cfg, self.world, loaded)
         if cfg.cache is not None:
             cfg.model = self.data.cache.manifest["model"]
+            cfg.selection = self.data.cache.selection  # None for planted, synthetic rows
         specs = cfg.specs()
         self.members = [
             Member(
@@ -460,9 +454,8 @@ class Trainer:
                     "d_in": self.data.d_in,
                     "n_latents": m.sae.cfg.n_latents,
                     "k": m.sae.cfg.k,
-                    "data": {"cache": self.cfg.cache}
-                    if self.cfg.cache
-                    else {"dataset": self.cfg.dataset, "context_size": self.cfg.context},
+                    "data": {"cache": self.cfg.cache} if self.cfg.cache else {"live": True},
+                    "selection": self.cfg.selection.to_dict() if self.cfg.selection else None,
                     "tokens_planned": self.cfg.tokens,
                     "tokens": self.tokens,
                     "config": asdict(self.cfg),

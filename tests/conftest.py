@@ -130,6 +130,7 @@ def build_planted_run(root, tokenizer, docs: int = 1600):
     2 fire 4 together on ' Monday'. Returns (run folder, {name: token id})."""
     import json
 
+    from hooks.selection import Selection
     from sae.formats import save_sae
     from sae.model import SAEConfig, TopKSAE
 
@@ -172,7 +173,7 @@ def build_planted_run(root, tokenizer, docs: int = 1600):
         texts.append(f"The cat sat on the mat.{city} Monday comes before Tuesday. The dog ran {i}.")
     (root / "text.txt").write_text("\n\n".join(texts))
     run_json = dict(model=str(root / "model"), site="resid_pre.0")
-    run_json["data"] = dict(dataset=str(root / "text.txt"), context_size=32)
+    run_json["selection"] = Selection(dataset=str(root / "text.txt"), context_size=32).to_dict()
     (root / "run" / "run.json").write_text(json.dumps(run_json))
     return root / "run", ids
 

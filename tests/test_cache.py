@@ -11,11 +11,12 @@ import torch
 from hooks import cache as cache_mod
 from hooks.cache import ActivationCache, harvest
 from hooks.errors import UserError
+from hooks.selection import Selection
 from hooks.text import Document
 from hooks.windows import WindowSpec, iter_windows
 
 SITES = ["resid_post.1", "mlp_out.2"]
-DESCRIBE = {"dataset": "fixture", "context_size": 16}
+SELECTION = Selection(dataset="fixture", context_size=16)
 
 
 def _windows(tokenizer, interrupt_after=None):
@@ -34,7 +35,7 @@ def _harvest(loaded, out, n, interrupt_after=None, sites=SITES, **kw):
         _windows(loaded.tokenizer, interrupt_after),
         n,
         out,
-        DESCRIBE,
+        SELECTION,
         batch_windows=4,
         shard_tokens=100,
         progress=False,

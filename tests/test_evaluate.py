@@ -20,6 +20,7 @@ from analysis.evaluate import (
 from analysis.run import open_run
 from hooks.errors import UserError
 from hooks.models import LoadedModel
+from hooks.selection import Selection
 from hooks.sites import Splice, special_token_ids, token_mask
 from sae.formats import save_sae
 from sae.model import SAEConfig, TopKSAE
@@ -51,15 +52,12 @@ def world(tmp_path_factory, tokenizer):
     return root, loaded, text
 
 
-def make_run(path, world, sae: TopKSAE, data: dict | None = None):
+def make_run(path, world, sae: TopKSAE, selection: Selection | None = None):
     """A run directory as `saewb train` leaves it: the SAE files and a run.json."""
     root, _, text = world
     save_sae(sae, path)
-    info = {
-        "model": str(root / "tiny-llama"),
-        "site": SITE,
-        "data": data or {"dataset": str(text), "context_size": CONTEXT},
-    }
+    selection = selection or Selection(dataset=str(text), context_size=CONTEXT)
+    info = {"model": str(root / "tiny-llama"), "site": SITE, "selection": selection.to_dict()}
     (path / "run.json").write_text(json.dumps(info))
     return open_run(path)
 
@@ -296,27 +294,19 @@ def test_explained_variance_uses_the_mean_not_zero():
 
 
 def test_the_training_token_selection_is_used(world, tmp_path):
-    """A run trained from a cache that kept special tokens and position 0 is evaluated on them."""
+    """A run trained on special tokens and position 0 is evaluated on them."""
     root, loaded, _ = world
     text = tmp_path / "short.txt"  # 15 held-out documents: ~11 windows
     text.write_text("\n\n".join(f"Story {i}: the cat sat on the mat." for i in range(300)))
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    manifest = {
-        "format": "saewb-activation-cache",
-        "dataset": str(text),
-        "context_size": CONTEXT,
-        "capture": {"drop_special": False, "drop_first": False, "outlier_factor": None},
-    }
-    (cache / "manifest.json").write_text(json.dumps(manifest))
-    run = make_run(tmp_path / "run", world, random_sae(), data={"cache": str(cache)})
+    kept = Selection(dataset=str(text), context_size=CONTEXT, drop_special=False, drop_first=False)
+    run = make_run(tmp_path / "run", world, random_sae(), kept)
     record = evaluate(run, 10**6, loaded=loaded, progress=False)
     assert record["selection"]["drop_special"] is False and record["n_windows"] >= 5
     assert record["n_tokens"] == record["n_windows"] * CONTEXT  # every token, BOS included
     assert record["n_scored_tokens"] == record["n_windows"] * (CONTEXT - 1)
     assert record["n_tokens"] < 10**6  # the held-out text ran out before the budget
-    data = {"dataset": str(text), "context_size": CONTEXT}
-    default = make_run(tmp_path / "default", world, random_sae(), data)
+    default = Selection(dataset=str(text), context_size=CONTEXT)
+    default = make_run(tmp_path / "default", world, random_sae(), default)
     default = evaluate(default, 10**6, loaded=loaded, progress=False)
     assert default["n_windows"] == record["n_windows"]
     assert default["n_tokens"] < record["n_tokens"] - record["n_windows"]  # BOS and EOS dropped
@@ -343,8 +333,7 @@ def test_cli_on_a_trained_run_writes_eval_json(world, tmp_path, capsys):
         ks=[4],
         tokens=1024,
         batch=256,
-        dataset=str(text),
-        context=CONTEXT,
+        selection=Selection(dataset=str(text), context_size=CONTEXT),
         log_every=2,
         checkpoint_every=10**9,
         buffer_tokens=512,
@@ -352,7 +341,7 @@ def test_cli_on_a_trained_run_writes_eval_json(world, tmp_path, capsys):
     (run_dir,) = Trainer(cfg, tmp_path / "run", progress=False).fit()
     cmd_eval(_args(str(run_dir), "--tokens", "256", "--batch", "4"))
     record = json.loads((run_dir / "eval.json").read_text())
-    assert record["n_tokens"] == 256 and record["dataset"] == str(text)
+    assert record["n_tokens"] == 256 and record["selection"]["dataset"] == str(text)
     assert record["sae"]["n_latents"] == 64 and record["sae"]["k"] == 4
     assert record["site"] == SITE and record["selection"]["drop_first"] is True
     m = record["metrics"]
@@ -401,7 +390,9 @@ def test_bad_input_too_little_text_and_wrong_width(world, tmp_path):
     root, loaded, _ = world
     short = tmp_path / "short.txt"
     short.write_text("\n\n".join(f"Doc {i}." for i in range(40)))  # 2 held-out docs, no window
-    run = make_run(tmp_path / "a", world, random_sae(), {"dataset": str(short), "context_size": 32})
+    run = make_run(
+        tmp_path / "a", world, random_sae(), Selection(dataset=str(short), context_size=32)
+    )
     with pytest.raises(UserError) as exc:
         evaluate(run, 100, loaded=loaded, progress=False)
     assert "held-out" in _one_sentence(exc)

@@ -27,6 +27,7 @@ from analysis.features import (
 from analysis.run import open_run
 from analysis.store import FeatureStore
 from hooks.errors import UserError
+from hooks.selection import Selection
 from hooks.sites import special_token_ids, token_mask
 from sae.formats import save_sae
 from sae.model import SAEConfig, TopKSAE
@@ -367,7 +368,7 @@ def random_run(tmp_path_factory, tiny_dir):
     sae.reset_parameters(torch.Generator().manual_seed(3))
     save_sae(sae, root / "run")
     info = dict(model=str(tiny_dir), site="resid_post.1")
-    info["data"] = dict(dataset=str(text), context_size=32)
+    info["selection"] = Selection(dataset=str(text), context_size=32).to_dict()
     (root / "run" / "run.json").write_text(json.dumps(info))
     return root / "run"
 

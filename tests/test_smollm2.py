@@ -9,6 +9,7 @@ import torch
 
 from hooks.activations import CaptureOptions, Rows, live_rows
 from hooks.cache import ActivationCache, harvest
+from hooks.selection import Selection
 from hooks.sites import Capture
 from hooks.text import iter_documents
 from hooks.windows import WindowSpec, holdout_split, iter_windows
@@ -96,7 +97,7 @@ def test_harvest_real_smollm2_cache(smollm2, tmp_path: Path):
         _windows(smollm2),
         3000,
         out,
-        {"dataset": "builtin", "context_size": 128},
+        Selection(),
         batch_windows=8,
         shard_tokens=1024,
         progress=False,
@@ -124,7 +125,6 @@ def test_short_training_run_on_live_smollm2_lowers_fvu(tmp_path: Path):
             tokens=16_384,
             batch=1024,
             log_every=4,
-            context=128,
             buffer_tokens=4096,
         )
         trainer = Trainer(cfg, tmp_path / "run", progress=False)

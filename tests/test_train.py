@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from hooks.errors import UserError
+from hooks.selection import Selection
 from sae.optim import OPTIMIZERS
 from sae.synthetic import recovery, write_synthetic_cache
 from sae.train import TrainConfig, Trainer
@@ -269,9 +270,8 @@ def test_nan_rows_are_skipped_then_abort(tmp_path):
         "sites": ["synthetic"],
         "d_model": 16,
         "dtype": "float32",
-        "dataset": "poisoned",
-        "context_size": None,
-        "capture": None,
+        "selection": None,
+        "planted": "poisoned rows",
     }
     write_cache(tmp_path / "few", wanted, poisoned(0.002), 20_480, progress=False)
     write_cache(tmp_path / "many", wanted, poisoned(0.05), 20_480, progress=False)
@@ -388,7 +388,8 @@ def test_live_run_captures_only_what_it_trains_on(tmp_path, tiny_dir):
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(f"Story {i}: a cat sat on mat {i % 9}." for i in range(600)))
     base = dict(model=str(tiny_dir), sites=["resid_post.1"], latents=[64], ks=[4],
-                tokens=6144, batch=512, dataset=str(text), context=32, buffer_tokens=2048,
+                tokens=6144, batch=512, selection=Selection(dataset=str(text), context_size=32),
+                buffer_tokens=2048,
                 log_every=1, checkpoint_every=10**9)  # fmt: skip
     whole = Trainer(TrainConfig(**base), tmp_path / "whole", progress=False)
     whole.fit()
