@@ -199,13 +199,13 @@ for name, kw in json.loads(sys.argv[1]).items():
 
 
 def _parity_configs(cache, tiny_dir, text):
-    common = dict(latents=[128], ks=[8], tokens=8192, batch=1024, log_every=2,
+    common = dict(latents=[128], ks=[8], tokens=4096, batch=1024, log_every=2,
                   buffer_tokens=4096, checkpoint_every=10**9)  # fmt: skip
     return {
         "topk": dict(common, cache=str(cache), sites=["synthetic"]),
         "batchtopk": dict(common, cache=str(cache), sites=["synthetic"], architecture="batchtopk"),
         "live": dict(common, model=str(tiny_dir), sites=["resid_post.1"], latents=[64], ks=[4],
-                     tokens=4096, batch=512, buffer_tokens=2048,
+                     tokens=3072, batch=512, buffer_tokens=2048,
                      selection=dict(dataset=str(text), context_size=32)),
     }  # fmt: skip
 
@@ -360,11 +360,11 @@ def test_extending_a_run_equals_an_uninterrupted_run(planted, tmp_path):
     skipped, the values derived from the first --tokens are kept, and the first log line after
     the resume averages the same steps as the uninterrupted run's."""
     cache, _ = planted
-    fixed = dict(log_every=3, buffer_tokens=8192, warmup_steps=2, dead_tokens=4096,
-                 decay_frac=0.0, optimizer="adam")  # fmt: skip
-    Trainer(_cfg(cache, tokens=16 * 1024, **fixed), tmp_path / "whole", progress=False).fit()
-    Trainer(_cfg(cache, tokens=8 * 1024, **fixed), tmp_path / "ext", progress=False).fit()
-    extended = Trainer(_cfg(cache, tokens=16 * 1024, **fixed), tmp_path / "ext", resume=True,
+    fixed = dict(log_every=3, buffer_tokens=2048, warmup_steps=2, dead_tokens=2048,
+                 decay_frac=0.0, optimizer="adam", latents=[64], ks=[4], batch=256)  # fmt: skip
+    Trainer(_cfg(cache, tokens=16 * 256, **fixed), tmp_path / "whole", progress=False).fit()
+    Trainer(_cfg(cache, tokens=8 * 256, **fixed), tmp_path / "ext", progress=False).fit()
+    extended = Trainer(_cfg(cache, tokens=16 * 256, **fixed), tmp_path / "ext", resume=True,
                        progress=False)  # fmt: skip
     extended.fit()
     whole, ext = _log(tmp_path / "whole"), _log(tmp_path / "ext")
