@@ -128,20 +128,20 @@ class TopKSAE(nn.Module):
         dead_mask: Tensor | None = None,
         k_aux: int = 0,
         k: int | None = None,
-        dtype: torch.dtype | None = None,
+        encode_dtype: torch.dtype | None = None,
     ):
-        """(top_acts, top_indices, aux...) for raw x (N, d_in). `dtype` (bf16) runs the matmul
+        """(top_acts, top_indices, aux...) for raw x (N, d_in). `encode_dtype` (bf16) runs the matmul
         and top-k search in that dtype; the activations come back in the weights' dtype.
 
         A trained BatchTopK SAE encodes at inference like the JumpReLU it exports as: the
         activations above its threshold, at most 4k per token.
         """
         xs = x.to(self.W_enc.dtype) * self.input_scale  # (N, d); the kernel subtracts b_dec
-        return self._encode_scaled(xs, dead_mask, k_aux, k, dtype)
+        return self._encode_scaled(xs, dead_mask, k_aux, k, encode_dtype)
 
     def _encode_scaled(self, xs, dead_mask=None, k_aux=0, k=None, encode_dtype=None):
         jumprelu = self.cfg.architecture == "batchtopk" and not self.training and k is None
-        params = dict(b_dec=self.b_dec, search_dtype=encode_dtype)
+        params = dict(b_dec=self.b_dec, encode_dtype=encode_dtype)
         if jumprelu and float(self.threshold) > 0:
             k_max = min(4 * self.cfg.k, self.cfg.n_latents)
             enc = topk_encode(xs, self.W_enc, self.b_enc, k_max, **params)

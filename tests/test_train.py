@@ -526,7 +526,7 @@ def test_batchtopk_and_multi_topk_train(planted, tmp_path):
 
 
 def test_train_from_a_live_model_cli(tmp_path, tiny_dir, capsys):
-    from sae.cli import main
+    from saewb_cli import main
 
     text = tmp_path / "text.txt"
     text.write_text(
