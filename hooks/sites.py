@@ -9,7 +9,7 @@ Site names are the same on every model:
 attn_out.L and mlp_out.L are what each branch adds to the residual stream (after Gemma 2's
 post-norms, without Bloom's in-module residual add), so in every block that has that form
 resid_pre.L + attn_out.L + mlp_out.L == resid_post.L, parallel-attention blocks included; where
-a block normalises after the add (OPT-350m), they are refused. TransformerLens's names
+the residual stream is not built that way (OPT-350m's norm after the add), they are refused. TransformerLens's names
 (blocks.L.hook_resid_pre, hook_resid_post, hook_attn_out, hook_mlp_out) are aliases.
 A raw module path from `model.named_modules()` (e.g. `model.layers.6.mlp`) works too.
 
@@ -35,11 +35,11 @@ _TL_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|mlp_o
 # Block children that hold the attention and the MLP, in the names transformers uses.
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward")
-# Config flags under which a block normalises after the residual add, so its attention and
-# MLP outputs do not add up to resid_post - resid_pre: (attribute, value that means post-norm).
-_POST_NORM_FLAGS = (
-    ("do_layer_norm_before", False),  # OPT-350m
-    ("apply_residual_connection_post_layernorm", True),  # Bloom variant
+# Config flags under which a block's attention and MLP outputs do not add up to
+# resid_post - resid_pre: (attribute, the value that says so).
+_NOT_ADDITIVE_FLAGS = (
+    ("do_layer_norm_before", False),  # OPT-350m: the norm comes after each residual add
+    ("apply_residual_connection_post_layernorm", True),  # Bloom: the residual is the normed input
 )
 
 
@@ -65,7 +65,6 @@ class Layout:
     n_blocks: int
     attn: str | None  # block child whose output is attention's residual contribution
     mlp: str | None  # block child whose output is the MLP's residual contribution
-    minus_arg: str | None  # the children add this argument themselves (Bloom's `residual`)
     mlp_rows: bool  # the MLP sees tokens flattened to (B*T, d) rows (OPT)
     not_additive: str | None  # why attn_out + mlp_out is not the residual update, if it is not
 
@@ -121,19 +120,16 @@ def layout(model: nn.Module) -> Layout:
     if "post_feedforward_layernorm" in children and "post_attention_layernorm" in children:
         # Gemma 2/3 and OLMo 2 norm each branch before it joins the residual.
         attn, mlp = "post_attention_layernorm", "post_feedforward_layernorm"
-    minus = None
-    if attn is not None and "residual" in inspect.signature(children[attn].forward).parameters:
-        minus = "residual"  # Bloom's attention and MLP return residual + their own output
     config = getattr(model, "config", None)
     not_additive = next(
         (
             f"{flag}={value}"
-            for flag, value in _POST_NORM_FLAGS
+            for flag, value in _NOT_ADDITIVE_FLAGS
             if getattr(config, flag, not value) is value
         ),
         None,
     )
-    return Layout(path, len(blocks), attn, mlp, minus, mlp_rows, not_additive)
+    return Layout(path, len(blocks), attn, mlp, mlp_rows, not_additive)
 
 
 def list_sites(model: nn.Module) -> list[str]:
@@ -183,12 +179,15 @@ def resolve_site(model: nn.Module, name: str) -> Site:
             )
         if lay.not_additive is not None:
             raise UserError(
-                f"Site '{name}' is refused on {cls} with {lay.not_additive}: its blocks normalise "
-                "after the residual add, so attn_out and mlp_out are not residual updates; pass "
-                f"the raw module path '{block}.{child}' to read the module's output anyway."
+                f"Site '{name}' is refused on {cls} with {lay.not_additive}, where attention "
+                "and MLP outputs do not add up to the residual update; pass the raw module path "
+                f"'{block}.{child}' to read the module's output anyway."
             )
+        module = modules[f"{block}.{child}"]
+        # Bloom's attention and MLP take the residual and return residual + their own output.
+        minus = "residual" if "residual" in inspect.signature(module.forward).parameters else None
         rows_of = block if kind == "mlp_out" and lay.mlp_rows else None
-        return Site(name, f"{block}.{child}", False, layer, lay.minus_arg, rows_of)
+        return Site(name, f"{block}.{child}", False, layer, minus, rows_of)
     if name in modules and name:
         return Site(name, name, False, _depth_of(model, name))
     try:

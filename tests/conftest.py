@@ -100,6 +100,13 @@ MORE_ARCHS = {
         do_layer_norm_before=False,
     ),  # fmt: skip
     "bloom": lambda tf, v, n, d: tf.BloomConfig(vocab_size=v, hidden_size=d, n_layer=n, n_head=4),
+    "bloom-postln": lambda tf, v, n, d: tf.BloomConfig(
+        vocab_size=v,
+        hidden_size=d,
+        n_layer=n,
+        n_head=4,
+        apply_residual_connection_post_layernorm=True,
+    ),  # fmt: skip
     "falcon": lambda tf, v, n, d: tf.FalconConfig(
         vocab_size=v, hidden_size=d, num_hidden_layers=n, num_attention_heads=4
     ),

@@ -1,6 +1,7 @@
 """Named sites on tiny random models of many architectures, and TransformerLens hook names."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -102,27 +103,37 @@ def test_splicing_the_last_mlp_shifts_the_block_output(arch):
     torch.testing.assert_close(same, clean)
 
 
-def test_post_norm_blocks_refuse_branch_sites():
-    """OPT-350m-style blocks normalise after each residual add: their attention and fc2 outputs
-    do not add up to the update, so attn_out/mlp_out are refused, not silently wrong."""
-    model, ids = tiny("opt-postnorm"), _ids()
-    assert list_sites(model) == [
-        f"{k}.{i}" for i in range(N_LAYERS) for k in ("resid_pre", "resid_post")
-    ]
-    with pytest.raises(
-        UserError, match=r"do_layer_norm_before=False.*'model\.decoder\.layers\.0\.self_attn'"
-    ):
+@pytest.mark.parametrize(
+    "arch, flag, attn",
+    [
+        ("opt-postnorm", "do_layer_norm_before=False", "model.decoder.layers.0.self_attn"),
+        ("bloom-postln", "apply_residual_connection_post_layernorm=True", "transformer.h.0.self_attention"),
+    ],
+)  # fmt: skip
+def test_blocks_whose_branches_do_not_add_up_refuse_branch_sites(arch, flag, attn):
+    """attn_out/mlp_out are refused where they are not residual updates, not silently wrong."""
+    model, ids = tiny(arch), _ids()
+    resid = [f"{k}.{i}" for i in range(N_LAYERS) for k in ("resid_pre", "resid_post")]
+    assert list_sites(model) == resid
+    with pytest.raises(UserError, match=rf"{re.escape(flag)}.*'{re.escape(attn)}'"):
         resolve_site(model, "attn_out.0")
-    with pytest.raises(UserError, match=r"model\.decoder\.layers\.1\.fc2"):
+    with pytest.raises(UserError, match=r"raw module path"):
         resolve_site(model, "mlp_out.1")
     hidden = model(ids, output_hidden_states=True).hidden_states
+    with Capture(model, resid) as cap:
+        a = cap(ids)
+    torch.testing.assert_close(a["resid_post.0"], hidden[1])
+
+
+def test_opt_post_norm_branches_really_do_not_add_up():
+    """The premise of the refusal: OPT-350m-style blocks normalise after each residual add."""
+    model, ids = tiny("opt-postnorm"), _ids()
     raw = ["model.decoder.layers.0.self_attn", "model.decoder.layers.0.fc2"]
     with Capture(model, ["resid_pre.0", "resid_post.0", *raw]) as cap:
         a = cap(ids)
-    torch.testing.assert_close(a["resid_post.0"], hidden[1])
     update = a["resid_post.0"] - a["resid_pre.0"]
     parts = a[raw[0]] + a[raw[1]].view(update.shape)
-    assert (parts - update).abs().max() > 0.1  # the premise: the raw outputs really do not add up
+    assert (parts - update).abs().max() > 0.1
 
 
 class _Block(nn.Module):
