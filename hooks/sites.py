@@ -6,6 +6,11 @@ Site names are the same on every model:
                                               last block, where transformers applies the final norm)
   mlp_out.L     output of block L's MLP
   attn_out.L    output of block L's attention
+attn_out.L and mlp_out.L are what each branch adds to the residual stream (after Gemma 2's
+post-norms, without Bloom's in-module residual add), so in every block that has that form
+resid_pre.L + attn_out.L + mlp_out.L == resid_post.L, parallel-attention blocks included; where
+the residual stream is not built that way (OPT-350m's norm after the add), they are refused. TransformerLens's names
+(blocks.L.hook_resid_pre, hook_resid_post, hook_attn_out, hook_mlp_out) are aliases.
 A raw module path from `model.named_modules()` (e.g. `model.layers.6.mlp`) works too.
 
 Capture raises `StopForward` from the deepest requested site, so later blocks never run.
@@ -13,6 +18,7 @@ Capture raises `StopForward` from the deepest requested site, so later blocks ne
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -23,14 +29,17 @@ from hooks.errors import UserError
 
 SITE_KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 _SITE_RE = re.compile(r"^(resid_pre|resid_post|mlp_out|attn_out)\.(\d+)$")
+# TransformerLens hook names, which most SAELens pretrained SAEs record as their `hook_name`.
+_TL_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|mlp_out|attn_out)$")
 
-# Where each family keeps its blocks, and each block its attention and MLP.
-_LAYOUTS = (
-    # (path of the block list, attention attribute, mlp attribute)
-    ("model.layers", "self_attn", "mlp"),  # Llama, SmolLM2, Qwen2, Mistral, Gemma, Phi-3 ...
-    ("transformer.h", "attn", "mlp"),  # GPT-2, GPT-J
-    ("gpt_neox.layers", "attention", "mlp"),  # GPT-NeoX, Pythia
-    ("model.decoder.layers", "self_attn", "fc2"),  # OPT
+# Block children that hold the attention and the MLP, in the names transformers uses.
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward")
+# Config flags under which a block's attention and MLP outputs do not add up to
+# resid_post - resid_pre: (attribute, the value that says so).
+_NOT_ADDITIVE_FLAGS = (
+    ("do_layer_norm_before", False),  # OPT-350m: the norm comes after each residual add
+    ("apply_residual_connection_post_layernorm", True),  # Bloom: the residual is the normed input
 )
 
 
@@ -40,48 +49,145 @@ class StopForward(Exception):
 
 @dataclass(frozen=True)
 class Site:
-    name: str  # what the user asked for
+    name: str  # canonical name: resid_post.3 for blocks.3.hook_resid_post; a raw path as given
     module_path: str  # the module whose output (or input, for resid_pre) is recorded
     use_input: bool  # resid_pre reads the block's input
     depth: int  # block index that must run; -1 for a module outside the blocks (no early exit)
+    minus_arg: str | None = None  # forward argument the module adds to its own output (Bloom)
+    rows_of: str | None = None  # block whose (B, T, d) input shape the module's (B*T, d) rows take
 
 
-def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList, str, str]:
-    for path, attn, mlp in _LAYOUTS:
-        module = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, nn.ModuleList):
-            return path, module, attn, mlp
-    raise UserError(
-        f"Model class {type(model).__name__} has no known block list; named sites work for the "
-        "Llama family, GPT-2, GPT-NeoX and OPT, and raw module paths work for any model."
+@dataclass(frozen=True)
+class Layout:
+    """Where a model keeps its blocks, and which block children write into the residual."""
+
+    blocks: str  # path of the block list from the model's root
+    n_blocks: int
+    attn: str | None  # block child whose output is attention's residual contribution
+    mlp: str | None  # block child whose output is the MLP's residual contribution
+    mlp_rows: bool  # the MLP sees tokens flattened to (B*T, d) rows (OPT)
+    not_additive: str | None  # why attn_out + mlp_out is not the residual update, if it is not
+
+
+def canonical_site(name: str) -> str:
+    """Our name for a TransformerLens hook name (blocks.3.hook_resid_post -> resid_post.3).
+
+    Every other name (our sites, raw module paths such as model.layers.3) comes back unchanged;
+    blocks.L.hook_resid_mid too, which resolve_site refuses with its own sentence.
+    """
+    match = _TL_RE.match(name)
+    if not match or match.group(2) == "resid_mid":
+        return name
+    return f"{match.group(2)}.{match.group(1)}"
+
+
+def _n_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    n = getattr(config, "num_hidden_layers", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def layout(model: nn.Module) -> Layout:
+    """Find the block list and, in its first block, the attention and MLP children.
+
+    The block list is the shallowest nn.ModuleList of identical modules, one per layer in the
+    config; raw module paths need none of this and work for any model.
+    """
+    n = _n_layers(model)
+    found = [
+        (path.count("."), path, m)
+        for path, m in model.named_modules()
+        if isinstance(m, nn.ModuleList)
+        and len(m) > 0
+        and (n is None or len(m) == n)
+        and len({type(b) for b in m}) == 1
+    ]
+    if not found:
+        raise UserError(
+            f"Model class {type(model).__name__} has no block list saewb recognises (an "
+            "nn.ModuleList with one module per layer), so named sites such as resid_post.0 do "
+            "not resolve; pass a raw module path from model.named_modules() instead."
+        )
+    _, path, blocks = min(found, key=lambda f: f[0])
+    children = dict(blocks[0].named_children())
+    attn = next((c for c in _ATTN_NAMES if c in children), None)
+    mlp = next((c for c in _MLP_NAMES if c in children), None)
+    mlp_rows = mlp is None and "fc1" in children and "fc2" in children
+    if mlp_rows:  # OPT keeps its MLP in the block and runs it on (B*T, d) rows
+        mlp = "fc2"
+    if "post_feedforward_layernorm" in children and "post_attention_layernorm" in children:
+        # Gemma 2/3 and OLMo 2 norm each branch before it joins the residual.
+        attn, mlp = "post_attention_layernorm", "post_feedforward_layernorm"
+    config = getattr(model, "config", None)
+    not_additive = next(
+        (
+            f"{flag}={value}"
+            for flag, value in _NOT_ADDITIVE_FLAGS
+            if getattr(config, flag, not value) is value
+        ),
+        None,
     )
+    return Layout(path, len(blocks), attn, mlp, mlp_rows, not_additive)
 
 
 def list_sites(model: nn.Module) -> list[str]:
-    _, blocks, _, _ = _blocks(model)
-    return [f"{kind}.{i}" for i in range(len(blocks)) for kind in SITE_KINDS]
+    """Every named site this model resolves: attn_out/mlp_out only where they are residual updates."""
+    lay = layout(model)
+    branches = lay.not_additive is None
+    kinds = [
+        k for k in SITE_KINDS if k.startswith("resid") or (branches and _child(lay, k) is not None)
+    ]
+    return [f"{kind}.{i}" for i in range(lay.n_blocks) for kind in kinds]
+
+
+def _child(lay: Layout, kind: str) -> str | None:
+    return lay.attn if kind == "attn_out" else lay.mlp
 
 
 def resolve_site(model: nn.Module, name: str) -> Site:
-    """Map a site name (or raw module path) to the module to hook; unknown names list valid ones."""
+    """Map a site name, TransformerLens hook name or raw module path to the module to hook."""
+    name = canonical_site(name)
+    if _TL_RE.match(name):  # only blocks.L.hook_resid_mid is left
+        raise UserError(
+            f"Site '{name}' (TransformerLens's residual between attention and MLP) has no saewb "
+            "counterpart; use resid_pre.L, attn_out.L, mlp_out.L or resid_post.L "
+            "(blocks.L.hook_resid_pre/attn_out/mlp_out/resid_post)."
+        )
     match = _SITE_RE.match(name)
     modules = dict(model.named_modules())
     if match:
         kind, layer = match.group(1), int(match.group(2))
-        path, blocks, attn, mlp = _blocks(model)
-        if layer >= len(blocks):
+        lay = layout(model)
+        if layer >= lay.n_blocks:
             raise UserError(
-                f"Unknown site '{name}': this model has {len(blocks)} blocks, so layers run "
-                f"0..{len(blocks) - 1} (e.g. {kind}.{len(blocks) - 1})."
+                f"Unknown site '{name}': this model has {lay.n_blocks} blocks, so layers run "
+                f"0..{lay.n_blocks - 1} (e.g. {kind}.{lay.n_blocks - 1})."
             )
-        block = f"{path}.{layer}"
+        block = f"{lay.blocks}.{layer}"
         if kind in ("resid_pre", "resid_post"):
             return Site(name, block, kind == "resid_pre", layer)
-        return Site(name, f"{block}.{attn if kind == 'attn_out' else mlp}", False, layer)
+        child = _child(lay, kind)
+        cls = type(model).__name__
+        if child is None or f"{block}.{child}" not in modules:
+            raise UserError(
+                f"Site '{name}' does not resolve on {cls}: its blocks have no "
+                f"{kind[:-4]} module saewb recognises (children: "
+                f"{', '.join(dict(modules[block].named_children()))}); pass a raw module path "
+                f"such as '{block}.<child>' instead."
+            )
+        if lay.not_additive is not None:
+            raise UserError(
+                f"Site '{name}' is refused on {cls} with {lay.not_additive}, where attention "
+                "and MLP outputs do not add up to the residual update; pass the raw module path "
+                f"'{block}.{child}' to read the module's output anyway."
+            )
+        module = modules[f"{block}.{child}"]
+        # Bloom's attention and MLP take the residual and return residual + their own output.
+        minus = "residual" if "residual" in inspect.signature(module.forward).parameters else None
+        rows_of = block if kind == "mlp_out" and lay.mlp_rows else None
+        return Site(name, f"{block}.{child}", False, layer, minus, rows_of)
     if name in modules and name:
         return Site(name, name, False, _depth_of(model, name))
     try:
@@ -90,18 +196,33 @@ def resolve_site(model: nn.Module, name: str) -> Site:
     except UserError:
         hint = "a module path from model.named_modules()"
     raise UserError(
-        f"Unknown site '{name}'; valid sites are {{{'|'.join(SITE_KINDS)}}}.L such as {hint}, "
-        "or a raw module path such as 'model.layers.0.mlp' (see `saewb sites --model M`)."
+        f"Unknown site '{name}'; valid sites are {{{'|'.join(SITE_KINDS)}}}.L such as {hint} "
+        "(or TransformerLens's blocks.L.hook_resid_post etc.), or a raw module path such as "
+        "'model.layers.0.mlp' (see `saewb sites --model M`)."
     )
 
 
 def _depth_of(model: nn.Module, module_path: str) -> int:
     try:
-        path, _, _, _ = _blocks(model)
+        path = layout(model).blocks
     except UserError:
         return -1
     match = re.match(re.escape(path) + r"\.(\d+)(\.|$)", module_path)
     return int(match.group(1)) if match else -1
+
+
+def _shape_hook(store: dict, key: str):
+    """A pre-hook that remembers the (B, T, d) shape of a block's hidden-state input."""
+
+    def hook(module, args, kwargs):
+        store[key] = (args[0] if args else kwargs["hidden_states"]).shape
+
+    return hook
+
+
+def _argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> torch.Tensor:
+    """The value a module's forward got for parameter `name`, passed by position or keyword."""
+    return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments[name]
 
 
 def _first_tensor(value) -> torch.Tensor:
@@ -131,21 +252,30 @@ class Capture:
         if not sites:
             raise UserError("No site was given; pass at least one, e.g. resid_post.3.")
         self.model = model
-        self.sites = [resolve_site(model, s) for s in dict.fromkeys(sites)]
+        self.requested = list(dict.fromkeys(sites))
+        resolved = [resolve_site(model, s) for s in self.requested]
+        self._canonical = {asked: site.name for asked, site in zip(self.requested, resolved)}
+        self.sites = list({site.name: site for site in resolved}.values())  # aliases hook once
         # A site outside the block list (e.g. the final norm) needs the whole forward.
         self.early_exit = early_exit and all(s.depth >= 0 for s in self.sites)
         self.acts: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._stopping = False  # only our own forward stops early; a user's model(...) runs whole
+        self._shapes: dict[str, torch.Size] = {}  # block input shapes, for sites that see rows
 
     def __enter__(self) -> Capture:
         modules = dict(self.model.named_modules())
         for site in self.sites:
             module = modules[site.module_path]
+            if site.rows_of is not None:
+                hook = _shape_hook(self._shapes, site.rows_of)
+                self._handles.append(
+                    modules[site.rows_of].register_forward_pre_hook(hook, with_kwargs=True)
+                )
             if site.use_input:
                 handle = module.register_forward_pre_hook(self._pre_hook(site), with_kwargs=True)
             else:
-                handle = module.register_forward_hook(self._post_hook(site))
+                handle = module.register_forward_hook(self._post_hook(site), with_kwargs=True)
             self._handles.append(handle)
         return self
 
@@ -155,7 +285,8 @@ class Capture:
         self._handles.clear()
 
     def _record(self, site: Site, value: torch.Tensor) -> None:
-        self.acts[site.name] = value.detach()
+        # A copy: some blocks add into a branch's output in place (Falcon's mlp_output += attn).
+        self.acts[site.name] = value.detach().clone()
         if self._stopping and len(self.acts) == len(self.sites):
             raise StopForward
 
@@ -167,8 +298,13 @@ class Capture:
         return hook
 
     def _post_hook(self, site: Site):
-        def hook(module, args, output):
-            self._record(site, _first_tensor(output))
+        def hook(module, args, kwargs, output):
+            value = _first_tensor(output)
+            if site.minus_arg is not None:
+                value = value - _argument(module, args, kwargs, site.minus_arg)
+            if site.rows_of is not None:
+                value = value.view(self._shapes[site.rows_of])  # (B*T, d) -> (B, T, d)
+            self._record(site, value)
 
         return hook
 
@@ -192,7 +328,7 @@ class Capture:
         missing = [s.name for s in self.sites if s.name not in self.acts]
         if missing:
             raise RuntimeError(f"Sites {missing} were never reached in the forward pass.")
-        return {s.name: self.acts[s.name] for s in self.sites}
+        return {asked: self.acts[self._canonical[asked]] for asked in self.requested}
 
 
 def token_mask(
@@ -241,25 +377,44 @@ class Splice:
 
     def __init__(self, model: nn.Module, site: str, fn):
         self.model, self.site, self.fn = model, resolve_site(model, site), fn
-        self._handle = None
+        self._handles: list = []
+        self._shapes: dict[str, torch.Size] = {}
 
     def __enter__(self) -> Splice:
-        module = dict(self.model.named_modules())[self.site.module_path]
+        modules = dict(self.model.named_modules())
+        module = modules[self.site.module_path]
+        if self.site.rows_of is not None:
+            hook = _shape_hook(self._shapes, self.site.rows_of)
+            block = modules[self.site.rows_of]
+            self._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
         if self.site.use_input:
-            self._handle = module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            handle = module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         else:
-            self._handle = module.register_forward_hook(self._post_hook)
+            handle = module.register_forward_hook(self._post_hook, with_kwargs=True)
+        self._handles.append(handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def _pre_hook(self, module, args, kwargs):
         if args:
             return (self.fn(args[0]), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": self.fn(kwargs["hidden_states"])}
 
-    def _post_hook(self, module, args, output):
+    def _post_hook(self, module, args, kwargs, output):
+        value = _first_tensor(output)
+        fn = self.fn
+        if self.site.rows_of is not None:  # fn sees (B, T, d); the module gave (B*T, d) rows
+            shape = self._shapes[self.site.rows_of]
+            fn = lambda rows: self.fn(rows.view(shape)).reshape(rows.shape)  # noqa: E731
+        if self.site.minus_arg is not None:  # the module adds the residual itself: splice its part
+            residual = _argument(module, args, kwargs, self.site.minus_arg)
+            value = residual + fn(value - residual)
+        else:
+            value = fn(value)
         if isinstance(output, torch.Tensor):
-            return self.fn(output)
-        return (self.fn(output[0]), *output[1:])
+            return value
+        return (value, *output[1:])

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from hooks.errors import UserError
 from hooks.paths import atomic_write_bytes, atomic_write_json
+from hooks.sites import canonical_site
 from sae.model import SAEConfig, TopKSAE
 
 NATIVE, NATIVE_VERSION = "saewb", 1
@@ -241,7 +242,7 @@ def _load_saelens(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
             raise UserError(f"{folder / CFG} sets {key}={raw[key]!r}; only 'none' is supported.")
     d_in, d_sae, k = (_get(raw, key, folder / CFG) for key in ("d_in", "d_sae", "k"))
     arch = "topk" if arch == "topk" else "batchtopk"  # jumprelu: how SAELens saves BatchTopK
-    model, site = meta.get("model_name") or "", meta.get("hook_name") or ""
+    model, site = meta.get("model_name") or "", canonical_site(meta.get("hook_name") or "")
     cfg = SAEConfig(d_in, d_sae, k, arch, model=model, site=site)
     t = _read_tensors(file)
     _check(t, _shapes(cfg), file, cfg)

@@ -57,6 +57,94 @@ def make_tokenizer():
     )
 
 
+def _llama_like(name: str, **extra):
+    """Config builder for the families that take Llama's argument names."""
+
+    def build(tf, vocab_size, n_layers, d):
+        return getattr(tf, name)(
+            vocab_size=vocab_size,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **extra,
+        )
+
+    return build
+
+
+# More architectures for the site tests: name -> (transformers, vocab, layers, width) -> config.
+MORE_ARCHS = {
+    "gptj": lambda tf, v, n, d: tf.GPTJConfig(
+        vocab_size=v, n_positions=256, n_embd=d, n_layer=n, n_head=4, rotary_dim=4
+    ),
+    "opt": lambda tf, v, n, d: tf.OPTConfig(
+        vocab_size=v,
+        hidden_size=d,
+        ffn_dim=2 * d,
+        num_hidden_layers=n,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=d,
+    ),  # fmt: skip
+    "opt-postnorm": lambda tf, v, n, d: tf.OPTConfig(
+        vocab_size=v,
+        hidden_size=d,
+        ffn_dim=2 * d,
+        num_hidden_layers=n,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=d,
+        do_layer_norm_before=False,
+    ),  # fmt: skip
+    "bloom": lambda tf, v, n, d: tf.BloomConfig(vocab_size=v, hidden_size=d, n_layer=n, n_head=4),
+    "bloom-postln": lambda tf, v, n, d: tf.BloomConfig(
+        vocab_size=v,
+        hidden_size=d,
+        n_layer=n,
+        n_head=4,
+        apply_residual_connection_post_layernorm=True,
+    ),  # fmt: skip
+    "falcon": lambda tf, v, n, d: tf.FalconConfig(
+        vocab_size=v, hidden_size=d, num_hidden_layers=n, num_attention_heads=4
+    ),
+    "falcon-seq": lambda tf, v, n, d: tf.FalconConfig(
+        vocab_size=v,
+        hidden_size=d,
+        num_hidden_layers=n,
+        num_attention_heads=4,
+        parallel_attn=False,
+        bias=True,
+    ),  # fmt: skip
+    "phi": lambda tf, v, n, d: tf.PhiConfig(
+        vocab_size=v,
+        hidden_size=d,
+        intermediate_size=2 * d,
+        num_hidden_layers=n,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    ),  # fmt: skip
+    "mistral": _llama_like("MistralConfig"),
+    "qwen2": _llama_like("Qwen2Config"),
+    "qwen3": _llama_like("Qwen3Config", head_dim=8),
+    "gemma2": _llama_like("Gemma2Config", head_dim=8),
+    "olmo": _llama_like("OlmoConfig"),
+    "olmo2": _llama_like("Olmo2Config"),
+    "stablelm": _llama_like("StableLmConfig"),
+    "neox-seq": lambda tf, v, n, d: tf.GPTNeoXConfig(
+        vocab_size=v,
+        hidden_size=d,
+        intermediate_size=2 * d,
+        num_hidden_layers=n,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        use_parallel_residual=False,
+    ),  # fmt: skip
+}
+
+
 def make_model(arch: str, vocab_size: int, n_layers: int = 4, d: int = 32):
     import transformers as tf
 
@@ -84,6 +172,8 @@ def make_model(arch: str, vocab_size: int, n_layers: int = 4, d: int = 32):
             num_attention_heads=4,
             max_position_embeddings=256,
         )
+    elif arch in MORE_ARCHS:
+        config = MORE_ARCHS[arch](tf, vocab_size, n_layers, d)
     else:
         raise ValueError(arch)
     model = tf.AutoModelForCausalLM.from_config(config).eval()
