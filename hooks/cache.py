@@ -79,6 +79,7 @@ def harvest(
             f"{selection.model_dtype!r}; load the model with that dtype."
         )
     out = Path(out)
+    sites = [canonical_site(s) for s in sites]  # a TransformerLens name is stored as ours
     wanted = {
         "format": FORMAT,
         "model": loaded.name,

@@ -195,3 +195,12 @@ def test_mismatches_and_bad_caches_are_refused(tiny_llama, tmp_path):
     (tmp_path / "c" / "shard_00000.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="missing or corrupt"):
         cache.read_shard(0)
+
+
+def test_transformerlens_site_names_are_stored_as_ours(tiny_llama, tmp_path):
+    from sae.train import TrainConfig
+
+    manifest = _harvest(tiny_llama, tmp_path / "c", 100, sites=["blocks.1.hook_resid_post"])
+    assert manifest["sites"] == ["resid_post.1"]
+    assert ActivationCache(tmp_path / "c").read_shard(0).acts["resid_post.1"].shape[1] == 32
+    assert TrainConfig(sites=["blocks.2.hook_mlp_out"]).sites == ["mlp_out.2"]

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from hooks.errors import UserError
 from hooks.selection import Selection
+from hooks.sites import canonical_site
 
 
 @dataclass
@@ -46,6 +47,9 @@ class TrainConfig:
     buffer_tokens: int | None = None  # None: 64k tokens or a quarter of the run, >= 8 batches
     device: str = "cpu"
     max_nonfinite: float = 0.01  # abort once this fraction of tokens was NaN/inf
+
+    def __post_init__(self) -> None:
+        self.sites = [canonical_site(s) for s in self.sites]  # TransformerLens names as ours
 
     def specs(self) -> list[tuple[str, int, int]]:
         return list(itertools.product(self.sites, self.latents, self.ks))
