@@ -82,9 +82,10 @@ def train_step(trainer, rows) -> None:
 
 
 def build_trainer(shape, batch, device, optimizer, dtype, cache, folder, tokens):
-    from sae.train import TrainConfig, Trainer
+    from sae.train import Trainer
 
-    cfg = TrainConfig(
+    cfg = G.train_config(
+        dtype,
         cache=str(cache),
         sites=[SITE],
         latents=[shape["n"]],
@@ -92,7 +93,6 @@ def build_trainer(shape, batch, device, optimizer, dtype, cache, folder, tokens)
         tokens=tokens,
         batch=batch,
         optimizer=optimizer,
-        dtype=dtype,
         seed=G.SEED,
         device=str(device),
         checkpoint_every=1 << 62,
@@ -415,7 +415,7 @@ def main() -> None:
         tempfile.TemporaryDirectory() as tmp,
         open(folder / f"profile-{tag}.txt", "w") as log,
     ):
-        cache = G.trainer_cache(shape["d"], Path(tmp))
+        cache = G.stub_cache(shape["d"], Path(tmp))
         for optimizer in args.optimizers.split(","):
             for dtype in args.dtypes.split(","):
                 key = f"{optimizer} {dtype}"

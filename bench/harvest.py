@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def peak_rss_mib() -> float:
-    """This process's peak RSS. VmHWM, unlike ru_maxrss, is not inherited across exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from common import rss_mib
 
 
 def read_phase(cache_dir: str, batch: int) -> None:
@@ -43,7 +35,7 @@ def read_phase(cache_dir: str, batch: int) -> None:
         rows += len(b)
         b.acts[cache.sites[0]].sum()  # touch the data
     seconds = time.perf_counter() - start
-    print(json.dumps({"rows": rows, "seconds": seconds, "peak_rss_mib": peak_rss_mib()}))
+    print(json.dumps({"rows": rows, "seconds": seconds, "peak_rss_mib": rss_mib()}))
 
 
 def timed(fn, batches) -> float:
@@ -68,18 +60,14 @@ def main() -> None:
 
     from hooks.cache import harvest
     from hooks.models import load_model
+    from hooks.selection import Selection
     from hooks.sites import Capture, base_model
-    from hooks.text import iter_documents
-    from hooks.windows import WindowSpec, holdout_split, iter_windows, stack
+    from hooks.windows import stack
 
     loaded = load_model("smollm2-135m", progress=False)
     model = loaded.model
-
-    def windows():
-        docs = holdout_split(iter_documents("builtin"), "train")
-        return iter_windows(docs, loaded.tokenizer, WindowSpec(context_size=128))
-
-    stream = windows()
+    selection = Selection(context_size=128)
+    stream = selection.windows(loaded.tokenizer, "train")
     batches = [stack([next(stream) for _ in range(8)])[0] for _ in range(args.batches)]
     tokens = sum(b.numel() for b in batches)
 
@@ -114,15 +102,15 @@ def main() -> None:
         harvest(
             loaded,
             [args.site],
-            windows(),
+            selection.windows(loaded.tokenizer, "train"),
             args.cache_tokens,
             Path(tmp) / "cache",
-            {"dataset": "builtin", "context_size": 128},
+            selection,
             batch_windows=8,
             progress=False,
         )
         harvest_rate = args.cache_tokens / (time.perf_counter() - start)
-        harvest_rss = peak_rss_mib()
+        harvest_rss = rss_mib()
         child = subprocess.run(
             [
                 sys.executable,
