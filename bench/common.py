@@ -16,6 +16,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def clock(kind: str = "wall"):
+    """A timer: "wall" is time.perf_counter; "cpu" is time.process_time, the CPU time of this
+    process. On a shared machine whose cores are oversubscribed, wall time measures the queue;
+    CPU time at one torch thread measures the work (at two threads it also counts spin-waits)."""
+    if kind not in ("wall", "cpu"):
+        raise ValueError(f"clock must be wall or cpu, got {kind!r}")
+    import time
+
+    return time.perf_counter if kind == "wall" else time.process_time
+
+
 def rss_mib(field: str = "VmHWM") -> float:
     """Peak (VmHWM) or current (VmRSS) resident set of this process in MiB. VmHWM, unlike
     ru_maxrss, is not inherited across exec, so a child's figure is its own."""

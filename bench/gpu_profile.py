@@ -397,10 +397,10 @@ def main() -> None:
     tag = args.tag or ("before" if args.sae_from else "after")
     folder = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "out")
     folder.mkdir(parents=True, exist_ok=True)
-    import sae.kernels
+    import sae
 
     env = G.environment(device)
-    env["sae_from"] = str(Path(sae.kernels.__file__).parent)
+    env["sae_from"] = str(Path(sae.__file__).parent)
     print(f"[{tag}] {json.dumps(env)}", flush=True)
 
     steps_needed = args.warmup + 3 * args.steps + 2

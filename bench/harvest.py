@@ -38,6 +38,18 @@ def read_phase(cache_dir: str, batch: int) -> None:
     print(json.dumps({"rows": rows, "seconds": seconds, "peak_rss_mib": rss_mib()}))
 
 
+def sink_ratio(model, batches, special: frozenset[int], site: str = "resid_post.3") -> float:
+    """Median residual norm at position 0 over the median at the other non-special positions:
+    why position 0 is dropped from the data by default."""
+    from hooks.sites import Capture
+
+    with Capture(model, [site]) as capture:
+        norms = torch.cat([capture(ids)[site].norm(dim=-1) for ids in batches])  # (B, T)
+    ids = torch.cat(batches)
+    rest = norms[:, 1:][~torch.isin(ids[:, 1:], torch.tensor(sorted(special)))]
+    return float(norms[:, 0].median() / rest.median())
+
+
 def timed(fn, batches) -> float:
     start = time.perf_counter()
     for ids in batches:
@@ -61,10 +73,12 @@ def main() -> None:
     from hooks.cache import harvest
     from hooks.models import load_model
     from hooks.selection import Selection
-    from hooks.sites import Capture, base_model
+    from hooks.sites import Capture, base_model, special_token_ids
     from hooks.windows import stack
 
+    start = time.perf_counter()
     loaded = load_model("smollm2-135m", progress=False)
+    load_s = time.perf_counter() - start  # from the dense copy in the cache, after the first run
     model = loaded.model
     selection = Selection(context_size=128)
     stream = selection.windows(loaded.tokenizer, "train")
@@ -94,6 +108,7 @@ def main() -> None:
             for _ in range(2):
                 for name, fn in variants.items():
                     seconds[name] += timed(fn, batches)
+        sink = sink_ratio(model, batches, special_token_ids(loaded.tokenizer))
     rates = {name: 2 * tokens / s for name, s in seconds.items()}
     full = rates["full base model, output_hidden_states"]
 
@@ -145,6 +160,10 @@ def main() -> None:
         f"\nearly exit / full forward: {rates[f'early exit at {args.site}'] / full:.2f}x "
         f"(target >= 1.8x);  cache read / harvest: {read_rate / harvest_rate:.0f}x (target >= 10x)"
     )
+    print(
+        f"model load {load_s:.2f} s; resid_post.3 norm at position 0 / the rest (median): "
+        f"{sink:.1f}x"
+    )
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     (out / "harvest.json").write_text(
@@ -158,6 +177,8 @@ def main() -> None:
                 "harvest_peak_rss_mib": harvest_rss,
                 "read_peak_rss_mib": read["peak_rss_mib"],
                 "cache_tokens": args.cache_tokens,
+                "model_load_s": load_s,
+                "position0_norm_ratio_resid_post.3": sink,
                 "torch": torch.__version__,
             },
             indent=2,

@@ -1,8 +1,8 @@
 """Side-by-side CPU timings of the TopK SAE kernels (sae/kernels.py) against plain PyTorch.
 
-    python bench/kernels.py [--reps 5] [--tokens 4096]
+    python bench/kernels.py [--reps 5] [--tokens 4096] [--threads 2] [--clock wall|cpu]
 
-Runs on 2 threads at N=4096, d=576, n=9216, k=32 in fp32 and bf16, prints a table of ms and
+Runs on --threads threads (2) at N=4096, d=576, n=9216, k=32 in fp32 and bf16, prints a table of ms and
 ratios, and writes bench/out/kernels.json. The cases run in interleaved rounds (each case once a
 round), and each reports the minimum (the least disturbed round) and the median, since other
 processes on a shared machine inflate single runs.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import clock
 
 from sae import kernels
 from sae.kernels import sparse_decode, topk_encode
@@ -46,7 +47,7 @@ class SparsifyEncoder(torch.autograd.Function):
         return dx, dW, db, None
 
 
-def interleaved(cases: dict, reps: int) -> dict[str, dict[str, float]]:
+def interleaved(cases: dict, reps: int, now=time.perf_counter) -> dict[str, dict[str, float]]:
     """Time every case once per round, `reps` rounds, so that a busy spell on the shared
     machine hits every case alike instead of a few cases entirely."""
     for fn in cases.values():
@@ -54,9 +55,9 @@ def interleaved(cases: dict, reps: int) -> dict[str, dict[str, float]]:
     times: dict[str, list[float]] = {case: [] for case in cases}
     for _ in range(reps):
         for case, fn in cases.items():
-            start = time.perf_counter()
+            start = now()
             fn()
-            times[case].append((time.perf_counter() - start) * 1e3)
+            times[case].append((now() - start) * 1e3)
     return {c: {"min_ms": min(t), "median_ms": statistics.median(t)} for c, t in times.items()}
 
 
@@ -146,18 +147,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="bfloat16 needs bf16 units")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="see common.clock")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "kernels.json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     results = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         name = str(dtype).removeprefix("torch.")
-        results[name] = interleaved(cases(args.tokens, dtype), args.reps)
+        results[name] = interleaved(cases(args.tokens, dtype), args.reps, clock(args.clock))
         r = results[name]
         matmul = r["matmul x @ W_enc, preallocated output"]["min_ms"]
         print(
-            f"\n{name}: N={args.tokens} d={D_IN} n={N_LATENTS} k={K}, 2 threads, {args.reps} reps"
+            f"\n{name}: N={args.tokens} d={D_IN} n={N_LATENTS} k={K}, {args.threads} threads, "
+            f"{args.reps} rounds, {args.clock} clock"
         )
         print(f"{'case':<52} {'min ms':>8} {'median':>8} {'/matmul':>8}")
         for case, t in r.items():
@@ -183,8 +188,8 @@ def main() -> None:
         r["speedups"] = ratios
 
     results["config"] = dict(
-        tokens=args.tokens, d_in=D_IN, n_latents=N_LATENTS, k=K, k_aux=K_AUX, threads=2,
-        reps=args.reps, torch=torch.__version__, default_chunk_size=kernels.DEFAULT_CHUNK_SIZE,
+        tokens=args.tokens, d_in=D_IN, n_latents=N_LATENTS, k=K, k_aux=K_AUX,
+        threads=args.threads, clock=args.clock, reps=args.reps, torch=torch.__version__, default_chunk_size=kernels.DEFAULT_CHUNK_SIZE,
     )  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

@@ -1,6 +1,6 @@
 """A bare training step of our Trainer, timed alone, next to the encoder matmul it contains.
 
-    python bench/step.py [--rounds 5] [--steps 3] [--warmup 8] [--threads 2]
+    python bench/step.py [--rounds 5] [--steps 3] [--warmup 8] [--threads 2] [--clock wall|cpu]
 
 Three shapes, the ones the training tables of BENCHMARKS.md use:
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from common import ROOT, stub_cache, train_config
+from common import ROOT, clock, stub_cache, train_config
 
 sys.path.insert(0, str(ROOT))
 
@@ -65,7 +65,7 @@ def planted_batches(count: int, batch: int) -> list[torch.Tensor]:
     return [sample(features, probs, batch, g) for _ in range(count)]
 
 
-def matmul_ms(x: torch.Tensor, W: torch.Tensor, reps: int = 3) -> float:
+def matmul_ms(x: torch.Tensor, W: torch.Tensor, now, reps: int = 3) -> float:
     """The faster of x @ W into one preallocated output and in 512-token chunks into one."""
     whole = x.new_empty(x.shape[0], W.shape[1])
     chunk = x.new_empty(512, W.shape[1])
@@ -79,9 +79,9 @@ def matmul_ms(x: torch.Tensor, W: torch.Tensor, reps: int = 3) -> float:
     for fn in (lambda: torch.mm(x, W, out=whole), chunked):
         fn()
         for _ in range(reps):
-            start = time.perf_counter()
+            start = now()
             fn()
-            best = min(best, 1e3 * (time.perf_counter() - start))
+            best = min(best, 1e3 * (now() - start))
     return best
 
 
@@ -91,20 +91,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps a config a round")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="see common.clock")
     parser.add_argument("--only", default=",".join(SHAPES))
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="e.g. 'fp32,fp32, no AuxK' on a CPU without bf16",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "step.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    now = clock(args.clock)
 
     from sae.train import Trainer
 
     shapes = {name: SHAPES[name] for name in args.only.split(",")}
-    data = planted_batches(4, max(s["batch"] for s in shapes.values()))
+    configs = {name: CONFIGS[name] for name in args.configs.split(",") if name}
+    dtypes = ("fp32", "bf16") if "bf16" in configs else ("fp32",)
+    data = planted_batches(2, max(s["batch"] for s in shapes.values()))
     trainers, feeds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         cache = stub_cache(576, Path(tmp))
         for shape_name, shape in shapes.items():
-            for config_name, config in CONFIGS.items():
+            for config_name, config in configs.items():
                 cfg = train_config(
                     cache=str(cache),
                     sites=["synthetic"],
@@ -124,7 +133,7 @@ def main() -> None:
                 for _ in range(args.warmup):
                     trainer._step(next(feed))
         step_ms = {key: [] for key in trainers}
-        mm_ms = {(s, dt): [] for s in shapes for dt in ("fp32", "bf16")}
+        mm_ms = {(s, dt): [] for s in shapes for dt in dtypes}
         g = torch.Generator().manual_seed(0)
         mm_inputs = {
             (s, dt): (
@@ -133,6 +142,7 @@ def main() -> None:
             )
             for s, shape in shapes.items()
             for dt, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+            if dt in dtypes
         }
         busy0, total0 = cpu_busy()
         r0 = time.process_time()
@@ -140,11 +150,11 @@ def main() -> None:
         for round_ in range(args.rounds):
             for key, trainer in trainers.items():
                 for _ in range(args.steps):
-                    start = time.perf_counter()
+                    start = now()
                     trainer._step(next(feeds[key]))
-                    step_ms[key].append(1e3 * (time.perf_counter() - start))
+                    step_ms[key].append(1e3 * (now() - start))
             for key, (x, W) in mm_inputs.items():
-                mm_ms[key].append(matmul_ms(x, W))
+                mm_ms[key].append(matmul_ms(x, W, now))
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
         wall = time.perf_counter() - started
         busy1, total1 = cpu_busy()
@@ -155,15 +165,19 @@ def main() -> None:
             for key, t in trainers.items()
         }
 
-    report: dict = {"threads": args.threads, "rounds": args.rounds, "steps": args.steps}
+    report: dict = {"threads": args.threads, "clock": args.clock, "rounds": args.rounds}
+    report["steps"] = args.steps
     report.update(torch=torch.__version__, wall_s=wall, other_load=others, shapes={})
-    print(f"\n{args.threads} threads, {args.rounds} interleaved rounds, others used {others:.0%}")
+    print(
+        f"\n{args.threads} threads, {args.clock} clock, {args.rounds} interleaved rounds, "
+        f"others used {others:.0%} of the machine"
+    )
     print(
         f"{'shape':10s} {'config':14s} {'step ms':>8s} {'matmul ms':>9s} {'share':>6s} {'dead':>5s}"
     )
     for s, shape in shapes.items():
         sec = {"shape": shape, "configs": {}}
-        for c in CONFIGS:
+        for c in configs:
             mm = statistics.median(mm_ms[(s, "bf16" if c == "bf16" else "fp32")])
             ms = statistics.median(step_ms[(s, c)])
             sec["configs"][c] = {
@@ -174,13 +188,13 @@ def main() -> None:
                 "dead_latents": dead[(s, c)],
             }
             print(f"{s:10s} {c:14s} {ms:8.1f} {mm:9.1f} {mm / ms:6.0%} {dead[(s, c)]:5d}")
-        cfgs = sec["configs"]
-        sec["fp32/bf16"] = cfgs["fp32"]["step_ms_median"] / cfgs["bf16"]["step_ms_median"]
-        sec["auxk_ms"] = cfgs["fp32"]["step_ms_median"] - cfgs["fp32, no AuxK"]["step_ms_median"]
-        print(
-            f"{s:10s} bf16 step {sec['fp32/bf16']:.2f}x as fast as fp32; AuxK adds "
-            f"{sec['auxk_ms']:.1f} ms to the fp32 step"
-        )
+        cfgs = {c: r["step_ms_median"] for c, r in sec["configs"].items()}
+        if "bf16" in cfgs and "fp32" in cfgs:
+            sec["fp32/bf16"] = cfgs["fp32"] / cfgs["bf16"]
+            print(f"{s:10s} the bf16 step is {sec['fp32/bf16']:.2f}x as fast as fp32's")
+        if "fp32, no AuxK" in cfgs and "fp32" in cfgs:
+            sec["auxk_ms"] = cfgs["fp32"] - cfgs["fp32, no AuxK"]
+            print(f"{s:10s} AuxK adds {sec['auxk_ms']:.1f} ms to the fp32 step")
         report["shapes"][s] = sec
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
