@@ -27,6 +27,21 @@ def clock(kind: str = "wall"):
     return time.perf_counter if kind == "wall" else time.process_time
 
 
+def matmul_variants(x: torch.Tensor, W: torch.Tensor) -> dict:
+    """x @ W three ways: into a fresh output ("alloc"), into one preallocated output ("out"), and
+    in 512-token chunks into one buffer ("chunk512", as the fused encoder runs it). The faster of
+    the last two is the bound; a fresh (N, n) output also pays its page faults."""
+    whole = x.new_empty(x.shape[0], W.shape[1])
+    chunk = x.new_empty(512, W.shape[1])
+
+    def chunked():
+        for start in range(0, len(x), 512):
+            rows = x[start : start + 512]
+            torch.mm(rows, W, out=chunk[: len(rows)])
+
+    return {"alloc": lambda: x @ W, "out": lambda: torch.mm(x, W, out=whole), "chunk512": chunked}
+
+
 def rss_mib(field: str = "VmHWM") -> float:
     """Peak (VmHWM) or current (VmRSS) resident set of this process in MiB. VmHWM, unlike
     ru_maxrss, is not inherited across exec, so a child's figure is its own."""

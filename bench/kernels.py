@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import clock
+from common import clock, matmul_variants
 
 from sae import kernels
 from sae.kernels import sparse_decode, topk_encode
@@ -108,13 +108,7 @@ def cases(N: int, dtype: torch.dtype) -> dict:
 
     with torch.no_grad():
         pre = torch.addmm(b_enc, x, W_enc)
-    xd, Wd = x.detach(), W_enc.detach()
-    whole, chunk = torch.empty_like(pre), pre.new_empty(512, N_LATENTS)
-
-    def matmul_chunked():
-        for start in range(0, N, 512):
-            rows = xd[start : start + 512]
-            torch.mm(rows, Wd, out=chunk[: len(rows)])
+    mm = matmul_variants(x.detach(), W_enc.detach())
 
     order = {}
     if dtype == torch.float32:  # the sort does not depend on the dtype
@@ -128,9 +122,9 @@ def cases(N: int, dtype: torch.dtype) -> dict:
             )
             order[f"latent order, torch.argsort, {name}"] = lambda i=i: argsort_order(i, N_LATENTS)
     return {
-        "matmul x @ W_enc, preallocated output": lambda: torch.mm(xd, Wd, out=whole),
-        "matmul x @ W_enc, 512-token chunks": matmul_chunked,
-        "matmul x @ W_enc, fresh output": lambda: xd @ Wd,
+        "matmul x @ W_enc, preallocated output": mm["out"],
+        "matmul x @ W_enc, 512-token chunks": mm["chunk512"],
+        "matmul x @ W_enc, fresh output": mm["alloc"],
         "topk torch (N, n)": lambda: pre.topk(K, dim=1, sorted=False),
         "topk ours two-stage (N, n)": lambda: kernels._topk(pre, K),
         "encoder ours fwd+bwd": ours(),

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from common import ROOT, clock, stub_cache, train_config
+from common import ROOT, clock, matmul_variants, stub_cache, train_config
 
 sys.path.insert(0, str(ROOT))
 
@@ -67,16 +67,9 @@ def planted_batches(count: int, batch: int) -> list[torch.Tensor]:
 
 def matmul_ms(x: torch.Tensor, W: torch.Tensor, now, reps: int = 3) -> float:
     """The faster of x @ W into one preallocated output and in 512-token chunks into one."""
-    whole = x.new_empty(x.shape[0], W.shape[1])
-    chunk = x.new_empty(512, W.shape[1])
-
-    def chunked():
-        for start in range(0, len(x), 512):
-            rows = x[start : start + 512]
-            torch.mm(rows, W, out=chunk[: len(rows)])
-
+    variants = matmul_variants(x, W)
     best = float("inf")
-    for fn in (lambda: torch.mm(x, W, out=whole), chunked):
+    for fn in (variants["out"], variants["chunk512"]):
         fn()
         for _ in range(reps):
             start = now()

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, SparsifyTrainer, fvu, rss_mib, train_config, unused
+from common import ROOT, SparsifyTrainer, fvu, matmul_variants, rss_mib, train_config, unused
 
 sys.path.insert(0, str(ROOT))  # `import sae, hooks` from the bench venv too
 
@@ -151,19 +151,6 @@ def steps_for(spec: dict) -> int:
     return math.ceil(spec["tokens"] / spec["batch"])
 
 
-def _matmul_variants(x: torch.Tensor, W: torch.Tensor) -> dict:
-    """x @ W three ways: a fresh output, a preallocated one, and 512-token chunks into one."""
-    whole = x.new_empty(x.shape[0], W.shape[1])
-    chunk = x.new_empty(512, W.shape[1])
-
-    def chunked():
-        for start in range(0, len(x), 512):
-            rows = x[start : start + 512]
-            torch.mm(rows, W, out=chunk[: len(rows)])
-
-    return {"alloc": lambda: x @ W, "out": lambda: torch.mm(x, W, out=whole), "chunk512": chunked}
-
-
 def run_roofline(spec: dict) -> dict:
     """The encoder matmul alone on the trainers' shapes: x @ W_enc into a preallocated output,
     whole batch or in 512-token chunks (the faster is the bound). A fresh (N, n) output per call
@@ -173,7 +160,7 @@ def run_roofline(spec: dict) -> dict:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         x = torch.randn(spec["batch"], spec["d"], generator=g).to(dtype)
         W = torch.randn(spec["d"], spec["n"], generator=g).to(dtype)
-        variants = _matmul_variants(x, W)
+        variants = matmul_variants(x, W)
         ms = {}
         for _ in range(2):  # interleaved, twice
             for variant, fn in variants.items():
