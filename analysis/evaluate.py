@@ -22,7 +22,6 @@ dims (not divided again by the tokens per batch).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -32,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from analysis.run import Run, open_run
+from analysis.run import Run
 from hooks.errors import UserError
-from hooks.paths import atomic_write_json
 from hooks.sites import Capture, Splice, outlier_mask, special_token_ids, token_mask
 from hooks.windows import batched, stack
 from sae.model import TopKSAE
@@ -375,25 +373,3 @@ def format_table(record: dict) -> str:
             )
             lines.append(f"  {section if i == 0 else '':15s} {key:30s} {text:>10s}")
     return "\n".join(lines)
-
-
-def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a run's SAE on held-out text (eval.json)")
-    p.add_argument("run", help="run directory written by `saewb train`")
-    # 20k is SAEBench's core-eval default (10 batches of 16 prompts of 128 tokens)
-    p.add_argument("--tokens", default="20k", help="held-out tokens to evaluate on (20k)")
-    p.add_argument("--batch", type=int, default=8, help="windows per model forward")
-    p.add_argument("--device", default="cpu")
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from hooks.models import parse_device
-    from sae.cli import parse_count  # imported here: sae.cli may import this module
-
-    n_tokens = parse_count(args.tokens)
-    device = parse_device(args.device)
-    run = open_run(args.run, device=str(device))
-    record = evaluate(run, n_tokens, batch_windows=args.batch)
-    atomic_write_json(run.path / EVAL_FILE, record)
-    print(format_table(record))
-    print(f"wrote {run.path / EVAL_FILE}")

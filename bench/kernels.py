@@ -1,4 +1,4 @@
-"""Side-by-side CPU timings of the TopK SAE kernels (sae/kernels.py) against plain PyTorch.
+"""Side-by-side CPU timings of the TopK SAE kernels (sae/kernels/) against plain PyTorch.
 
     python bench/kernels.py [--reps 5] [--tokens 4096] [--threads 2] [--clock wall|cpu]
 

@@ -7,7 +7,6 @@ process: each app made by create_app serves its own folder (tests make several).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import ipaddress
 import logging
@@ -159,27 +158,6 @@ def serve(path: Path | str, host: str = "127.0.0.1", port: int = 8050, device: s
         "(Ctrl-C to stop)"
     )
     app.run(host=host, port=port, debug=False)
-
-
-def add_dashboard_parser(subparsers) -> None:
-    p = subparsers.add_parser("dashboard", help="browse runs and features in the browser")
-    p.add_argument(
-        "path",
-        nargs="?",
-        default="checkpoints",
-        help="a run directory, or a folder with runs below it (default: checkpoints)",
-    )
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
-    )
-    p.add_argument("--port", type=int, default=8050)
-    p.add_argument("--device", default="cpu", help="where 'try your own text' runs the model")
-
-
-def cmd_dashboard(args: argparse.Namespace) -> None:
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port must be between 1 and 65535, got {args.port}.")
-    serve(args.path, args.host, args.port, args.device)
 
 
 __all__ = ["NotFound", "create_app", "serve", "route", "guard"]

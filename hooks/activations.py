@@ -74,6 +74,8 @@ class CaptureOptions:
             special_ids=(special_ids if self.drop_special else frozenset()) | self.extra_drop_ids,
             drop_first=self.drop_first,
         )
+        if not self.drop_first:  # position 0 is kept whatever its token (BOS, when prepended)
+            keep[:, 0] = True
         if self.outlier_factor:
             for site_acts in acts:
                 keep &= outlier_mask(site_acts.cpu(), keep.cpu(), self.outlier_factor).to(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -30,7 +29,7 @@ from hooks.activations import META, Rows, live_rows
 from hooks.buffer import MixingBuffer
 from hooks.errors import UserError
 from hooks.models import LoadedModel, parse_dtype
-from hooks.paths import atomic_write_json
+from hooks.paths import atomic_write, atomic_write_json
 from hooks.selection import Selection
 from hooks.windows import Window
 
@@ -176,7 +175,7 @@ def _start_or_resume(out: Path, wanted: dict, n_tokens: int) -> dict:
                     f"{wanted.get(key)!r}; choose another --cache directory or the same settings."
                 )
         # Files from a write that was cut short never made it into the manifest.
-        for stray in out.glob(".shard_*.tmp"):
+        for stray in out.glob(".shard_*.tmp"):  # atomic_write's temp files
             stray.unlink()
         manifest["tokens_target"] = n_tokens
         manifest["complete"] = False
@@ -196,15 +195,12 @@ def _start_or_resume(out: Path, wanted: dict, n_tokens: int) -> dict:
 
 def _write_shard(out: Path, manifest: dict, rows: Rows, windows_end: int) -> None:
     name = _shard_name(len(manifest["shards"]))
-    tmp = out / f".{name}.tmp"
     tensors = {k: v.contiguous() for k, v in rows.to_tensors().items()}
     try:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out / name)
+        atomic_write(
+            out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        )
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(
             f"Writing {name} in {out} failed ({exc.strerror or exc}); the {len(manifest['shards'])} "
             "finished shards are intact and the harvest resumes from them."

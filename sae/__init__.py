@@ -1,3 +1,31 @@
-"""The SAE itself: model, fused kernels, trainer, formats and the `saewb` CLI."""
+"""The SAE itself: model, fused kernels, trainer and checkpoint formats.
+
+    from sae import load_sae, TopKSAE
+    sae = load_sae("checkpoints/l3")        # ours, SAELens's or sparsify's folder
+    acts, idx = sae.encode(x)[:2]           # (N, k) each
+
+The names below load on first use, so `import sae` stays cheap for the command line.
+"""
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "TopKSAE": "sae.model",
+    "SAEConfig": "sae.model",
+    "load_sae": "sae.formats",
+    "save_sae": "sae.formats",
+    "export_saelens": "sae.formats",
+    "export_sparsify": "sae.formats",
+    "TrainConfig": "sae.train",
+    "Trainer": "sae.train",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = __import__(_LAZY[name], fromlist=[name])
+        return getattr(module, name)
+    raise AttributeError(f"module 'sae' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]

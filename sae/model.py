@@ -128,20 +128,20 @@ class TopKSAE(nn.Module):
         dead_mask: Tensor | None = None,
         k_aux: int = 0,
         k: int | None = None,
-        dtype: torch.dtype | None = None,
+        encode_dtype: torch.dtype | None = None,
     ):
-        """(top_acts, top_indices, aux...) for raw x (N, d_in). `dtype` (bf16) runs the matmul
+        """(top_acts, top_indices, aux...) for raw x (N, d_in). `encode_dtype` (bf16) runs the matmul
         and top-k search in that dtype; the activations come back in the weights' dtype.
 
         A trained BatchTopK SAE encodes at inference like the JumpReLU it exports as: the
         activations above its threshold, at most 4k per token.
         """
         xs = x.to(self.W_enc.dtype) * self.input_scale  # (N, d); the kernel subtracts b_dec
-        return self._encode_scaled(xs, dead_mask, k_aux, k, dtype)
+        return self._encode_scaled(xs, dead_mask, k_aux, k, encode_dtype)
 
-    def _encode_scaled(self, xs, dead_mask=None, k_aux=0, k=None, dtype=None):
+    def _encode_scaled(self, xs, dead_mask=None, k_aux=0, k=None, encode_dtype=None):
         jumprelu = self.cfg.architecture == "batchtopk" and not self.training and k is None
-        params = dict(b_dec=self.b_dec, search_dtype=dtype)
+        params = dict(b_dec=self.b_dec, encode_dtype=encode_dtype)
         if jumprelu and float(self.threshold) > 0:
             k_max = min(4 * self.cfg.k, self.cfg.n_latents)
             enc = topk_encode(xs, self.W_enc, self.b_enc, k_max, **params)
@@ -161,16 +161,19 @@ class TopKSAE(nn.Module):
         self,
         x: Tensor,
         dead_mask: Tensor | None = None,
-        dtype: torch.dtype | None = None,
+        encode_dtype: torch.dtype | None = None,
         reduce: Reduce | None = None,
         n_dead: int | None = None,
+        gather: Reduce | None = None,
     ) -> ForwardOutput:
         """Reconstruction and losses for raw x (N, d_in).
 
-        `dtype` (bf16) runs the encoder's matmul and top-k search in that dtype, as autocast
+        `encode_dtype` (bf16) runs the encoder's matmul and top-k search in that dtype, as autocast
         would; the decoder, the losses and every gradient stay in the weights' precision.
         `reduce` sums statistics over data-parallel ranks, so that every rank divides by the
         variance of the global batch and the ranks' summed gradients equal one process's.
+        `gather` (every rank's 1-D tensor, concatenated) lets BatchTopK take its cutoff over the
+        global batch; it needs `reduce` too.
         `n_dead`, when the caller already knows it, is dead_mask.sum(): reading it here would
         wait for the GPU.
         """
@@ -190,7 +193,7 @@ class TopKSAE(nn.Module):
         # over the dead columns beat sparse bookkeeping of k_aux entries per token.
         sparse_aux = use_aux and n_dead > cfg.k_aux
         aux = (dead_mask, cfg.k_aux) if sparse_aux else (None, 0)
-        enc = self._encode_scaled(xs, *aux, k=k_cand, dtype=dtype)
+        enc = self._encode_scaled(xs, *aux, k=k_cand, encode_dtype=encode_dtype)
         acts, idx = enc.top_acts, enc.top_idx  # (N, k_cand)
         multi_fvu = xs.new_zeros(())
         if cfg.multi_topk and self.training:
@@ -198,7 +201,7 @@ class TopKSAE(nn.Module):
             multi = self._decode_scaled(acts, idx) + self.b_dec
             multi_fvu = F.mse_loss(multi, xs, reduction="sum") / total_variance
         if batch_topk:
-            acts = self._batch_topk(acts)  # k * N over the whole batch, zeros elsewhere
+            acts = self._batch_topk(acts, reduce, gather)  # k * N over the global batch, zeros else
         elif k_cand is not None and k_cand > cfg.k:
             order = acts.topk(cfg.k, dim=1).indices
             acts, idx = acts.gather(1, order), idx.gather(1, order)  # (N, k)
@@ -227,21 +230,38 @@ class TopKSAE(nn.Module):
             aux_loss = scale * F.mse_loss(aux_recon, residual, reduction="sum") / aux_var
         return ForwardOutput(recon_s / self.input_scale, fvu, aux_loss, multi_fvu, acts, idx)
 
-    def _batch_topk(self, acts: Tensor) -> Tensor:
-        """Keep the k*N largest activations of the batch; track the threshold for inference."""
-        flat = acts.flatten()
-        keep = self.cfg.k * acts.shape[0]
-        if keep < flat.numel():
-            cutoff = flat.topk(keep, sorted=False).values.min()
-            acts = acts * (acts >= cutoff)
+    def _batch_topk(
+        self, acts: Tensor, reduce: Reduce | None = None, gather: Reduce | None = None
+    ) -> Tensor:
+        """Keep the k*N largest activations of the (global) batch, zeros elsewhere, and track
+        the smallest kept one as the threshold for inference.
+
+        Under data parallelism each rank sends its own k*N_global largest values (padded with
+        -inf): the global k*N-th value is among them, so the cutoff is exactly one process's.
+        """
         with torch.no_grad():
-            positive = acts[acts > 0]
+            flat = acts.detach().flatten()  # (N * k_cand,)
+            keep = self.cfg.k * acts.shape[0]
+            total = flat.numel()
+            if gather is not None:
+                counts = reduce(acts.new_tensor([acts.shape[0], flat.numel()], dtype=torch.int64))
+                rows, total = (int(c) for c in counts.tolist())  # one host sync
+                keep = self.cfg.k * rows
+                mine = flat.topk(min(keep, flat.numel()), sorted=False).values
+                padded = flat.new_full((keep,), -math.inf)
+                padded[: mine.numel()] = mine
+                candidates = gather(padded)  # (world * keep,), the global top keep among them
+            else:
+                candidates = flat
+            cutoff = candidates.topk(keep, sorted=False).values.min() if keep < total else None
+            kept = candidates if cutoff is None else candidates[candidates >= cutoff]
+            positive = kept[kept > 0]
             if positive.numel():
                 low = positive.min().to(self.threshold.dtype)
                 first = bool(self.threshold == 0)
                 rate = self.threshold_lr
                 self.threshold.copy_(low if first else (1 - rate) * self.threshold + rate * low)
-        return acts
+        return acts if cutoff is None else acts * (acts >= cutoff)
 
     # -- constraints and folding ---------------------------------------------------------
 

@@ -111,11 +111,21 @@ class ScheduleFreeSign(ScheduleFreeWrapper):
         return loss
 
 
-def is_sign_descent(optimizer) -> bool:
-    """Whether the update depends on the gradient's sign only, so that clipping cannot change it
-    (sign(c g) = sign(g) for c > 0)."""
-    base = optimizer.base if isinstance(optimizer, ScheduleFreeWrapper) else optimizer
-    return isinstance(base, Signum)
+def clipping_commutes(optimizer) -> bool:
+    """Whether clipping the gradient (scaling it by one positive factor c) cannot change the
+    update, so that the trainer may skip the clipping pass.
+
+    True for sign descent without momentum: sign(c g) = sign(g). That includes the schedule-free
+    sign descent: its momentum interpolates the iterates, and the base step takes the sign of
+    the raw gradient. False for Signum with momentum: the buffer sums gradients of different
+    steps, each clipped by its own factor, so its sign depends on their scales. The wrapper's
+    weight decay at y moves the parameters, not the gradient, so it does not matter here.
+    """
+    if isinstance(optimizer, ScheduleFreeWrapper):
+        optimizer = optimizer.base
+    return isinstance(optimizer, Signum) and all(
+        group["momentum"] == 0 for group in optimizer.param_groups
+    )
 
 
 def default_lr(optimizer: str, n_latents: int) -> float:

@@ -28,14 +28,14 @@ def _windows(tokenizer, interrupt_after=None):
         yield w
 
 
-def _harvest(loaded, out, n, interrupt_after=None, sites=SITES, **kw):
+def _harvest(loaded, out, n, interrupt_after=None, sites=SITES, selection=SELECTION, **kw):
     return harvest(
         loaded,
         sites,
         _windows(loaded.tokenizer, interrupt_after),
         n,
         out,
-        SELECTION,
+        selection,
         batch_windows=4,
         shard_tokens=100,
         progress=False,
@@ -93,7 +93,7 @@ def test_sigkilled_harvest_process_resumes(tiny_dir, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "sae",
+        "saewb_cli",
         "harvest",
         "--model",
         str(tiny_dir),
@@ -183,6 +183,9 @@ def test_mismatches_and_bad_caches_are_refused(tiny_llama, tmp_path):
         cache.check(d_model=576)
     with pytest.raises(UserError, match="sites=.*choose another --cache"):
         _harvest(tiny_llama, tmp_path / "c", 600, sites=["resid_post.0"])
+    kept_first = Selection(dataset="fixture", context_size=16, drop_first=False)
+    with pytest.raises(UserError, match="selection=.*choose another --cache"):
+        _harvest(tiny_llama, tmp_path / "c", 600, selection=kept_first)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="corrupt"):

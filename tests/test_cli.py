@@ -3,7 +3,7 @@
 import pytest
 
 from hooks.errors import UserError
-from sae.cli import main, parse_count
+from saewb_cli import main, parse_count
 
 
 def _run(capsys, *argv):

@@ -29,7 +29,7 @@ PLANTED = "planted/run"
 def _train(tiny_dir, text: Path, out: Path, k: int) -> None:
     from conftest import tiny_train_argv
 
-    from sae.cli import main
+    from saewb_cli import main
 
     assert main(tiny_train_argv(tiny_dir, text, out, k=k)) == 0
 
@@ -263,7 +263,7 @@ def test_opacity_ramp():
 
 
 def test_binds_to_loopback_unless_told(folder, monkeypatch):
-    from sae.cli import build_parser, main
+    from saewb_cli import build_parser, main
 
     args = build_parser().parse_args(["dashboard", str(folder[0])])
     assert args.host == "127.0.0.1" and args.port == 8050

@@ -18,7 +18,10 @@ import pytest
 import torch
 
 from sae import kernels
-from sae.kernels import _topk, sparse_decode, topk_encode
+from sae.kernels import sparse_decode, topk_encode
+from sae.kernels.encode import _topk, _transposed
+from sae.kernels.sparse import _latent_order, _latent_sums
+from sae.kernels.triton_kernels import _use_triton
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
@@ -305,14 +308,14 @@ def test_bf16_close_to_fp32(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_search_with_fp32_gradients(device):
-    """search_dtype=bf16 on fp32 weights: bf16 values at nearly the fp32 top-k, returned in fp32,
+def test_bf16_encode_dtype_with_fp32_gradients(device):
+    """encode_dtype=bf16 on fp32 weights: bf16 values at nearly the fp32 top-k, returned in fp32,
     and gradients exactly those of the fp32 pre-activations at the chosen latents."""
     x, W_enc, b_enc = make_encoder(N=64, d=32, n=256, dtype=torch.float32, device=device)
     x = x.detach()
     b_dec = rand(32, device=device, requires_grad=True, normal=True)
     dead_mask = (torch.rand(256, generator=torch.Generator().manual_seed(1)) < 0.25).to(device)
-    out = topk_encode(x, W_enc, b_enc, 8, dead_mask, 4, b_dec=b_dec, search_dtype=torch.bfloat16)
+    out = topk_encode(x, W_enc, b_enc, 8, dead_mask, 4, b_dec=b_dec, encode_dtype=torch.bfloat16)
     assert out.top_acts.dtype == out.aux_acts.dtype == torch.float32
     pre32 = (x - b_dec) @ W_enc + b_enc  # (64, 256)
     acts32, aux32 = pre32.gather(1, out.top_idx), pre32.gather(1, out.aux_idx)
@@ -348,8 +351,8 @@ def test_latent_sums_against_index_add(n):
     ref = torch.zeros(n, d, dtype=torch.float64).index_add_(
         0, idx.reshape(-1), (weights[:, :, None] * rows[:, None, :]).reshape(-1, d)
     )
-    torch.testing.assert_close(kernels._latent_sums(idx, weights, rows, n), ref)
-    crow, order = kernels._latent_order(idx, n)
+    torch.testing.assert_close(_latent_sums(idx, weights, rows, n), ref)
+    crow, order = _latent_order(idx, n)
     assert torch.equal(idx.reshape(-1)[order], idx.reshape(-1).sort(stable=True).values)
     assert torch.equal(crow[-1], torch.tensor(N * k)) and bool(
         (order.diff()[idx.reshape(-1)[order][1:] == idx.reshape(-1)[order][:-1]] > 0).all()
@@ -378,8 +381,8 @@ def run_python(code, **env):
     return result.stdout
 
 
-# Seen with triton 3.6 and numpy 2.5 (on the H200 machine): triton/runtime/interpreter.py turns
-# scalar kernel arguments into 1-element arrays and calls int() on them, which numpy 2.5 refuses.
+# triton 3.6's interpreter (triton/runtime/interpreter.py) turns scalar kernel arguments into
+# 1-element arrays and calls int() on them, which numpy 2.5 refuses.
 INTERPRETER_BUG = "only 0-dimensional arrays can be converted to Python scalars"
 
 
@@ -400,7 +403,7 @@ def test_imports_and_decodes_without_triton():
 # and in this process on a real GPU, where it also meets realistic widths.
 TRITON_CHECK = """
 import torch
-from sae.kernels import _SparseDecode, triton_decode
+from sae.kernels.decode import _SparseDecode, triton_decode
 
 def check(device, cases):
     for (N, n, d, k), dtype in cases:
@@ -426,11 +429,49 @@ def check(device, cases):
 SMALL_SHAPES = [(6, 20, 72, 5), (4, 50, 576, 40)]  # d not a power of two; k > BLOCK_K
 
 
+# The other Triton launchers (transpose, row kernels, the sign step) against their torch
+# formulations, called directly: on CPU tensors only the interpreter can run them.
+TRITON_CHECK_OTHERS = """
+from sae.kernels.rows import _triton_normalize_rows_, _triton_project_rows_
+from sae.kernels.sign_step import sf_sign_step_
+from sae.kernels.triton_kernels import _triton_transpose
+
+def check_others(device):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(130, 70, generator=g).to(device)  # not multiples of the 64 x 64 tiles
+    assert torch.equal(_triton_transpose(a), a.t())
+
+    W = torch.randn(20, 3000, generator=g).to(device)  # d over the 2048-wide row block
+    W /= W.norm(dim=1, keepdim=True)
+    grad = torch.randn(20, 3000, generator=g).to(device)
+    ref = grad - (grad * W).sum(1, keepdim=True) * W
+    _triton_project_rows_(grad, W)
+    torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
+    V = torch.randn(20, 3000, generator=g).to(device) * 3
+    V[0] = 0  # the eps clamp: a zero row stays zero
+    ref = V / V.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    _triton_normalize_rows_(V, 1e-8)
+    torch.testing.assert_close(V, ref, rtol=1e-5, atol=1e-6)
+
+    y, z, grad = (torch.randn(5000, generator=g).to(device) for _ in range(3))
+    grad[:3] = 0.0  # sign(0) = 0
+    lr, beta, ckp1 = 1e-2, 0.9, 0.3
+    x = torch.lerp(y, z, 1 - 1 / beta)  # the wrapper's four moves, one at a time
+    z_ref = z - lr * grad.sign()
+    x = torch.lerp(x, z_ref, ckp1)
+    y_ref = torch.lerp(x, z_ref, 1 - beta)
+    sf_sign_step_(y, z, grad, lr, beta, ckp1)
+    torch.testing.assert_close(z, z_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-7)
+"""
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_decode_matches_torch_path():
+def test_triton_kernels_match_torch_path_under_interpreter():
     cases = list(zip(SMALL_SHAPES + SMALL_SHAPES[:1], 2 * ["float32"] + ["bfloat16"]))
     cases = ", ".join(f"({shape}, torch.{dtype})" for shape, dtype in cases)
-    out = run_python(TRITON_CHECK + f"\ncheck('cpu', [{cases}])\nprint('ok')", TRITON_INTERPRET="1")
+    code = TRITON_CHECK + TRITON_CHECK_OTHERS + f"\ncheck('cpu', [{cases}])\ncheck_others('cpu')"
+    out = run_python(code + "\nprint('ok')", TRITON_INTERPRET="1")
     assert out.strip().endswith("ok")
 
 
@@ -442,16 +483,18 @@ def test_triton_decode_matches_torch_path_on_cuda():
     shapes = SMALL_SHAPES + [(300, 4096, 2048, 64), (257, 9216, 576, 32)]  # GPU bench widths
     cases = [(s, dt) for s in shapes for dt in (torch.float32, torch.bfloat16)]
     namespace["check"]("cuda", cases)
+    exec(TRITON_CHECK_OTHERS, namespace)
+    namespace["check_others"]("cuda")
 
 
 @pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
 def test_triton_dispatch(monkeypatch):
     cuda_fp32 = SimpleNamespace(is_cuda=True, dtype=torch.float32)  # stands in for a CUDA tensor
-    assert kernels._use_triton(cuda_fp32)
-    assert not kernels._use_triton(torch.zeros(1))  # CPU: torch path
-    assert not kernels._use_triton(SimpleNamespace(is_cuda=True, dtype=torch.float64))
+    assert _use_triton(cuda_fp32)
+    assert not _use_triton(torch.zeros(1))  # CPU: torch path
+    assert not _use_triton(SimpleNamespace(is_cuda=True, dtype=torch.float64))
     monkeypatch.setenv("SAEWB_DISABLE_TRITON", "1")
-    assert not kernels._use_triton(cuda_fp32)
+    assert not _use_triton(cuda_fp32)
 
 
 @needs_cuda
@@ -474,10 +517,10 @@ def test_decoder_selected_on_cuda(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_transposed_matches_torch(dtype, device):
     a = torch.randn(130, 70).to(device, dtype)  # not multiples of the 64 x 64 tiles
-    assert torch.equal(kernels._transposed(a), a.t())
-    assert kernels._transposed(a).is_contiguous()
+    assert torch.equal(_transposed(a), a.t())
+    assert _transposed(a).is_contiguous()
     if dtype == torch.float32:  # the narrowing cast goes first on CUDA: same values
-        out = kernels._transposed(a, torch.bfloat16)
+        out = _transposed(a, torch.bfloat16)
         assert out.dtype == torch.bfloat16 and torch.equal(out, a.t().bfloat16())
 
 
@@ -485,7 +528,7 @@ def test_transposed_matches_torch(dtype, device):
 def test_latent_order(device):
     idx = random_indices(300, 70, 6, device)
     idx[1] = idx[0]  # shared latents; with 70 latents and 6 per token, some are never used
-    crow, order = kernels._latent_order(idx, 70)
+    crow, order = _latent_order(idx, 70)
     flat = idx.reshape(-1).cpu()
     counts = torch.bincount(flat, minlength=70)
     assert torch.equal(crow.cpu(), torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))

@@ -138,7 +138,7 @@ def test_short_training_run_on_live_smollm2_lowers_fvu(tmp_path: Path):
 def test_demo_runs_every_stage(tmp_path: Path, capsys):
     import json
 
-    from sae.cli import main
+    from saewb_cli import main
 
     with user_cache():
         code = main(

@@ -1,4 +1,4 @@
-"""Tests for hooks/text.py: the wiki markup stripper, the built-in corpus and users' data."""
+"""Tests for hooks/text/: the wiki markup stripper, the built-in corpus and users' data."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from hooks import text
 from hooks.errors import UserError
-from hooks.text import Document, builtin_documents, iter_documents, strip_wiki_markup
+from hooks.text import Document, builtin, builtin_documents, iter_documents, strip_wiki_markup
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +115,7 @@ def builtin_cache(tmp_path_factory):
 
 def _redirect_titles() -> set[str]:
     """Redirect page titles, found independently of the module under test."""
-    wiki, _ = text._builtin_sources()
+    wiki, _ = builtin._builtin_sources()
     xml = bz2.open(wiki).read().decode()
     pages = re.findall(r"<page>.*?</page>", xml, re.S)
     return {
@@ -128,7 +127,7 @@ def _redirect_titles() -> set[str]:
 
 def test_builtin_corpus_shape(builtin_cache):
     _, docs, stderr, _ = builtin_cache
-    lee_name = text.LEE_NAME
+    lee_name = builtin.LEE_NAME
     wiki = [d for d in docs if d.title != lee_name]
     lee = [d for d in docs if d.title == lee_name]
     assert 100 <= len(wiki) <= 115
@@ -157,7 +156,7 @@ def test_builtin_second_call_reads_the_cache(builtin_cache, monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("the cached corpus should have been used")
 
-    monkeypatch.setattr(text, "_build_builtin", no_build)
+    monkeypatch.setattr(builtin, "_build_builtin", no_build)
     start = time.perf_counter()
     again = builtin_documents(progress=False)
     assert time.perf_counter() - start < 2.0
@@ -168,10 +167,10 @@ def test_builtin_second_call_reads_the_cache(builtin_cache, monkeypatch):
 
 
 def test_builtin_cache_key_follows_cleaner_version(monkeypatch):
-    wiki, lee = text._builtin_sources()
-    before = text._cache_path(wiki, lee)
-    monkeypatch.setattr(text, "CLEANER_VERSION", text.CLEANER_VERSION + 1)
-    assert text._cache_path(wiki, lee) != before
+    wiki, lee = builtin._builtin_sources()
+    before = builtin._cache_path(wiki, lee)
+    monkeypatch.setattr(builtin, "CLEANER_VERSION", builtin.CLEANER_VERSION + 1)
+    assert builtin._cache_path(wiki, lee) != before
     assert before.parent.name == "corpus"
 
 
@@ -184,9 +183,9 @@ def test_builtin_corrupt_cache_is_rebuilt(monkeypatch, damage):
         calls.append(progress)
         return list(fake)
 
-    monkeypatch.setattr(text, "_build_builtin", fake_build)
+    monkeypatch.setattr(builtin, "_build_builtin", fake_build)
     assert builtin_documents(progress=False) == fake
-    path = text._cache_path(*text._builtin_sources())
+    path = builtin._cache_path(*builtin._builtin_sources())
     good = path.read_text()
     if damage == "garbage":
         path.write_bytes(b"\x00\xffnot json at all\n")

@@ -187,66 +187,259 @@ def test_several_saes_from_one_stream(planted, tmp_path):
         assert [r["step"] for r in _log(run)] == [20, 25]  # every 20 steps, and the last
 
 
-def test_torchrun_two_ranks_match_one_process(planted, tmp_path):
+_RANKS_SCRIPT = """
+import json, sys
+from hooks.selection import Selection
+from sae.train import TrainConfig, Trainer
+for name, kw in json.loads(sys.argv[1]).items():
+    if "selection" in kw:
+        kw["selection"] = Selection(**kw["selection"])
+    Trainer(TrainConfig(**kw), sys.argv[2] + "/" + name, progress=False).fit()
+"""
+
+
+def _parity_configs(cache, tiny_dir, text):
+    common = dict(latents=[128], ks=[8], tokens=4096, batch=1024, log_every=2,
+                  buffer_tokens=4096, checkpoint_every=10**9)  # fmt: skip
+    return {
+        "topk": dict(common, cache=str(cache), sites=["synthetic"]),
+        "batchtopk": dict(common, cache=str(cache), sites=["synthetic"], architecture="batchtopk"),
+        "live": dict(common, model=str(tiny_dir), sites=["resid_post.1"], latents=[64], ks=[4],
+                     tokens=3072, batch=512, buffer_tokens=2048,
+                     selection=dict(dataset=str(text), context_size=32)),
+    }  # fmt: skip
+
+
+def test_torchrun_two_ranks_match_one_process(planted, tmp_path, tiny_dir):
+    """2 gloo ranks against one process, all three configs in one torchrun launch. From a cache
+    both see the same global batches, so they differ only in float summation order (the summed
+    gradients and the global FVU denominators): rtol 1e-4 on weights and FVU is far below what
+    a wrong reduction gives (a per-rank BatchTopK cutoff moved the weights by ~1e-2). From a live
+    model each rank captures its own windows into its own buffer, so the batches differ: the
+    same model, text and steps must reach a final FVU within 25% of one process's."""
     cache, _ = planted
-    common = [
-        "train",
-        "--cache",
-        str(cache),
-        "--site",
-        "synthetic",
-        "--latents",
-        "128",
-        "--k",
-        "8",
-        "--tokens",
-        "20480",
-        "--batch",
-        "1024",
-        "--log-every",
-        "5",
-        "--buffer-tokens",
-        "4096",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "sae", *common, "--out", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Story {i}: a cat sat on mat {i % 9}." for i in range(300)))
+    configs = _parity_configs(cache, tiny_dir, text)
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            "-m",
-            "sae",
-            *common,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29517", str(script), json.dumps(configs), str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
-    wa, wb = (
-        load_file(tmp_path / "one/sae.safetensors"),
-        load_file(tmp_path / "two/sae.safetensors"),
-    )
+    for name, kw in configs.items():
+        if "selection" in kw:
+            kw = {**kw, "selection": Selection(**kw["selection"])}
+        Trainer(TrainConfig(**kw), tmp_path / "one" / name, progress=False).fit()
+        one, two_dir = tmp_path / "one" / name, tmp_path / "two" / name
+        assert json.loads((two_dir / "run.json").read_text())["world_size"] == 2
+        la, lb = _log(one), _log(two_dir)
+        assert [r["tokens"] for r in la] == [r["tokens"] for r in lb]
+        if name == "live":
+            assert lb[-1]["fvu"] == pytest.approx(la[-1]["fvu"], rel=0.25)
+            assert lb[-1]["fvu"] < lb[0]["fvu"]
+            continue
+        wa, wb = load_file(one / "sae.safetensors"), load_file(two_dir / "sae.safetensors")
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+        assert [r["fvu"] for r in la] == pytest.approx([r["fvu"] for r in lb], rel=1e-4)
+
+
+def test_each_rank_picks_its_own_gpu():
+    from sae.train.distributed import backend_for, pick_device
+
+    two = {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "3"}
+    assert pick_device("cuda", two) == torch.device("cuda", 1)  # LOCAL_RANK, not RANK
+    assert pick_device("cuda", {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}) == torch.device("cuda", 0)
+    assert pick_device("cuda", {}) == torch.device("cuda")
+    assert pick_device("cuda:0", two) == torch.device("cuda", 0)  # explicit: every rank there
+    assert pick_device("cpu", two) == torch.device("cpu")
+    assert backend_for("cuda", {}) == "nccl"
+    assert backend_for("cuda:0", {}) == "gloo"  # NCCL refuses two ranks on one GPU
+    assert backend_for("cpu", {}) == "gloo"
+    assert backend_for("cuda", {"SAEWB_DIST_BACKEND": "gloo"}) == "gloo"
+
+
+def test_collectives_refuse_tensors_off_the_training_device():
+    from sae.train import World
+
+    world = World(rank=0, size=2, device=torch.device("meta"))
+    for collective in (world.sum, world.max, world.gather):
+        with pytest.raises(AssertionError, match="on cpu, but training runs on meta"):
+            collective(torch.zeros(3))
+
+
+def test_batchtopk_cutoff_is_global_over_ranks():
+    """Two ranks (threads exchanging through a barrier) with uneven row counts keep exactly the
+    activations, and track exactly the threshold, that one process keeps on the whole batch."""
+    import threading
+
+    from sae.model import SAEConfig, TopKSAE
+
+    torch.manual_seed(0)
+    acts = torch.rand(40, 12).relu_() * (torch.rand(40, 12) > 0.3)  # (N, 4k) candidates
+    parts = [acts[:15], acts[15:]]
+    cfg = SAEConfig(d_in=4, n_latents=64, k=3, architecture="batchtopk")
+    reference = TopKSAE(cfg)
+    expected = reference._batch_topk(acts)
+    ranks = [TopKSAE(cfg) for _ in parts]
+    barrier, slots, got = threading.Barrier(2), [None, None], [None, None]
+
+    def exchange(rank, t, combine):
+        barrier.wait()
+        slots[rank] = t.clone()
+        barrier.wait()
+        out = combine(slots)
+        barrier.wait()
+        return out
+
+    def run(rank):
+        reduce = lambda t: exchange(rank, t, lambda s: s[0] + s[1])  # noqa: E731
+        gather = lambda t: exchange(rank, t, torch.cat)  # noqa: E731
+        got[rank] = ranks[rank]._batch_topk(parts[rank], reduce, gather)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.testing.assert_close(torch.cat(got), expected, rtol=0, atol=0)
+    assert (expected > 0).sum() == 3 * 40  # the cutoff keeps k * N in all
+    for sae in ranks:
+        assert float(sae.threshold) == float(reference.threshold) > 0
+    # each rank's own cutoff would keep 3 * 15 and 3 * 25 of its own: not the same set
+    alone = TopKSAE(cfg)._batch_topk(parts[0])
+    assert not torch.equal(alone, got[0])
+
+
+def test_clipping_is_skipped_only_where_it_commutes(planted, tmp_path):
+    """Signum's momentum sums gradients of several steps, so clipping each by its own factor
+    changes the sign it follows; schedule-free sign descent takes the sign of the raw gradient."""
+    from sae.model import SAEConfig, TopKSAE
+    from sae.optim import Signum, clipping_commutes, make_optimizer
+
+    sae = TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2))
+    assert [clipping_commutes(make_optimizer(o, sae, 1e-3)) for o in OPTIMIZERS] == [
+        False,  # adam
+        False,  # signum, momentum 0.95
+        True,  # sf-signsgd
+    ]
+    assert clipping_commutes(Signum(sae.parameters(), lr=1e-3, momentum=0.0))
+
+    def steps(name, clip):  # three steps on gradients of different scales
+        torch.manual_seed(0)
+        model = TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2))
+        opt = make_optimizer(name, model, 1e-2)
+        for scale in (1.0, 100.0, 0.01):
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) * scale
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(steps("sf-signsgd", True), steps("sf-signsgd", False))
+    assert not torch.equal(steps("signum", True), steps("signum", False))
+    # and the trainer clips for signum: a tiny clip changes the trained weights
+    weights = {}
+    for clip in (0.0, 1e-6):
+        cfg = _cfg(planted[0], tokens=4096, optimizer="signum", grad_clip=clip, log_every=2)
+        trainer = Trainer(cfg, tmp_path / f"clip-{clip}", progress=False)
+        trainer.fit()
+        weights[clip] = trainer.members[0].sae.W_dec.detach().clone()
+    assert not torch.equal(weights[0.0], weights[1e-6])
+
+
+def test_extending_a_run_equals_an_uninterrupted_run(planted, tmp_path):
+    """--resume with more tokens continues where the run stopped: no batch of the buffer is
+    skipped, the values derived from the first --tokens are kept, and the first log line after
+    the resume averages the same steps as the uninterrupted run's."""
+    cache, _ = planted
+    fixed = dict(log_every=3, buffer_tokens=2048, warmup_steps=2, dead_tokens=2048,
+                 decay_frac=0.0, optimizer="adam", latents=[64], ks=[4], batch=256)  # fmt: skip
+    Trainer(_cfg(cache, tokens=16 * 256, **fixed), tmp_path / "whole", progress=False).fit()
+    Trainer(_cfg(cache, tokens=8 * 256, **fixed), tmp_path / "ext", progress=False).fit()
+    extended = Trainer(_cfg(cache, tokens=16 * 256, **fixed), tmp_path / "ext", resume=True,
+                       progress=False)  # fmt: skip
+    extended.fit()
+    whole, ext = _log(tmp_path / "whole"), _log(tmp_path / "ext")
+    ext = [r for r in ext if r["step"] != 8]  # the first run's own last line
+    assert [r["step"] for r in whole] == [r["step"] for r in ext] == [3, 6, 9, 12, 15, 16]
+    for ra, rb in zip(whole, ext, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6), ra["step"]
+    wa, wb = (load_file(tmp_path / d / "sae.safetensors") for d in ("whole", "ext"))
     for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
-    la, lb = _log(tmp_path / "one"), _log(tmp_path / "two")
-    assert [r["fvu"] for r in la] == pytest.approx([r["fvu"] for r in lb], rel=1e-4)
-    assert json.loads((tmp_path / "two/run.json").read_text())["world_size"] == 2
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+def test_extending_a_run_keeps_its_derived_values(planted, tmp_path):
+    cache, _ = planted
+    kw = dict(architecture="batchtopk", tokens=8 * 1024)
+    first = Trainer(_cfg(cache, **kw), tmp_path / "run", progress=False)
+    first.fit()
+    more = Trainer(_cfg(cache, **{**kw, "tokens": 64 * 1024}), tmp_path / "run", resume=True,
+                   progress=False)  # fmt: skip
+    fresh = Trainer(_cfg(cache, **{**kw, "tokens": 64 * 1024}), tmp_path / "new", progress=False)
+    assert fresh.data.buffer_tokens != first.data.buffer_tokens  # so the check below can fail
+    assert fresh.dead_tokens != first.dead_tokens
+    assert more.data.buffer_tokens == first.data.buffer_tokens
+    assert more.dead_tokens == first.dead_tokens
+    assert more.members[0].sae.threshold_lr == first.members[0].sae.threshold_lr
+    saved = json.loads((tmp_path / "run/run.json").read_text())["derived"]
+    assert saved["warmup_steps"] == more.derived.warmup_steps == first.derived.warmup_steps
+
+
+def test_a_crash_while_publishing_leaves_a_checkpoint(planted, tmp_path, monkeypatch):
+    """The run ends on a checkpoint boundary; the final checkpoint's rename fails. latest.json
+    must still name a whole checkpoint, and the run resumes from it."""
+    cache, _ = planted
+    cfg = dict(tokens=4 * 1024, checkpoint_every=2 * 1024, log_every=1)
+    real, renames = os.replace, []
+
+    def crash_on_folders(src, dst):
+        if os.path.isdir(src):
+            renames.append(dst)
+            if len(renames) == crash_on_folders.at:
+                raise OSError("simulated crash")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_folders)
+    crash_on_folders.at = 0
+    Trainer(_cfg(cache, **cfg), tmp_path / "count", progress=False).fit()
+    crash_on_folders.at, renames[:] = len(renames), []  # crash at the last publication
+    with pytest.raises(OSError, match="simulated crash"):
+        Trainer(_cfg(cache, **cfg), tmp_path / "run", progress=False).fit()
+    state = tmp_path / "run/state"
+    latest = json.loads((state / "latest.json").read_text())
+    assert (state / latest["dir"] / "trainer.json").exists(), latest
+    crash_on_folders.at = 0
+    resumed = Trainer(_cfg(cache, **cfg), tmp_path / "run", resume=True, progress=False)
+    resumed.fit()
+    assert resumed.tokens == 4 * 1024
+
+
+def test_checkpoints_are_also_bounded_in_time(planted, tmp_path):
+    cache, _ = planted
+    cfg = _cfg(cache, tokens=10 * 1024, log_every=2, checkpoint_seconds=1e-9)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    real = trainer._step
+
+    def dying(batch, calls=[0]):  # noqa: B006 - a counter across calls
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    trainer._step = dying
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    latest = json.loads((tmp_path / "run/state/latest.json").read_text())
+    assert latest["tokens"] == 4 * 1024  # checkpoint_every is 10**9: time alone saved it
 
 
 def test_nan_rows_are_skipped_then_abort(tmp_path):
@@ -333,7 +526,7 @@ def test_batchtopk_and_multi_topk_train(planted, tmp_path):
 
 
 def test_train_from_a_live_model_cli(tmp_path, tiny_dir, capsys):
-    from sae.cli import main
+    from saewb_cli import main
 
     text = tmp_path / "text.txt"
     text.write_text(

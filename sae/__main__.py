@@ -1,3 +1,0 @@
-from sae.cli import main
-
-raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""Fused kernels of the TopK SAE: a chunked TopK encoder whose backward is sparse, a sparse
+decoder, the decoder's row constraints, and the schedule-free sign step. Torch everywhere,
+Triton on CUDA where it is installed.
+
+    encode.py          topk_encode: chunked matmul + exact top-k forward, sparse backward
+    decode.py          sparse_decode: embedding_bag forward, sampled-dot backward
+    sparse.py          CSR views of the (N, k) activations, per-latent weight-gradient sums
+    triton_kernels.py  the optional triton import, when CUDA tensors use it, the gather kernels
+    rows.py            project_out_rows_, normalize_rows_: in-place row ops on W_dec
+    sign_step.py       sf_sign_step_: ScheduleFreeSign's one-pass Triton step
+"""
+
+# The underscored re-exports are internals that bench/gpu_profile.py and bench/kernels.py time
+# piece by piece; users need only __all__.
+from sae.kernels.decode import sparse_decode, triton_decode
+from sae.kernels.encode import CUDA_CHUNK_ELEMENTS, DEFAULT_CHUNK_SIZE, EncodeResult, topk_encode
+from sae.kernels.encode import _grouped_topk as _grouped_topk
+from sae.kernels.encode import _topk as _topk
+from sae.kernels.encode import _transposed as _transposed
+from sae.kernels.rows import normalize_rows_, project_out_rows_
+from sae.kernels.sign_step import sf_sign_step_
+from sae.kernels.sparse import _by_latent as _by_latent
+from sae.kernels.sparse import _latent_order as _latent_order
+from sae.kernels.triton_kernels import _block_k as _block_k
+from sae.kernels.triton_kernels import _gather_sum as _gather_sum
+from sae.kernels.triton_kernels import triton
+
+if triton is not None:
+    from sae.kernels.triton_kernels import _decode_dacts_kernel as _decode_dacts_kernel
+
+__all__ = [
+    "CUDA_CHUNK_ELEMENTS",
+    "DEFAULT_CHUNK_SIZE",
+    "EncodeResult",
+    "normalize_rows_",
+    "project_out_rows_",
+    "sf_sign_step_",
+    "sparse_decode",
+    "topk_encode",
+    "triton",
+    "triton_decode",
+]

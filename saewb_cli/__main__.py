@@ -1,0 +1,5 @@
+import sys
+
+from saewb_cli import main
+
+sys.exit(main())
