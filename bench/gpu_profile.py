@@ -288,6 +288,7 @@ def components(sae_model, enc, xb, device) -> dict:
     grad_out = torch.randn_like(xs)
     if cuda and K.triton is not None:
         from sae.kernels import _block_k, _decode_dacts_kernel
+        from sae.kernels.sparse import _by_token
 
         out["dec_fwd_triton"] = t(lambda: K._gather_sum(acts, idx, W_dec, torch.float32))
         N = idx.shape[0]
@@ -300,7 +301,7 @@ def components(sae_model, enc, xb, device) -> dict:
 
         out["dec_dacts_triton"] = t(dacts)
         sorted_idx, perm = idx.sort(dim=1)
-        pattern = K._by_token(sorted_idx, grad_out.new_ones(idx.numel()), n)
+        pattern = _by_token(sorted_idx, grad_out.new_ones(idx.numel()), n)
         out["dec_dacts_sampled_addmm"] = t(
             lambda: torch.sparse.sampled_addmm(pattern, grad_out, W_dec.t(), beta=0.0)
         )
