@@ -56,7 +56,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, when imported
+from common import ROOT, SparsifyTrainer, fvu, stub_cache, train_config, unused  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 
 SITE = "synthetic"
@@ -133,15 +135,6 @@ def memory_peak_mib(device: torch.device, base: int) -> float | None:
     if device.type != "cuda":
         return None
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
-def fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
-    x, recon = x.double(), recon.double()
-    return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-
-
-def unused(fired_idx: torch.Tensor, n: int) -> float:
-    return 1.0 - torch.unique(fired_idx).numel() / n
 
 
 class SyncedStream:
@@ -296,24 +289,14 @@ def make_data(
     return x, x_eval, info
 
 
-def trainer_cache(d: int, folder: Path) -> Path:
-    """A 4096-token cache of width d: only so that Trainer() can be built (it reads d_in and the
-    model name from the manifest); its batches are replaced by the device stream."""
-    from sae.synthetic import write_synthetic_cache
-
-    path = folder / f"cache-d{d}"
-    if not (path / "manifest.json").exists():
-        write_synthetic_cache(path, d, n_features=64, tokens=4096)
-    return path
-
-
 # -- the trainers ---------------------------------------------------------------------------------
 
 
 def run_ours(shape, x, x_eval, batch, device, optimizer, dtype, cache, precision="high") -> dict:
-    from sae.train import TrainConfig, Trainer
+    from sae.train import Trainer
 
-    cfg = TrainConfig(
+    cfg = train_config(
+        dtype,
         cache=str(cache),
         sites=[SITE],
         latents=[shape["n"]],
@@ -321,7 +304,6 @@ def run_ours(shape, x, x_eval, batch, device, optimizer, dtype, cache, precision
         tokens=x.shape[0],
         batch=batch,
         optimizer=optimizer,
-        dtype=dtype,
         seed=SEED,
         device=str(device),
         checkpoint_every=1 << 62,
@@ -387,86 +369,29 @@ def import_sparsify():
 
 def run_sparsify(shape, x, x_eval, batch, device, optimizer, dtype, precision="high") -> dict:
     sparsify = import_sparsify()
-    from schedulefree import ScheduleFreeWrapper
-    from sparsify import SparseCoder, SparseCoderConfig
-    from sparsify.sign_sgd import SignSGD
-    from transformers import get_linear_schedule_with_warmup
 
-    d, n, k = shape["d"], shape["n"], shape["k"]
     steps = x.shape[0] // batch
     base = memory_start(device)
-    torch.manual_seed(SEED)
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device, dtype=torch.float32)
-    # On CUDA its forward is decorated with bf16 autocast: the default, our "bf16" row. The
-    # undecorated forward is the fp32 row. On the CPU (--tiny) bf16 is CPU autocast.
-    plain = type(sae).forward.__wrapped__.__get__(sae)
-    if dtype == "bf16":
-        if device.type == "cuda":
-            forward = sae.forward
-        else:
-
-            def forward(*a, **kw):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return plain(*a, **kw)
-    else:
-        forward = plain
-    schedulers = []
-    if optimizer == "adam":
-        lr = 2e-4 / (n / 2**14) ** 0.5
-        opt = torch.optim.Adam([dict(params=sae.parameters(), lr=lr)])
-        schedulers = [get_linear_schedule_with_warmup(opt, 1000, steps)]  # lr_warmup_steps
-    else:  # "signum": schedule-free SignSGD, its default
-        lr = 5e-3 / (n / 2**14) ** 0.5
-        opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=lr)]), momentum=0.95)
-        opt.train()
-    since_fired = torch.zeros(n, dtype=torch.long, device=device)
-    did_fire = torch.zeros(n, dtype=torch.bool, device=device)
+    trainer = SparsifyTrainer(shape["d"], shape["n"], shape["k"], device, optimizer, dtype, steps)
     stream = SyncedStream(x, batch, device)
-    fvu_sum = 0.0
     start = time.perf_counter()
     with Precision(precision):
-        for step, rows in enumerate(stream):
-            xb = rows.acts[SITE]
-            num_tokens = xb.shape[0]  # their tokens_mask.sum().item(): a sync as well
-            if step == 0:
-                sae.b_dec.data = xb.mean(0).to(sae.dtype)
-            sae.set_decoder_norm_to_unit_norm()
-            total_variance = (xb - xb.mean(0)).pow(2).sum()
-            out = forward(x=xb, y=xb, dead_mask=None, total_variance=total_variance)
-            did_fire[out.latent_indices.flatten()] = True
-            fvu_sum += float(out.fvu.detach())  # their per-step logging sync
-            loss = out.fvu + 0.0 * out.auxk_loss + out.multi_topk_fvu / 8
-            loss.div(1).backward()
-            sae.remove_gradient_parallel_to_decoder_directions()
-            opt.step()
-            opt.zero_grad()
-            for scheduler in schedulers:
-                scheduler.step()
-            with torch.no_grad():
-                since_fired += num_tokens
-                since_fired[did_fire] = 0
-                did_fire.zero_()
-            last_fvu = float(out.fvu.detach())
-            del out, loss
+        for rows in stream:
+            trainer.step(rows.acts[SITE])
     sync(device)
     wall = time.perf_counter() - start
     peak = memory_peak_mib(device, base)
-    if isinstance(opt, ScheduleFreeWrapper):
-        opt.eval()  # what their checkpoints hold: the schedule-free average
-    with torch.no_grad(), Precision("highest"):
-        out = plain(x_eval)
+    with Precision("highest"):
+        evaluated = trainer.evaluate(x_eval)
     result = {
         **stream.report(),
         "wall_s": wall,
         "peak_mib": peak,
-        "fvu": fvu(x_eval, out.sae_out),
-        "unused_latents": unused(out.latent_indices[out.latent_acts > 0], n),
-        "train_fvu_last": last_fvu,
-        "lr": lr,
+        **evaluated,
         "precision": precision,
         "decoder": sparsify.utils.decoder_impl.__name__,
     }
-    del sae, opt, out
+    del trainer
     return result
 
 
@@ -536,7 +461,7 @@ def bench_shape(name, shape, tokens, batch, device, with_sparsify, folder, optim
         f"(~{data['mean_active']:.0f} active features per token)",
         flush=True,
     )
-    cache = trainer_cache(shape["d"], folder)
+    cache = stub_cache(shape["d"], folder)
     results = {}
     for r in runs_for(with_sparsify, optimizers):
         key = label(r)

@@ -82,9 +82,10 @@ def train_step(trainer, rows) -> None:
 
 
 def build_trainer(shape, batch, device, optimizer, dtype, cache, folder, tokens):
-    from sae.train import TrainConfig, Trainer
+    from sae.train import Trainer
 
-    cfg = TrainConfig(
+    cfg = G.train_config(
+        dtype,
         cache=str(cache),
         sites=[SITE],
         latents=[shape["n"]],
@@ -92,7 +93,6 @@ def build_trainer(shape, batch, device, optimizer, dtype, cache, folder, tokens)
         tokens=tokens,
         batch=batch,
         optimizer=optimizer,
-        dtype=dtype,
         seed=G.SEED,
         device=str(device),
         checkpoint_every=1 << 62,
@@ -288,6 +288,7 @@ def components(sae_model, enc, xb, device) -> dict:
     grad_out = torch.randn_like(xs)
     if cuda and K.triton is not None:
         from sae.kernels import _block_k, _decode_dacts_kernel
+        from sae.kernels.sparse import _by_token
 
         out["dec_fwd_triton"] = t(lambda: K._gather_sum(acts, idx, W_dec, torch.float32))
         N = idx.shape[0]
@@ -300,7 +301,7 @@ def components(sae_model, enc, xb, device) -> dict:
 
         out["dec_dacts_triton"] = t(dacts)
         sorted_idx, perm = idx.sort(dim=1)
-        pattern = K._by_token(sorted_idx, grad_out.new_ones(idx.numel()), n)
+        pattern = _by_token(sorted_idx, grad_out.new_ones(idx.numel()), n)
         out["dec_dacts_sampled_addmm"] = t(
             lambda: torch.sparse.sampled_addmm(pattern, grad_out, W_dec.t(), beta=0.0)
         )
@@ -397,10 +398,10 @@ def main() -> None:
     tag = args.tag or ("before" if args.sae_from else "after")
     folder = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "out")
     folder.mkdir(parents=True, exist_ok=True)
-    import sae.kernels
+    import sae
 
     env = G.environment(device)
-    env["sae_from"] = str(Path(sae.kernels.__file__).parent)
+    env["sae_from"] = str(Path(sae.__file__).parent)
     print(f"[{tag}] {json.dumps(env)}", flush=True)
 
     steps_needed = args.warmup + 3 * args.steps + 2
@@ -415,7 +416,7 @@ def main() -> None:
         tempfile.TemporaryDirectory() as tmp,
         open(folder / f"profile-{tag}.txt", "w") as log,
     ):
-        cache = G.trainer_cache(shape["d"], Path(tmp))
+        cache = G.stub_cache(shape["d"], Path(tmp))
         for optimizer in args.optimizers.split(","):
             for dtype in args.dtypes.split(","):
                 key = f"{optimizer} {dtype}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def peak_rss_mib() -> float:
-    """This process's peak RSS. VmHWM, unlike ru_maxrss, is not inherited across exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from common import rss_mib
 
 
 def read_phase(cache_dir: str, batch: int) -> None:
@@ -43,7 +35,19 @@ def read_phase(cache_dir: str, batch: int) -> None:
         rows += len(b)
         b.acts[cache.sites[0]].sum()  # touch the data
     seconds = time.perf_counter() - start
-    print(json.dumps({"rows": rows, "seconds": seconds, "peak_rss_mib": peak_rss_mib()}))
+    print(json.dumps({"rows": rows, "seconds": seconds, "peak_rss_mib": rss_mib()}))
+
+
+def sink_ratio(model, batches, special: frozenset[int], site: str = "resid_post.3") -> float:
+    """Median residual norm at position 0 over the median at the other non-special positions:
+    why position 0 is dropped from the data by default."""
+    from hooks.sites import Capture
+
+    with Capture(model, [site]) as capture:
+        norms = torch.cat([capture(ids)[site].norm(dim=-1) for ids in batches])  # (B, T)
+    ids = torch.cat(batches)
+    rest = norms[:, 1:][~torch.isin(ids[:, 1:], torch.tensor(sorted(special)))]
+    return float(norms[:, 0].median() / rest.median())
 
 
 def timed(fn, batches) -> float:
@@ -68,18 +72,16 @@ def main() -> None:
 
     from hooks.cache import harvest
     from hooks.models import load_model
-    from hooks.sites import Capture, base_model
-    from hooks.text import iter_documents
-    from hooks.windows import WindowSpec, holdout_split, iter_windows, stack
+    from hooks.selection import Selection
+    from hooks.sites import Capture, base_model, special_token_ids
+    from hooks.windows import stack
 
+    start = time.perf_counter()
     loaded = load_model("smollm2-135m", progress=False)
+    load_s = time.perf_counter() - start  # from the dense copy in the cache, after the first run
     model = loaded.model
-
-    def windows():
-        docs = holdout_split(iter_documents("builtin"), "train")
-        return iter_windows(docs, loaded.tokenizer, WindowSpec(context_size=128))
-
-    stream = windows()
+    selection = Selection(context_size=128)
+    stream = selection.windows(loaded.tokenizer, "train")
     batches = [stack([next(stream) for _ in range(8)])[0] for _ in range(args.batches)]
     tokens = sum(b.numel() for b in batches)
 
@@ -106,6 +108,7 @@ def main() -> None:
             for _ in range(2):
                 for name, fn in variants.items():
                     seconds[name] += timed(fn, batches)
+        sink = sink_ratio(model, batches, special_token_ids(loaded.tokenizer))
     rates = {name: 2 * tokens / s for name, s in seconds.items()}
     full = rates["full base model, output_hidden_states"]
 
@@ -114,15 +117,15 @@ def main() -> None:
         harvest(
             loaded,
             [args.site],
-            windows(),
+            selection.windows(loaded.tokenizer, "train"),
             args.cache_tokens,
             Path(tmp) / "cache",
-            {"dataset": "builtin", "context_size": 128},
+            selection,
             batch_windows=8,
             progress=False,
         )
         harvest_rate = args.cache_tokens / (time.perf_counter() - start)
-        harvest_rss = peak_rss_mib()
+        harvest_rss = rss_mib()
         child = subprocess.run(
             [
                 sys.executable,
@@ -157,6 +160,10 @@ def main() -> None:
         f"\nearly exit / full forward: {rates[f'early exit at {args.site}'] / full:.2f}x "
         f"(target >= 1.8x);  cache read / harvest: {read_rate / harvest_rate:.0f}x (target >= 10x)"
     )
+    print(
+        f"model load {load_s:.2f} s; resid_post.3 norm at position 0 / the rest (median): "
+        f"{sink:.1f}x"
+    )
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     (out / "harvest.json").write_text(
@@ -170,6 +177,8 @@ def main() -> None:
                 "harvest_peak_rss_mib": harvest_rss,
                 "read_peak_rss_mib": read["peak_rss_mib"],
                 "cache_tokens": args.cache_tokens,
+                "model_load_s": load_s,
+                "position0_norm_ratio_resid_post.3": sink,
                 "torch": torch.__version__,
             },
             indent=2,

@@ -1,10 +1,11 @@
 """Side-by-side CPU timings of the TopK SAE kernels (sae/kernels/) against plain PyTorch.
 
-    python bench/kernels.py [--reps 5] [--tokens 4096]
+    python bench/kernels.py [--reps 5] [--tokens 4096] [--threads 2] [--clock wall|cpu]
 
-Runs on 2 threads at N=4096, d=576, n=9216, k=32 in fp32 and bf16, prints a table of ms and
-ratios, and writes bench/out/kernels.json. Other processes on a shared machine inflate single
-runs, so each case reports the minimum (the least disturbed run) and the median.
+Runs on --threads threads (2) at N=4096, d=576, n=9216, k=32 in fp32 and bf16, prints a table of ms and
+ratios, and writes bench/out/kernels.json. The cases run in interleaved rounds (each case once a
+round), and each reports the minimum (the least disturbed round) and the median, since other
+processes on a shared machine inflate single runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import clock, matmul_variants
 
 from sae import kernels
 from sae.kernels import sparse_decode, topk_encode
@@ -45,14 +47,27 @@ class SparsifyEncoder(torch.autograd.Function):
         return dx, dW, db, None
 
 
-def timeit(fn, reps: int) -> dict[str, float]:
-    fn()  # warm-up: allocator, MKL and OpenMP thread pools
-    times = []
+def interleaved(cases: dict, reps: int, now=time.perf_counter) -> dict[str, dict[str, float]]:
+    """Time every case once per round, `reps` rounds, so that a busy spell on the shared
+    machine hits every case alike instead of a few cases entirely."""
+    for fn in cases.values():
+        fn()  # warm-up: allocator, MKL and OpenMP thread pools
+    times: dict[str, list[float]] = {case: [] for case in cases}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"min_ms": min(times), "median_ms": statistics.median(times)}
+        for case, fn in cases.items():
+            start = now()
+            fn()
+            times[case].append((now() - start) * 1e3)
+    return {c: {"min_ms": min(t), "median_ms": statistics.median(t)} for c, t in times.items()}
+
+
+def argsort_order(idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent order of kernels._latent_order by torch.argsort instead of numpy's radix sort."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat.int(), stable=True)
+    crow = torch.zeros(n + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(flat, minlength=n), 0, out=crow[1:])
+    return crow, order
 
 
 def cases(N: int, dtype: torch.dtype) -> dict:
@@ -93,8 +108,23 @@ def cases(N: int, dtype: torch.dtype) -> dict:
 
     with torch.no_grad():
         pre = torch.addmm(b_enc, x, W_enc)
+    mm = matmul_variants(x.detach(), W_enc.detach())
+
+    order = {}
+    if dtype == torch.float32:  # the sort does not depend on the dtype
+        small = top.top_idx[: max(1, 16384 // K)]
+        for name, i in (
+            (f"N*k={top.top_idx.numel()}", top.top_idx),
+            (f"N*k={small.numel()}", small),
+        ):
+            order[f"latent order, numpy radix (ours), {name}"] = lambda i=i: kernels._latent_order(
+                i, N_LATENTS
+            )
+            order[f"latent order, torch.argsort, {name}"] = lambda i=i: argsort_order(i, N_LATENTS)
     return {
-        "matmul x @ W_enc": lambda: torch.mm(x.detach(), W_enc.detach()),
+        "matmul x @ W_enc, preallocated output": mm["out"],
+        "matmul x @ W_enc, 512-token chunks": mm["chunk512"],
+        "matmul x @ W_enc, fresh output": mm["alloc"],
         "topk torch (N, n)": lambda: pre.topk(K, dim=1, sorted=False),
         "topk ours two-stage (N, n)": lambda: kernels._topk(pre, K),
         "encoder ours fwd+bwd": ours(),
@@ -103,6 +133,7 @@ def cases(N: int, dtype: torch.dtype) -> dict:
         "encoder sparsify-style fwd+bwd": sparsify,
         "decoder ours fwd+bwd": decode_ours,
         "decoder embedding_bag fwd+bwd": decode_embedding_bag,
+        **order,
     }
 
 
@@ -110,25 +141,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="bfloat16 needs bf16 units")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="see common.clock")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "kernels.json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     results = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         name = str(dtype).removeprefix("torch.")
-        results[name] = {
-            case: timeit(fn, args.reps) for case, fn in cases(args.tokens, dtype).items()
-        }
+        results[name] = interleaved(cases(args.tokens, dtype), args.reps, clock(args.clock))
         r = results[name]
-        matmul = r["matmul x @ W_enc"]["min_ms"]
+        matmul = r["matmul x @ W_enc, preallocated output"]["min_ms"]
         print(
-            f"\n{name}: N={args.tokens} d={D_IN} n={N_LATENTS} k={K}, 2 threads, {args.reps} reps"
+            f"\n{name}: N={args.tokens} d={D_IN} n={N_LATENTS} k={K}, {args.threads} threads, "
+            f"{args.reps} rounds, {args.clock} clock"
         )
-        print(f"{'case':<48} {'min ms':>8} {'median':>8} {'/matmul':>8}")
+        print(f"{'case':<52} {'min ms':>8} {'median':>8} {'/matmul':>8}")
         for case, t in r.items():
             print(
-                f"{case:<48} {t['min_ms']:8.1f} {t['median_ms']:8.1f} {t['min_ms'] / matmul:8.2f}"
+                f"{case:<52} {t['min_ms']:8.2f} {t['median_ms']:8.2f} {t['min_ms'] / matmul:8.2f}"
             )
         ratios = {
             "sparsify-style / ours (encoder)": r["encoder sparsify-style fwd+bwd"]["min_ms"]
@@ -137,14 +170,20 @@ def main() -> None:
             / r["decoder ours fwd+bwd"]["min_ms"],
             "torch / two-stage (topk)": r["topk torch (N, n)"]["min_ms"]
             / r["topk ours two-stage (N, n)"]["min_ms"],
+            **{
+                f"argsort / radix (latent order, {c.split(', ')[-1]})": r[c]["min_ms"]
+                / r[c.replace("torch.argsort", "numpy radix (ours)")]["min_ms"]
+                for c in r
+                if "torch.argsort" in c
+            },
         }
         for label, ratio in ratios.items():
             print(f"speed-up {label:<40} {ratio:8.2f}x")
         r["speedups"] = ratios
 
     results["config"] = dict(
-        tokens=args.tokens, d_in=D_IN, n_latents=N_LATENTS, k=K, k_aux=K_AUX, threads=2,
-        reps=args.reps, torch=torch.__version__, default_chunk_size=kernels.DEFAULT_CHUNK_SIZE,
+        tokens=args.tokens, d_in=D_IN, n_latents=N_LATENTS, k=K, k_aux=K_AUX,
+        threads=args.threads, clock=args.clock, reps=args.reps, torch=torch.__version__, default_chunk_size=kernels.DEFAULT_CHUNK_SIZE,
     )  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

@@ -10,7 +10,7 @@ this repository (the bench venv). Everything runs on 2 threads, batch 4096, side
   1. synthetic planted features (d=576, n=9216, k=32): one activation cache on disk, and every
      trainer reads the same batches in the same order through our cache reader (DataStream):
        ours      sae.train.Trainer.fit(), adam, signum and sf-signsgd (schedule-free sign
-                 descent, the default), fp32 and dtype="bf16"
+                 descent, the default), fp32 and encode_dtype="bf16"
        sparsify  SparseCoder + the per-step logic of sparsify/trainer.py (b_dec from the first
                  batch, unit-norm decoder, FVU loss, gradient projection, its optimisers: the
                  default schedule-free SignSGD and Adam with its lr rule and 1000-step warm-up),
@@ -45,8 +45,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, SparsifyTrainer, fvu, matmul_variants, rss_mib, train_config, unused
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `import sae, hooks` from the bench venv too
 
 WARMUP_STEPS = 3
@@ -61,15 +61,6 @@ DATA = Path(os.environ.get("SAEWB_BENCH_DATA", "/tmp/saewb-bench"))  # reused be
 
 
 # -- measuring ----------------------------------------------------------------------------------
-
-
-def rss_mib(field: str = "VmHWM") -> float:
-    """Peak (VmHWM) or current (VmRSS) resident set of this process. VmHWM, unlike ru_maxrss, is
-    not inherited across exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def cpu_jiffies() -> tuple[int, int]:
@@ -143,16 +134,6 @@ class TimedStream:
         }
 
 
-def fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
-    x, recon = x.double(), recon.double()
-    return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-
-
-def unused(fired: torch.Tensor, n: int) -> float:
-    """Share of the n latents that fire on no held-out token (fired: indices of firing latents)."""
-    return 1.0 - torch.unique(fired).numel() / n
-
-
 # -- the trainers (each runs in a child process) --------------------------------------------------
 
 
@@ -170,19 +151,6 @@ def steps_for(spec: dict) -> int:
     return math.ceil(spec["tokens"] / spec["batch"])
 
 
-def _matmul_variants(x: torch.Tensor, W: torch.Tensor) -> dict:
-    """x @ W three ways: a fresh output, a preallocated one, and 512-token chunks into one."""
-    whole = x.new_empty(x.shape[0], W.shape[1])
-    chunk = x.new_empty(512, W.shape[1])
-
-    def chunked():
-        for start in range(0, len(x), 512):
-            rows = x[start : start + 512]
-            torch.mm(rows, W, out=chunk[: len(rows)])
-
-    return {"alloc": lambda: x @ W, "out": lambda: torch.mm(x, W, out=whole), "chunk512": chunked}
-
-
 def run_roofline(spec: dict) -> dict:
     """The encoder matmul alone on the trainers' shapes: x @ W_enc into a preallocated output,
     whole batch or in 512-token chunks (the faster is the bound). A fresh (N, n) output per call
@@ -192,7 +160,7 @@ def run_roofline(spec: dict) -> dict:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         x = torch.randn(spec["batch"], spec["d"], generator=g).to(dtype)
         W = torch.randn(spec["d"], spec["n"], generator=g).to(dtype)
-        variants = _matmul_variants(x, W)
+        variants = matmul_variants(x, W)
         ms = {}
         for _ in range(2):  # interleaved, twice
             for variant, fn in variants.items():
@@ -214,9 +182,10 @@ def run_roofline(spec: dict) -> dict:
 
 
 def run_ours(spec: dict, x_eval: torch.Tensor) -> dict:
-    from sae.train import TrainConfig, Trainer
+    from sae.train import Trainer
 
-    cfg = TrainConfig(
+    cfg = train_config(
+        spec["encode_dtype"],
         cache=spec["cache"],
         sites=[spec["site"]],
         latents=[spec["n"]],
@@ -225,7 +194,6 @@ def run_ours(spec: dict, x_eval: torch.Tensor) -> dict:
         batch=spec["batch"],
         optimizer=spec["optimizer"],
         lr=spec.get("lr"),
-        dtype=spec["dtype"],
         seed=SEED,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -279,73 +247,20 @@ def _maybe_profiler(spec: dict, stream: TimedStream):
 
 
 def run_sparsify(spec: dict, x_eval: torch.Tensor) -> dict:
-    """sparsify's SparseCoder and the per-step logic of its Trainer.fit() hook (fvu loss,
-    auxk_alpha 0, no k decay, grad_acc_steps 1), fed from our cache instead of a model hook."""
-    os.environ["SPARSIFY_DISABLE_TRITON"] = "1"  # its Triton decoder needs CUDA
-    from schedulefree import ScheduleFreeWrapper
-    from sparsify import SparseCoder, SparseCoderConfig
-    from sparsify.sign_sgd import SignSGD
-    from transformers import get_linear_schedule_with_warmup
-
-    d, n, k, batch = spec["d"], spec["n"], spec["k"], spec["batch"]
-    steps = steps_for(spec)
+    """sparsify's SparseCoder and the per-step logic of its Trainer.fit() (bench/common.py),
+    fed from our cache instead of a model hook."""
     torch.set_float32_matmul_precision("high")  # as in Trainer.fit()
-    torch.manual_seed(SEED)
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), "cpu", dtype=torch.float32)
-    schedulers = []
-    if (
-        spec["optimizer"] == "adam"
-    ):  # bitsandbytes is not installed: torch.optim.Adam, as they fall back
-        lr = 2e-4 / (n / 2**14) ** 0.5
-        opt = torch.optim.Adam([dict(params=sae.parameters(), lr=lr)])
-        schedulers = [get_linear_schedule_with_warmup(opt, 1000, steps)]  # lr_warmup_steps=1000
-    else:  # "signum", their default
-        lr = 5e-3 / (n / 2**14) ** 0.5
-        opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=lr)]), momentum=0.95)
-        opt.train()
-    since_fired = torch.zeros(n, dtype=torch.long)
-    did_fire = torch.zeros(n, dtype=torch.bool)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
+    steps = steps_for(spec)
+    trainer = SparsifyTrainer(
+        spec["d"], spec["n"], spec["k"], "cpu", spec["optimizer"], spec["encode_dtype"], steps, SEED
+    )
     stream = cache_stream(spec)
     rss_setup = rss_mib("VmRSS")
-    fvu_sum = 0.0
     for step, rows in enumerate(stream):
         if step == steps:
             break
-        x = rows.acts[spec["site"]].to(torch.float32)
-        num_tokens = x.shape[0]
-        if step == 0:
-            sae.b_dec.data = x.mean(0).to(sae.dtype)
-        sae.set_decoder_norm_to_unit_norm()
-        total_variance = (x - x.mean(0)).pow(2).sum()
-        with autocast:
-            out = sae(x=x, y=x, dead_mask=None, total_variance=total_variance)
-        did_fire[out.latent_indices.flatten()] = True
-        fvu_sum += float(out.fvu.detach())  # their logging sync, every step
-        loss = out.fvu + 0.0 * out.auxk_loss + out.multi_topk_fvu / 8
-        loss.div(1).backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
-        for scheduler in schedulers:
-            scheduler.step()
-        with torch.no_grad():
-            since_fired += num_tokens
-            since_fired[did_fire] = 0
-            did_fire.zero_()
-        last_fvu = float(out.fvu)
-    if isinstance(opt, ScheduleFreeWrapper):
-        opt.eval()  # what their checkpoints save: the schedule-free average
-    with torch.no_grad():
-        out = sae(x_eval)
-    return {
-        **stream.report(batch),
-        "fvu": fvu(x_eval, out.sae_out),
-        "unused_latents": unused(out.latent_indices[out.latent_acts > 0], n),
-        "train_fvu_last": last_fvu,
-        "lr": lr,
-        "rss_setup_mib": rss_setup,
-    }
+        trainer.step(rows.acts[spec["site"]].to(torch.float32))
+    return {**stream.report(spec["batch"]), **trainer.evaluate(x_eval), "rss_setup_mib": rss_setup}
 
 
 def run_saelens(spec: dict, x_eval: torch.Tensor) -> dict:
@@ -397,11 +312,9 @@ def run_saelens(spec: dict, x_eval: torch.Tensor) -> dict:
 
 def train_windows(tokenizer, context: int):
     """The windows our live trainer reads: built-in corpus, train split, in order."""
-    from hooks.text import iter_documents
-    from hooks.windows import WindowSpec, holdout_split, iter_windows
+    from hooks.selection import Selection
 
-    docs = holdout_split(iter_documents("builtin"), "train")
-    return iter_windows(docs, tokenizer, WindowSpec(context_size=context))
+    return Selection(context_size=context).windows(tokenizer, "train")
 
 
 def run_forward_bound(spec: dict) -> dict:
@@ -428,6 +341,7 @@ def run_forward_bound(spec: dict) -> dict:
 
 
 def run_ours_live(spec: dict, x_eval: torch.Tensor) -> dict:
+    from hooks.selection import Selection
     from sae.train import TrainConfig, Trainer
 
     cfg = TrainConfig(
@@ -437,7 +351,7 @@ def run_ours_live(spec: dict, x_eval: torch.Tensor) -> dict:
         ks=[spec["k"]],
         batch=spec["batch"],
         tokens=spec["tokens"],
-        context=spec["context"],
+        selection=Selection(context_size=spec["context"]),
         optimizer=spec["optimizer"],
         seed=SEED,
     )
@@ -456,7 +370,10 @@ def run_ours_live(spec: dict, x_eval: torch.Tensor) -> dict:
         log = [
             json.loads(line) for line in (trainer.out / "train_log.jsonl").read_text().splitlines()
         ]
+        model_tokens = trainer.data.buffer.cursor * spec["context"]
+        pieces = live_pieces(trainer, spec, model_tokens // spec["context"], len(stream.step_s))
     return {
+        **pieces,
         "tokens_per_s": trainer.tokens / fit_s,  # end to end: model forwards, buffer and steps
         "fit_s": fit_s,
         "model_load_s": load_s,
@@ -465,10 +382,32 @@ def run_ours_live(spec: dict, x_eval: torch.Tensor) -> dict:
         "tokens": trainer.tokens,
         "unused_latents": unused(enc.top_idx[enc.top_acts > 0], spec["n"]),
         # windows the model ran on: the mixing buffer fills before the first step
-        "model_tokens": trainer.data.buffer.cursor * spec["context"],
+        "model_tokens": model_tokens,
         "fvu": fvu(x_eval, recon),
         "train_fvu_last": log[-1]["fvu"],
     }
+
+
+def live_pieces(trainer, spec: dict, windows: int, steps: int) -> dict:
+    """Two pieces of a live run timed alone after it, in the same process: tokenizing the
+    windows the model ran on, and the SAE's encoder matmul (batch, d) @ (d, n) once per step."""
+    from itertools import islice
+
+    start = time.perf_counter()
+    for _ in islice(train_windows(trainer.data.loaded.tokenizer, spec["context"]), windows):
+        pass
+    tokenize_s = time.perf_counter() - start
+    W = trainer.members[0].sae.W_enc.detach()
+    x = torch.randn(spec["batch"], W.shape[0])
+    out = x.new_empty(spec["batch"], W.shape[1])
+    torch.mm(x, W, out=out)
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        torch.mm(x, W, out=out)
+        times.append(time.perf_counter() - start)
+    matmul_s = statistics.median(times)
+    return {"tokenize_s": tokenize_s, "enc_matmul_s": steps * matmul_s, "windows": windows}
 
 
 def run_saelens_live(spec: dict, x_eval: torch.Tensor) -> dict:
@@ -625,8 +564,7 @@ def smollm2_data(tokens: int, site: str) -> tuple[Path, Path]:
 
     from hooks.cache import ActivationCache, harvest
     from hooks.models import load_model
-    from hooks.text import iter_documents
-    from hooks.windows import WindowSpec, holdout_split, iter_windows
+    from hooks.selection import Selection
 
     folder = DATA / f"smollm2-{site}-t{tokens}"
     cache, held_out = folder / "cache", folder / "eval.safetensors"
@@ -635,14 +573,11 @@ def smollm2_data(tokens: int, site: str) -> tuple[Path, Path]:
         return cache, held_out
     loaded = load_model("smollm2-135m", progress=False)
 
-    def windows(part):
-        docs = holdout_split(iter_documents("builtin"), part)
-        return iter_windows(docs, loaded.tokenizer, WindowSpec(context_size=128))
-
-    describe = {"dataset": "builtin", "context_size": 128}
-    harvest(loaded, [site], windows("train"), tokens, cache, describe, progress=True)
+    sel = Selection(context_size=128)
+    harvest(loaded, [site], sel.windows(loaded.tokenizer, "train"), tokens, cache, sel)
     with tempfile.TemporaryDirectory() as tmp:
-        harvest(loaded, [site], windows("eval"), 8192, Path(tmp) / "eval", describe, progress=False)
+        held = sel.windows(loaded.tokenizer, "eval")
+        harvest(loaded, [site], held, 8192, Path(tmp) / "eval", sel, progress=False)
         rows = [ActivationCache(Path(tmp) / "eval").read_shard(i) for i in range(1)]
         x = torch.cat([r.acts[site] for r in rows]).float()
     save_file({"x": x.contiguous()}, str(held_out))
@@ -805,23 +740,30 @@ def trainer_list(dtypes: list[str], with_saelens: bool = True, adam_lrs=()) -> l
     # --adam-lrs: does a higher Adam lr help these short runs?
     out = [
         dict(
-            trainer="ours", optimizer="adam", dtype="fp32", lr=lr, label=f"ours adam lr={lr:g} fp32"
+            trainer="ours",
+            optimizer="adam",
+            encode_dtype="fp32",
+            lr=lr,
+            label=f"ours adam lr={lr:g} fp32",
         )
         for lr in adam_lrs
     ]
     for dtype in dtypes:
         for opt in OURS:
             out.append(
-                dict(trainer="ours", optimizer=opt, dtype=dtype, label=f"ours {opt} {dtype}")
+                dict(trainer="ours", optimizer=opt, encode_dtype=dtype, label=f"ours {opt} {dtype}")
             )
         for opt in ("signum", "adam"):
             out.append(
                 dict(
-                    trainer="sparsify", optimizer=opt, dtype=dtype, label=f"sparsify {opt} {dtype}"
+                    trainer="sparsify",
+                    optimizer=opt,
+                    encode_dtype=dtype,
+                    label=f"sparsify {opt} {dtype}",
                 )
             )
     if with_saelens:
-        out.append(dict(trainer="saelens", dtype="fp32", label="SAELens fp32"))
+        out.append(dict(trainer="saelens", encode_dtype="fp32", label="SAELens fp32"))
     return out
 
 
@@ -873,7 +815,7 @@ def main() -> None:
             site="synthetic",
             trainer="ours",
             optimizer=opt,
-            dtype=dtype,
+            encode_dtype=dtype,
             label=f"ours {opt} {dtype} (profiled)",
             profile=True,
         )
@@ -973,8 +915,10 @@ def live(args) -> dict:
             print(
                 f"  ours {opt}: >= 4,000 tokens/s {'MET' if r['tokens_per_s'] >= 4000 else 'MISSED'}; "
                 f"FVU <= 0.21 {'MET' if r['fvu'] <= 0.21 else 'MISSED'}; "
-                f"model forwards + buffer {r['data_s']:.1f} s for {r['model_tokens']:,} model tokens, "
-                f"SAE steps {r['step_s']:.1f} s"
+                f"fit {r['fit_s']:.1f} s: model forwards + buffer + tokenizing "
+                f"{r['data_s']:.1f} s for {r['model_tokens']:,} model tokens, SAE steps "
+                f"{r['step_s']:.1f} s; alone: tokenizing {r['tokenize_s']:.2f} s, the encoder "
+                f"matmul {r['enc_matmul_s']:.2f} s"
             )
     ratios = {}
     for other, target in (("forward bound (layers 0-3)", 0.9), ("SAELens runner", 1.3)):
