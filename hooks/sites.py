@@ -339,8 +339,8 @@ def token_mask(
 ) -> torch.Tensor:
     """Which (B, T) positions to keep: no padding, no special tokens, and by default not position 0.
 
-    Position 0 is an attention sink in SmolLM2 (residual norm about 9x the rest at layer 3 (bench/harvest.py), whatever
-    its token), so it is excluded from SAE data and statistics unless asked for.
+    Position 0 is an attention sink in SmolLM2 (residual norm about 9x the rest at layer 3,
+    whatever its token; bench/harvest.py), so it is excluded from SAE data unless asked for.
     """
     keep = torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask is not None:
