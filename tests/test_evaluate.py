@@ -111,8 +111,8 @@ def brute_force(run, loaded, n_tokens: int, batch: int) -> dict:
     windows = list(run.heldout_windows(tokenizer))
     layer = model.model.layers[LAYER]  # resid_post.1 is block 1's output
     xs, x_hats, zs = [], [], []
-    ce = {"clean": [], "spliced": [], "ablated": []}
-    kl = {"spliced": [], "ablated": []}
+    ce = {"clean": [], "spliced": [], "ablated": [], "ablated_kept": []}
+    kl = {"spliced": [], "ablated": [], "ablated_kept": []}
     count = n_windows = 0  # kept tokens so far, windows up to the last one with a kept token
     for start in range(0, len(windows), batch):
         if count >= n_tokens:
@@ -134,25 +134,28 @@ def brute_force(run, loaded, n_tokens: int, batch: int) -> dict:
         z, x_hat = dense_sae(sae, x)
         xs.append(x), x_hats.append(x_hat), zs.append(z)
         runs = {"clean": clean}
-        for name, replacement in (("spliced", x_hat), ("ablated", torch.zeros_like(x_hat))):
+        runs["ablated"] = ablated_forward(model, layer, ids, None)
+        runs["ablated_kept"] = ablated_forward(model, layer, ids, keep)
 
-            def replace(m, a, out, keep=keep, replacement=replacement):
-                out = out.clone()
-                out[keep] = replacement
-                return out
+        def replace(m, a, out, keep=keep, replacement=x_hat):
+            out = out.clone()
+            out[keep] = replacement
+            return out
 
-            handle = layer.register_forward_hook(replace)
-            runs[name] = model(ids).logits
-            handle.remove()
+        handle = layer.register_forward_hook(replace)
+        runs["spliced"] = model(ids).logits
+        handle.remove()
         for b in range(B):
-            for t in range(T - 1):
+            for t in range(T):  # SAELens: KL at every kept position, CE where t+1 exists
                 if not keep[b, t]:
                     continue
                 logp = {name: F.log_softmax(lg[b, t].double(), -1) for name, lg in runs.items()}
-                for name in ce:
-                    ce[name].append(-logp[name][ids[b, t + 1]])
                 for name in kl:
                     kl[name].append((logp["clean"].exp() * (logp["clean"] - logp[name])).sum())
+                if t == T - 1:
+                    continue
+                for name in ce:
+                    ce[name].append(-logp[name][ids[b, t + 1]])
     X = torch.cat(xs).double()
     Xh = torch.cat(x_hats).double()
     Z = torch.cat(zs).double()
@@ -164,6 +167,7 @@ def brute_force(run, loaded, n_tokens: int, batch: int) -> dict:
     return {
         "n_tokens": X.shape[0],
         "n_scored_tokens": len(ce["clean"]),
+        "n_kl_tokens": len(kl["spliced"]),
         "n_windows": n_windows,
         "fvu": fvu.item(),
         "explained_variance": 1 - fvu.item(),
@@ -180,13 +184,43 @@ def brute_force(run, loaded, n_tokens: int, batch: int) -> dict:
         "frac_over_10_percent": (density > 0.10).double().mean().item(),
         "ce_loss_clean": mean["clean"],
         "ce_loss_spliced": mean["spliced"],
-        "ce_loss_ablated": mean["ablated"],
-        "ce_loss_recovered": (mean["ablated"] - mean["spliced"])
-        / (mean["ablated"] - mean["clean"]),
+        **{
+            f"{what}{suffix}": value
+            for suffix in ("", "_kept")
+            for what, value in (
+                ("ce_loss_ablated", mean["ablated" + suffix]),
+                ("ce_loss_recovered", recovered(mean, "ablated" + suffix)),
+                ("kl_div_ablated", kls["ablated" + suffix]),
+                (
+                    "kl_div_score",
+                    (kls["ablated" + suffix] - kls["spliced"]) / kls["ablated" + suffix],
+                ),
+            )
+        },
         "kl_div_spliced": kls["spliced"],
-        "kl_div_ablated": kls["ablated"],
-        "kl_div_score": (kls["ablated"] - kls["spliced"]) / kls["ablated"],
     }
+
+
+def recovered(ce: dict, base: str) -> float:
+    return (ce[base] - ce["spliced"]) / (ce[base] - ce["clean"])
+
+
+def ablated_forward(model, layer, ids, keep):
+    """Logits with the block's output zeroed: at every position (keep None, SAELens's baseline)
+    or at the kept positions only."""
+
+    def zero(m, a, out):
+        if keep is None:
+            return torch.zeros_like(out)
+        out = out.clone()
+        out[keep] = 0
+        return out
+
+    handle = layer.register_forward_hook(zero)
+    try:
+        return model(ids).logits
+    finally:
+        handle.remove()
 
 
 # -----------------------------------------------------------------------------
@@ -202,6 +236,7 @@ def test_metrics_match_brute_force(world, tmp_path):
     m = record["metrics"]
     assert record["n_tokens"] == ref["n_tokens"] == 600
     assert record["n_scored_tokens"] == ref["n_scored_tokens"]
+    assert record["n_kl_tokens"] == ref["n_kl_tokens"] > ref["n_scored_tokens"]
     assert record["n_windows"] == ref["n_windows"] and 16 < ref["n_windows"] < 24
     for key, expected in ref.items():
         if key.startswith("n_"):
@@ -211,6 +246,9 @@ def test_metrics_match_brute_force(world, tmp_path):
     assert m["fvu"] > 0.1 and m["ce_loss_spliced"] > m["ce_loss_clean"]
     assert m["dead_fraction"] >= 8 / 64 and 0 < m["frac_over_10_percent"] < 1
     assert m["l0"] <= 4 and m["kl_div_spliced"] > 0 and m["kl_div_ablated"] > 0
+    # The two baselines differ: zeroing position 0 too changes what every later token sees.
+    assert abs(m["ce_loss_ablated"] - m["ce_loss_ablated_kept"]) > 1e-3
+    assert abs(m["kl_div_ablated"] - m["kl_div_ablated_kept"]) > 1e-3
 
 
 def test_identity_sae_recovers_everything(world, tmp_path):
@@ -222,7 +260,11 @@ def test_identity_sae_recovers_everything(world, tmp_path):
     assert m["relative_reconstruction_bias"] == pytest.approx(1.0)
     assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
     assert m["kl_div_spliced"] < 1e-9 and m["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
-    assert m["ce_loss_ablated"] > m["ce_loss_clean"] + 0.01  # the ratio's denominator is real
+    # the ratios' denominators are real (zeroing the whole site of a random model hurts less)
+    assert m["ce_loss_ablated_kept"] > m["ce_loss_clean"] + 0.01
+    assert abs(m["ce_loss_ablated"] - m["ce_loss_clean"]) > 1e-3
+    assert m["ce_loss_recovered_kept"] == pytest.approx(1.0, abs=1e-6)
+    assert m["kl_div_score_kept"] == pytest.approx(1.0, abs=1e-6)
     assert m["l0"] == D and m["dead_fraction"] == 0.0
 
 
@@ -345,7 +387,7 @@ def test_cli_on_a_trained_run_writes_eval_json(world, tmp_path, capsys):
     assert record["sae"]["n_latents"] == 64 and record["sae"]["k"] == 4
     assert record["site"] == SITE and record["selection"]["drop_first"] is True
     m = record["metrics"]
-    assert m["l0"] <= 4 and m["ce_loss_ablated"] > m["ce_loss_clean"]
+    assert m["l0"] <= 4 and m["ce_loss_ablated_kept"] > m["ce_loss_clean"]
     assert m["fvu"] == pytest.approx(1 - m["explained_variance"])
     assert not list(run_dir.glob(".eval.json.*"))  # no temp file left from the atomic write
     out = capsys.readouterr().out
