@@ -443,3 +443,68 @@ def test_bad_input_too_little_text_and_wrong_width(world, tmp_path):
     with pytest.raises(UserError) as exc:
         evaluate(run, 100, loaded=loaded, progress=False)
     assert "d_in=48" in _one_sentence(exc) and "32" in str(exc.value)
+
+
+# -----------------------------------------------------------------------------
+# against SAELens itself (bench extra)
+
+
+@pytest.mark.bench
+def test_metrics_agree_with_saelens_evals(world, tmp_path):
+    """SAELens's own get_downstream_reconstruction_metrics (what run_evals calls), on the same
+    held-out windows with exclude_special_tokens, gives our CE, KL and their scores."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.evals import get_downstream_reconstruction_metrics
+    from sae_lens.load_model import load_model as saelens_load_model
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    from sae.formats import export_saelens, saelens_hook_name
+
+    root, loaded, _ = world
+    tokenizer = loaded.tokenizer
+    text = tmp_path / "short.txt"  # 20 held-out documents: ~14 windows
+    text.write_text(
+        "\n\n".join(f"Story {i}: the cat sat on the mat, {i % 7} dogs ran." for i in range(400))
+    )
+    selection = Selection(dataset=str(text), context_size=CONTEXT)
+    run = make_run(tmp_path / "run", world, random_sae(), selection)
+    record = evaluate(run, 10**6, batch_windows=8, loaded=loaded, progress=False)
+    hook = saelens_hook_name(SITE, loaded.model)
+    export_saelens(run.sae, tmp_path / "lens", hook_module=hook)
+    peer = sae_lens.SAE.load_from_disk(tmp_path / "lens")
+    # a fresh copy: the wrapper leaves hooks on the model it wraps
+    hooked = saelens_load_model(
+        "AutoModelForCausalLM", str(root / "tiny-llama"), "cpu", None, [hook]
+    )
+    ids = torch.stack([w.tokens for w in run.heldout_windows(tokenizer)])  # (W, T)
+    assert (ids[:, 0] == tokenizer.bos_token_id).all()  # its special-token mask is our keep
+
+    class Windows:  # the one method of an ActivationsStore that the evals call
+        def __init__(self):
+            self.batches = iter(ids.split(8))
+
+        def get_batch_tokens(self, n):
+            return next(self.batches)
+
+    special = sorted(special_token_ids(tokenizer))
+    with torch.no_grad():
+        theirs = get_downstream_reconstruction_metrics(
+            peer, hooked, Windows(), ActivationScaler(), True, True, len(ids.split(8)), 8, special
+        )
+    m = record["metrics"]
+    assert record["n_windows"] == len(ids)
+    pairs = {
+        "ce_loss_clean": "ce_loss_without_sae",
+        "ce_loss_spliced": "ce_loss_with_sae",
+        "ce_loss_ablated": "ce_loss_with_ablation",
+        "ce_loss_recovered": "ce_loss_score",
+        "kl_div_spliced": "kl_div_with_sae",
+        "kl_div_ablated": "kl_div_with_ablation",
+        "kl_div_score": "kl_div_score",
+    }
+    for ours, name in pairs.items():
+        print(
+            f"{ours} {m[ours]:.6f} saelens {theirs[name]:.6f} rel {m[ours] / theirs[name] - 1:.1e}"
+        )
+        assert m[ours] == pytest.approx(theirs[name], rel=1e-4), ours
+    assert abs(m["ce_loss_ablated_kept"] - theirs["ce_loss_with_ablation"]) > 1e-3
