@@ -9,14 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_model
 
-from analysis.evaluate import (
-    ReconstructionStats,
-    add_eval_parser,
-    cmd_eval,
-    evaluate,
-    sae_splice,
-    with_error_term,
-)
+from analysis.evaluate import ReconstructionStats, evaluate, sae_splice, with_error_term
 from analysis.run import open_run
 from hooks.errors import UserError
 from hooks.models import LoadedModel
@@ -24,6 +17,7 @@ from hooks.selection import Selection
 from hooks.sites import Splice, special_token_ids, token_mask
 from sae.formats import save_sae
 from sae.model import SAEConfig, TopKSAE
+from saewb_cli.measure import add_parsers, cmd_eval
 
 SITE, LAYER, CONTEXT, D = "resid_post.1", 1, 32, 32
 
@@ -360,7 +354,7 @@ def test_the_training_token_selection_is_used(world, tmp_path):
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="saewb")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    add_parsers(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["eval", *argv])
 
 
