@@ -127,6 +127,12 @@ def saelens_hook_name(site: str, model: nn.Module) -> str:
     the output of no one module in general (GPT-2 adds two embeddings, Gemma scales its own).
     """
     resolved = resolve_site(model, site)
+    if resolved.minus_arg is not None or resolved.rows_of is not None:
+        raise UserError(
+            f"SAELens hooks a module's output as it is, but {site} is the output of "
+            f"{resolved.module_path} less its residual input or reshaped from (B*T, d) rows; "
+            "pass hook_module= if SAELens should hook that module anyway."
+        )
     if not resolved.use_input:
         return resolved.module_path
     parent, _, index = resolved.module_path.rpartition(".")

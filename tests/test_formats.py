@@ -175,6 +175,14 @@ def test_saelens_hook_name_is_the_module_whose_output_is_the_site(arch):
     assert "hook_module=" in user_error(saelens_hook_name, "resid_pre.0", model)
 
 
+def test_saelens_hook_name_refuses_a_site_no_module_outputs():
+    """Bloom's attention adds the residual to its own output: attn_out is that less its input."""
+    bloom = make_model("bloom", 64)
+    assert saelens_hook_name("resid_post.1", bloom) == "transformer.h.1"
+    msg = user_error(saelens_hook_name, "attn_out.1", bloom)
+    assert "less its residual input" in msg and "hook_module=" in msg
+
+
 def test_saelens_export_reads_the_module_tree_from_the_models_folder(tmp_path, tiny_dir):
     """No model passed: the hook name comes from the run's model folder, built without weights;
     a model that cannot be read is one sentence naming the way out."""
