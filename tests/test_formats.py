@@ -191,8 +191,9 @@ def test_saelens_export_reads_the_module_tree_from_the_models_folder(tmp_path, t
     meta = json.loads((tmp_path / "a" / "cfg.json").read_text())["metadata"]
     assert meta["hook_name"] == "model.layers.2.mlp" and meta["model_name"] == str(tiny_dir)
     assert load_sae(tmp_path / "a").cfg.site == "mlp_out.2"  # our name comes back
-    msg = user_error(export_saelens, make_sae(), tmp_path / "b")
-    assert "'tiny'" in msg and "hook_module=" in msg and not (tmp_path / "b").exists()
+    gone = TopKSAE(SAEConfig(D, N, K, model=str(tmp_path / "gone"), site="resid_post.3"))
+    msg = user_error(export_saelens, gone, tmp_path / "b")  # a path: no hub lookup either
+    assert "gone'" in msg and "hook_module=" in msg and not (tmp_path / "b").exists()
 
 
 def test_third_party_saelens_hook_name_is_the_site(tmp_path):
