@@ -1,18 +1,34 @@
 """Evaluating a trained SAE on held-out text: reconstruction quality, sparsity, and what splicing
 it into the model does to the next-token loss (`saewb eval RUN`, writes RUN/eval.json).
 
-Per batch of held-out windows there are three full forward passes:
+Per batch of held-out windows there are four full forward passes:
 
-  clean     the model as it is; the site's activation x (B, T, d) is recorded on the way
-  spliced   the site's activation at the kept positions replaced by the SAE reconstruction x_hat
-  ablated   the site's activation at the kept positions set to zero
+  clean         the model as it is; the site's activation x (B, T, d) is recorded on the way
+  spliced       the site's activation at the kept positions replaced by the SAE reconstruction
+  ablated       the site's activation set to zero at every position, position 0 included
+  ablated_kept  the site's activation set to zero at the kept positions only
 
-Kept positions are exactly the tokens the SAE was trained on (no special tokens, not position 0,
-the run's outlier rule if it had one); all other positions keep their original activation, like
-SAELens' evals. Reconstruction metrics are streamed over the kept tokens in float64, so nothing
-but a few (d,) and (n_latents,) sums is held. The losses score the predictions made AT the kept
-positions (logits at t, target token t+1), the same positions in all three runs: those are the
-positions whose own activation the splice replaced.
+Kept positions are exactly the tokens the SAE was trained on (`Selection.capture.keep`: no
+special tokens, not position 0, the run's outlier rule if it had one); the splice leaves every
+other position's activation as it was. Reconstruction metrics are streamed over the kept tokens
+in float64, so nothing but a few (d,) and (n_latents,) sums is held.
+
+What matches SAELens 6.54's `run_evals` (sae_lens/evals.py, `get_recons_loss`) with
+exclude_special_tokens=True, whose windows start with BOS as ours do by default:
+- the splice: SAELens replaces the activation by the SAE's output where its mask (not a special
+  token) is true and keeps it elsewhere; with BOS at position 0 that mask is our kept positions
+  (we also drop position 0 whatever its token, and outliers when the run did).
+- the scored positions: CE is the loss of the prediction made at each kept position t < T-1
+  (logits at t, target token t+1); KL(clean || run), summed over the vocabulary, is taken at
+  every kept position, the window's last one included (it needs no target), as SAELens does.
+- the baseline: `ce_loss_ablated` and `kl_div_ablated` zero the whole site, as SAELens's
+  zero-ablation hook does, and `ce_loss_recovered` (SAELens's `ce_loss_score`) and `kl_div_score`
+  are computed from them, so these numbers compare across tools.
+The `_kept` variants (`ce_loss_ablated_kept`, `ce_loss_recovered_kept`, `kl_div_ablated_kept`,
+`kl_div_score_kept`) zero only the kept positions and leave position 0 intact. In SmolLM2
+position 0 is an attention sink that every later token reads, and the SAE never sees it, so
+zeroing it measures the loss of the sink rather than of the site: the kept baseline is the fair
+one for an SAE trained without position 0.
 
 The formulas follow SAELens >= 6.45 (see ../shared/reference/saelens-saebench.md, section 1.7),
 avoiding its old bugs: explained variance is 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2) (not
@@ -33,12 +49,19 @@ from torch import Tensor
 
 from analysis.run import Run
 from hooks.errors import UserError
-from hooks.sites import Capture, Splice, outlier_mask, special_token_ids, token_mask
+from hooks.sites import Capture, Splice, special_token_ids
 from hooks.windows import batched, stack
 from sae.model import TopKSAE
 
 EVAL_FILE = "eval.json"
-SCORED = "predictions made at the kept positions t < T-1 (logits at t, target token t+1)"
+SCORED = (
+    "CE: predictions made at the kept positions t < T-1 (logits at t, target token t+1); "
+    "KL: the logits at every kept position"
+)
+BASELINES = (
+    "ablated: the whole site zeroed at every position, as SAELens; "
+    "ablated_kept: only the kept positions zeroed"
+)
 
 
 # -----------------------------------------------------------------------------
@@ -118,45 +141,62 @@ class ReconstructionStats:
 
 
 class LossStats:
-    """Next-token CE of the clean, spliced and ablated runs, and KL(clean || other), per token."""
+    """Next-token CE of each run and KL(clean || run), per scored token (see the module doc)."""
+
+    RUNS = ("clean", "spliced", "ablated", "ablated_kept")
 
     def __init__(self) -> None:
-        self.n = 0
-        self.ce = {"clean": 0.0, "spliced": 0.0, "ablated": 0.0}
-        self.kl = {"spliced": 0.0, "ablated": 0.0}
+        self.n_ce = 0  # kept positions with a next token
+        self.n_kl = 0  # all kept positions
+        self.ce = dict.fromkeys(self.RUNS, 0.0)
+        self.kl = dict.fromkeys(self.RUNS[1:], 0.0)
 
     @torch.no_grad()
-    def update(self, logits: dict[str, Tensor], targets: Tensor, rows: int = 256) -> None:
-        """logits: {run: (N, V)} at the scored positions; targets: (N,) the next tokens.
+    def update(
+        self, logits: dict[str, Tensor], targets: Tensor, has_target: Tensor, rows: int = 256
+    ) -> None:
+        """logits: {run: (N, V)} at the kept positions; targets: (N,) the next tokens, which
+        count only where has_target (N,) is true (a window's last position has none).
 
         Log-probabilities are taken in float64: a small KL is a sum of many near-cancelling
         terms, which float32 gets wrong in the third digit. `rows` at a time bound the memory.
         """
-        self.n += int(targets.shape[0])
+        self.n_kl += int(targets.shape[0])
+        self.n_ce += int(has_target.sum())
         for start in range(0, targets.shape[0], rows):
             part = slice(start, start + rows)
-            target = targets[part, None]  # (n, 1)
+            scored = has_target[part]  # (n,)
+            target = targets[part][scored, None]  # (n_ce, 1)
             logp = {name: F.log_softmax(v[part].double(), dim=-1) for name, v in logits.items()}
             for name, lp in logp.items():
-                self.ce[name] -= lp.gather(1, target).sum().item()
+                self.ce[name] -= lp[scored].gather(1, target).sum().item()
             p_clean = logp["clean"].exp()  # (n, V)
             for name in self.kl:
                 # KL(clean || other), summed over the vocabulary
                 self.kl[name] += (p_clean * (logp["clean"] - logp[name])).sum().item()
 
     def metrics(self) -> dict[str, float | None]:
-        n = max(self.n, 1)
-        ce = {name: total / n for name, total in self.ce.items()}
-        kl = {name: total / n for name, total in self.kl.items()}
+        ce = {name: total / max(self.n_ce, 1) for name, total in self.ce.items()}
+        kl = {name: total / max(self.n_kl, 1) for name, total in self.kl.items()}
+
+        def recovered(base: str) -> float | None:  # 1: the splice costs nothing; 0: as bad as base
+            return _ratio(ce[base] - ce["spliced"], ce[base] - ce["clean"])
+
+        def score(base: str) -> float | None:
+            return _ratio(kl[base] - kl["spliced"], kl[base])
+
         return {
             "ce_loss_clean": ce["clean"],
             "ce_loss_spliced": ce["spliced"],
             "ce_loss_ablated": ce["ablated"],
-            # 1: the splice costs nothing; 0: as bad as zeroing the site
-            "ce_loss_recovered": _ratio(ce["ablated"] - ce["spliced"], ce["ablated"] - ce["clean"]),
+            "ce_loss_recovered": recovered("ablated"),
             "kl_div_spliced": kl["spliced"],
             "kl_div_ablated": kl["ablated"],
-            "kl_div_score": _ratio(kl["ablated"] - kl["spliced"], kl["ablated"]),
+            "kl_div_score": score("ablated"),
+            "ce_loss_ablated_kept": ce["ablated_kept"],
+            "ce_loss_recovered_kept": recovered("ablated_kept"),
+            "kl_div_ablated_kept": kl["ablated_kept"],
+            "kl_div_score_kept": score("ablated_kept"),
         }
 
 
@@ -211,10 +251,12 @@ def sae_splice(
     return fn
 
 
-def zero_splice(keep: Tensor) -> Callable[[Tensor], Tensor]:
-    """A Splice function zero-ablating the kept (B, T) positions."""
+def zero_splice(keep: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """A Splice function zero-ablating the kept (B, T) positions, or the whole site if None."""
 
     def fn(h: Tensor) -> Tensor:
+        if keep is None:
+            return torch.zeros_like(h)
         out = h.clone()
         out[keep] = 0
         return out
@@ -255,8 +297,7 @@ def evaluate(
         raise UserError(f"The model is on {model_device} but the SAE on {device}; use one device.")
 
     options = run.selection.capture
-    special = special_token_ids(tokenizer) if options.drop_special else frozenset()
-    special = special | options.extra_drop_ids
+    special = special_token_ids(tokenizer)
     recon = ReconstructionStats(sae.cfg.d_in, sae.cfg.n_latents, device)
     losses = LossStats()
     n_windows = 0
@@ -275,7 +316,7 @@ def evaluate(
     with bar, Capture(model, [run.site]) as capture:
         for batch in batched(run.heldout_windows(tokenizer), batch_windows):
             input_ids = stack(batch)[0].to(device)  # (B, T)
-            keep = token_mask(input_ids, special_ids=special, drop_first=options.drop_first)
+            keep = options.keep(input_ids, special)  # the token rules: outliers need x
             if not options.outlier_factor:  # the last batch: run only the windows still needed
                 needed = int((keep.sum(1).cumsum(0) < n_tokens - recon.n).sum()) + 1
                 input_ids, keep = input_ids[:needed], keep[:needed]
@@ -289,22 +330,25 @@ def evaluate(
                     f"{x_clean.shape[-1]}; evaluate it with the model it was trained on."
                 )
             if options.outlier_factor:  # depends on the activations: known only now
-                keep &= outlier_mask(x_clean, keep, options.outlier_factor)
+                keep = options.keep(input_ids, special, [x_clean])
             keep = _first(keep, n_tokens - recon.n)  # the budget may end inside this batch
-            # Score the predictions made at the kept positions: logits at t, target t+1.
-            # Only these (N, V) rows are kept, not the whole (B, T, V) logits of each run.
-            scored = keep[:, :-1]  # (B, T-1)
-            targets = input_ids[:, 1:][scored]  # (N,)
-            logits = {"clean": clean[:, :-1][scored]}
+            # Score every kept position t: KL of the logits at t, CE of the target t+1 where
+            # t < T-1. Only these (N, V) rows are kept, not each run's whole (B, T, V) logits.
+            targets = input_ids.roll(-1, dims=1)[keep]  # (N,), the last column wraps: unused
+            last = torch.zeros_like(keep)
+            last[:, -1] = True
+            has_target = ~last[keep]  # (N,)
+            logits = {"clean": clean[keep]}
             del clean
-            with Splice(model, run.site, sae_splice(sae, keep, recon, use_error_term)):
-                spliced = model(input_ids=input_ids, use_cache=False).logits
-                logits["spliced"] = spliced[:, :-1][scored]
-            with Splice(model, run.site, zero_splice(keep)):
-                ablated = model(input_ids=input_ids, use_cache=False).logits
-                logits["ablated"] = ablated[:, :-1][scored]
-            del spliced, ablated
-            losses.update(logits, targets)
+            runs = {
+                "spliced": sae_splice(sae, keep, recon, use_error_term),
+                "ablated": zero_splice(),
+                "ablated_kept": zero_splice(keep),
+            }
+            for name, fn in runs.items():
+                with Splice(model, run.site, fn):
+                    logits[name] = model(input_ids=input_ids, use_cache=False).logits[keep]
+            losses.update(logits, targets, has_target)
             n_windows += input_ids.shape[0]
             bar.update(int(keep.sum()))
             if recon.n >= n_tokens:
@@ -327,9 +371,11 @@ def evaluate(
         "split": "eval (every 20th document, never trained on)",
         "n_tokens": recon.n,
         "n_tokens_requested": n_tokens,
-        "n_scored_tokens": losses.n,
+        "n_scored_tokens": losses.n_ce,
+        "n_kl_tokens": losses.n_kl,
         "n_windows": n_windows,
         "scored_positions": SCORED,
+        "baselines": BASELINES,
         "use_error_term": use_error_term,
         "metrics": {**recon.metrics(), **losses.metrics()},
         "sae": sae.cfg.to_dict(),

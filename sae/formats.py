@@ -17,11 +17,11 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from safetensors import safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
 from hooks.errors import UserError
 from hooks.paths import atomic_write_bytes, atomic_write_json
-from hooks.sites import canonical_site
+from hooks.sites import canonical_site, resolve_site
 from sae.model import SAEConfig, TopKSAE
 
 NATIVE, NATIVE_VERSION = "saewb", 1
@@ -70,10 +70,23 @@ def save_sae(sae: TopKSAE, run_dir: Path, extra_cfg: dict | None = None) -> None
 
 
 def export_saelens(
-    sae: TopKSAE, out_dir: Path, sparsity: Tensor | None = None, metadata: dict | None = None
+    sae: TopKSAE,
+    out_dir: Path,
+    sparsity: Tensor | None = None,
+    metadata: dict | None = None,
+    model: nn.Module | None = None,
+    hook_module: str | None = None,
 ) -> None:
     """SAELens (>= 6) folder. `sparsity` is each latent's firing fraction in [0, 1], stored as
-    log10(fraction + 1e-10) like SAELens. BatchTopK is saved as jumprelu, as SAELens does."""
+    log10(fraction + 1e-10) like SAELens. BatchTopK is saved as jumprelu, as SAELens does.
+
+    SAELens wraps a HF model (model_class_name AutoModelForCausalLM) and hooks the output of the
+    module named `hook_name`, loading `model_name` with from_pretrained. So `hook_name` is the
+    module path of our site (`saelens_hook_name`) and `model_name` what transformers loads;
+    our own names go in `saewb_site` and `saewb_model`, which load_sae reads back. The module
+    path is `hook_module` if given, else found on `model` (the loaded model), else on a
+    weightless copy of the run's model built from its config.
+    """
     out_dir, cfg, state = Path(out_dir), sae.cfg, sae.folded_state()
     if sparsity is not None:
         sparsity = sparsity.detach().float().cpu()
@@ -82,10 +95,15 @@ def export_saelens(
                 f"sparsity must hold the {cfg.n_latents} latents' firing fractions in [0, 1], "
                 f"got shape {tuple(sparsity.shape)}, range [{sparsity.min():g}, {sparsity.max():g}]."
             )
+    if hook_module is None:
+        tree = model if model is not None else _module_tree(cfg.model, cfg.site)
+        hook_module = saelens_hook_name(cfg.site, tree)
     meta = dict(sae_lens_version=SAELENS_VERSION, sae_lens_training_version=SAELENS_VERSION)
-    meta |= dict(model_name=cfg.model, hook_name=cfg.site, hook_head_index=None, context_size=None)
+    meta |= dict(model_name=_loadable_name(cfg.model, model), hook_name=hook_module)
+    meta |= dict(hf_hook_name=hook_module, hook_head_index=None, context_size=None)
     meta |= dict(prepend_bos=True, dataset_path=None, model_class_name="AutoModelForCausalLM")
-    meta |= dict(exclude_special_tokens=False, **(metadata or {}))
+    meta |= dict(exclude_special_tokens=False, saewb_model=cfg.model, saewb_site=cfg.site)
+    meta |= metadata or {}
     out = dict(
         d_in=cfg.d_in, d_sae=cfg.n_latents, dtype=str(state["W_enc"].dtype).removeprefix("torch.")
     )
@@ -99,6 +117,60 @@ def export_saelens(
     if sparsity is not None:
         _write_tensors(out_dir / SAELENS_SPARSITY, {"sparsity": log10_density(sparsity)})
     atomic_write_json(out_dir / CFG, {**out, "metadata": meta})
+
+
+def saelens_hook_name(site: str, model: nn.Module) -> str:
+    """The module whose output is `site` on `model`: what SAELens's HF wrapper hooks.
+
+    The wrapper hooks module outputs only. A site read at a block's input (resid_pre.L) is the
+    output of block L-1, which every HF decoder feeds straight into block L; resid_pre.0 is
+    the output of no one module in general (GPT-2 adds two embeddings, Gemma scales its own).
+    """
+    resolved = resolve_site(model, site)
+    if resolved.minus_arg is not None or resolved.rows_of is not None:
+        raise UserError(
+            f"SAELens hooks a module's output as it is, but {site} is the output of "
+            f"{resolved.module_path} less its residual input or reshaped from (B*T, d) rows; "
+            "pass hook_module= if SAELens should hook that module anyway."
+        )
+    if not resolved.use_input:
+        return resolved.module_path
+    parent, _, index = resolved.module_path.rpartition(".")
+    if index.isdigit() and int(index) > 0:
+        return f"{parent}.{int(index) - 1}"
+    raise UserError(
+        f"SAELens hooks module outputs, and {site} (the input of {resolved.module_path}) is "
+        "the output of no single module; pass hook_module= naming the module whose output it is."
+    )
+
+
+def _module_tree(name: str, site: str) -> nn.Module:
+    """The model's module tree without weights (meta device), built from its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hooks.models import resolve_model_path
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name, progress=False))
+    except Exception as e:  # not a local folder, not a reachable hub name
+        raise UserError(
+            f"Cannot read the config of model '{name}' to find the module SAELens should hook "
+            f"for {site} ({type(e).__name__}); pass model= (the loaded model) or hook_module= "
+            "(e.g. 'model.layers.3')."
+        ) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _loadable_name(name: str, model: nn.Module | None) -> str:
+    """What transformers' from_pretrained loads for our model name: a hub id or a folder (for
+    the built-in SmolLM2, its dense copy in the cache)."""
+    loaded_from = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if loaded_from:
+        return loaded_from
+    from hooks.models import resolve_model_path
+
+    return resolve_model_path(name, progress=False) if name else name
 
 
 def export_sparsify(sae: TopKSAE, out_dir: Path) -> None:
@@ -243,6 +315,7 @@ def _load_saelens(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     d_in, d_sae, k = (_get(raw, key, folder / CFG) for key in ("d_in", "d_sae", "k"))
     arch = "topk" if arch == "topk" else "batchtopk"  # jumprelu: how SAELens saves BatchTopK
     model, site = meta.get("model_name") or "", canonical_site(meta.get("hook_name") or "")
+    model, site = meta.get("saewb_model") or model, meta.get("saewb_site") or site  # our exports
     cfg = SAEConfig(d_in, d_sae, k, arch, model=model, site=site)
     t = _read_tensors(file)
     _check(t, _shapes(cfg), file, cfg)

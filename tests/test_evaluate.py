@@ -9,14 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_model
 
-from analysis.evaluate import (
-    ReconstructionStats,
-    add_eval_parser,
-    cmd_eval,
-    evaluate,
-    sae_splice,
-    with_error_term,
-)
+from analysis.evaluate import ReconstructionStats, evaluate, sae_splice, with_error_term
 from analysis.run import open_run
 from hooks.errors import UserError
 from hooks.models import LoadedModel
@@ -24,6 +17,7 @@ from hooks.selection import Selection
 from hooks.sites import Splice, special_token_ids, token_mask
 from sae.formats import save_sae
 from sae.model import SAEConfig, TopKSAE
+from saewb_cli.measure import add_parsers, cmd_eval
 
 SITE, LAYER, CONTEXT, D = "resid_post.1", 1, 32, 32
 
@@ -111,8 +105,8 @@ def brute_force(run, loaded, n_tokens: int, batch: int) -> dict:
     windows = list(run.heldout_windows(tokenizer))
     layer = model.model.layers[LAYER]  # resid_post.1 is block 1's output
     xs, x_hats, zs = [], [], []
-    ce = {"clean": [], "spliced": [], "ablated": []}
-    kl = {"spliced": [], "ablated": []}
+    ce = {"clean": [], "spliced": [], "ablated": [], "ablated_kept": []}
+    kl = {"spliced": [], "ablated": [], "ablated_kept": []}
     count = n_windows = 0  # kept tokens so far, windows up to the last one with a kept token
     for start in range(0, len(windows), batch):
         if count >= n_tokens:
@@ -134,25 +128,28 @@ def brute_force(run, loaded, n_tokens: int, batch: int) -> dict:
         z, x_hat = dense_sae(sae, x)
         xs.append(x), x_hats.append(x_hat), zs.append(z)
         runs = {"clean": clean}
-        for name, replacement in (("spliced", x_hat), ("ablated", torch.zeros_like(x_hat))):
+        runs["ablated"] = ablated_forward(model, layer, ids, None)
+        runs["ablated_kept"] = ablated_forward(model, layer, ids, keep)
 
-            def replace(m, a, out, keep=keep, replacement=replacement):
-                out = out.clone()
-                out[keep] = replacement
-                return out
+        def replace(m, a, out, keep=keep, replacement=x_hat):
+            out = out.clone()
+            out[keep] = replacement
+            return out
 
-            handle = layer.register_forward_hook(replace)
-            runs[name] = model(ids).logits
-            handle.remove()
+        handle = layer.register_forward_hook(replace)
+        runs["spliced"] = model(ids).logits
+        handle.remove()
         for b in range(B):
-            for t in range(T - 1):
+            for t in range(T):  # SAELens: KL at every kept position, CE where t+1 exists
                 if not keep[b, t]:
                     continue
                 logp = {name: F.log_softmax(lg[b, t].double(), -1) for name, lg in runs.items()}
-                for name in ce:
-                    ce[name].append(-logp[name][ids[b, t + 1]])
                 for name in kl:
                     kl[name].append((logp["clean"].exp() * (logp["clean"] - logp[name])).sum())
+                if t == T - 1:
+                    continue
+                for name in ce:
+                    ce[name].append(-logp[name][ids[b, t + 1]])
     X = torch.cat(xs).double()
     Xh = torch.cat(x_hats).double()
     Z = torch.cat(zs).double()
@@ -164,6 +161,7 @@ def brute_force(run, loaded, n_tokens: int, batch: int) -> dict:
     return {
         "n_tokens": X.shape[0],
         "n_scored_tokens": len(ce["clean"]),
+        "n_kl_tokens": len(kl["spliced"]),
         "n_windows": n_windows,
         "fvu": fvu.item(),
         "explained_variance": 1 - fvu.item(),
@@ -180,13 +178,43 @@ def brute_force(run, loaded, n_tokens: int, batch: int) -> dict:
         "frac_over_10_percent": (density > 0.10).double().mean().item(),
         "ce_loss_clean": mean["clean"],
         "ce_loss_spliced": mean["spliced"],
-        "ce_loss_ablated": mean["ablated"],
-        "ce_loss_recovered": (mean["ablated"] - mean["spliced"])
-        / (mean["ablated"] - mean["clean"]),
+        **{
+            f"{what}{suffix}": value
+            for suffix in ("", "_kept")
+            for what, value in (
+                ("ce_loss_ablated", mean["ablated" + suffix]),
+                ("ce_loss_recovered", recovered(mean, "ablated" + suffix)),
+                ("kl_div_ablated", kls["ablated" + suffix]),
+                (
+                    "kl_div_score",
+                    (kls["ablated" + suffix] - kls["spliced"]) / kls["ablated" + suffix],
+                ),
+            )
+        },
         "kl_div_spliced": kls["spliced"],
-        "kl_div_ablated": kls["ablated"],
-        "kl_div_score": (kls["ablated"] - kls["spliced"]) / kls["ablated"],
     }
+
+
+def recovered(ce: dict, base: str) -> float:
+    return (ce[base] - ce["spliced"]) / (ce[base] - ce["clean"])
+
+
+def ablated_forward(model, layer, ids, keep):
+    """Logits with the block's output zeroed: at every position (keep None, SAELens's baseline)
+    or at the kept positions only."""
+
+    def zero(m, a, out):
+        if keep is None:
+            return torch.zeros_like(out)
+        out = out.clone()
+        out[keep] = 0
+        return out
+
+    handle = layer.register_forward_hook(zero)
+    try:
+        return model(ids).logits
+    finally:
+        handle.remove()
 
 
 # -----------------------------------------------------------------------------
@@ -202,6 +230,7 @@ def test_metrics_match_brute_force(world, tmp_path):
     m = record["metrics"]
     assert record["n_tokens"] == ref["n_tokens"] == 600
     assert record["n_scored_tokens"] == ref["n_scored_tokens"]
+    assert record["n_kl_tokens"] == ref["n_kl_tokens"] > ref["n_scored_tokens"]
     assert record["n_windows"] == ref["n_windows"] and 16 < ref["n_windows"] < 24
     for key, expected in ref.items():
         if key.startswith("n_"):
@@ -211,6 +240,9 @@ def test_metrics_match_brute_force(world, tmp_path):
     assert m["fvu"] > 0.1 and m["ce_loss_spliced"] > m["ce_loss_clean"]
     assert m["dead_fraction"] >= 8 / 64 and 0 < m["frac_over_10_percent"] < 1
     assert m["l0"] <= 4 and m["kl_div_spliced"] > 0 and m["kl_div_ablated"] > 0
+    # The two baselines differ: zeroing position 0 too changes what every later token sees.
+    assert abs(m["ce_loss_ablated"] - m["ce_loss_ablated_kept"]) > 1e-3
+    assert abs(m["kl_div_ablated"] - m["kl_div_ablated_kept"]) > 1e-3
 
 
 def test_identity_sae_recovers_everything(world, tmp_path):
@@ -222,7 +254,11 @@ def test_identity_sae_recovers_everything(world, tmp_path):
     assert m["relative_reconstruction_bias"] == pytest.approx(1.0)
     assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
     assert m["kl_div_spliced"] < 1e-9 and m["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
-    assert m["ce_loss_ablated"] > m["ce_loss_clean"] + 0.01  # the ratio's denominator is real
+    # the ratios' denominators are real (zeroing the whole site of a random model hurts less)
+    assert m["ce_loss_ablated_kept"] > m["ce_loss_clean"] + 0.01
+    assert abs(m["ce_loss_ablated"] - m["ce_loss_clean"]) > 1e-3
+    assert m["ce_loss_recovered_kept"] == pytest.approx(1.0, abs=1e-6)
+    assert m["kl_div_score_kept"] == pytest.approx(1.0, abs=1e-6)
     assert m["l0"] == D and m["dead_fraction"] == 0.0
 
 
@@ -318,7 +354,7 @@ def test_the_training_token_selection_is_used(world, tmp_path):
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="saewb")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    add_parsers(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["eval", *argv])
 
 
@@ -345,7 +381,7 @@ def test_cli_on_a_trained_run_writes_eval_json(world, tmp_path, capsys):
     assert record["sae"]["n_latents"] == 64 and record["sae"]["k"] == 4
     assert record["site"] == SITE and record["selection"]["drop_first"] is True
     m = record["metrics"]
-    assert m["l0"] <= 4 and m["ce_loss_ablated"] > m["ce_loss_clean"]
+    assert m["l0"] <= 4 and m["ce_loss_ablated_kept"] > m["ce_loss_clean"]
     assert m["fvu"] == pytest.approx(1 - m["explained_variance"])
     assert not list(run_dir.glob(".eval.json.*"))  # no temp file left from the atomic write
     out = capsys.readouterr().out
@@ -401,3 +437,68 @@ def test_bad_input_too_little_text_and_wrong_width(world, tmp_path):
     with pytest.raises(UserError) as exc:
         evaluate(run, 100, loaded=loaded, progress=False)
     assert "d_in=48" in _one_sentence(exc) and "32" in str(exc.value)
+
+
+# -----------------------------------------------------------------------------
+# against SAELens itself (bench extra)
+
+
+@pytest.mark.bench
+def test_metrics_agree_with_saelens_evals(world, tmp_path):
+    """SAELens's own get_downstream_reconstruction_metrics (what run_evals calls), on the same
+    held-out windows with exclude_special_tokens, gives our CE, KL and their scores."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.evals import get_downstream_reconstruction_metrics
+    from sae_lens.load_model import load_model as saelens_load_model
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    from sae.formats import export_saelens, saelens_hook_name
+
+    root, loaded, _ = world
+    tokenizer = loaded.tokenizer
+    text = tmp_path / "short.txt"  # 20 held-out documents: ~14 windows
+    text.write_text(
+        "\n\n".join(f"Story {i}: the cat sat on the mat, {i % 7} dogs ran." for i in range(400))
+    )
+    selection = Selection(dataset=str(text), context_size=CONTEXT)
+    run = make_run(tmp_path / "run", world, random_sae(), selection)
+    record = evaluate(run, 10**6, batch_windows=8, loaded=loaded, progress=False)
+    hook = saelens_hook_name(SITE, loaded.model)
+    export_saelens(run.sae, tmp_path / "lens", hook_module=hook)
+    peer = sae_lens.SAE.load_from_disk(tmp_path / "lens")
+    # a fresh copy: the wrapper leaves hooks on the model it wraps
+    hooked = saelens_load_model(
+        "AutoModelForCausalLM", str(root / "tiny-llama"), "cpu", None, [hook]
+    )
+    ids = torch.stack([w.tokens for w in run.heldout_windows(tokenizer)])  # (W, T)
+    assert (ids[:, 0] == tokenizer.bos_token_id).all()  # its special-token mask is our keep
+
+    class Windows:  # the one method of an ActivationsStore that the evals call
+        def __init__(self):
+            self.batches = iter(ids.split(8))
+
+        def get_batch_tokens(self, n):
+            return next(self.batches)
+
+    special = sorted(special_token_ids(tokenizer))
+    with torch.no_grad():
+        theirs = get_downstream_reconstruction_metrics(
+            peer, hooked, Windows(), ActivationScaler(), True, True, len(ids.split(8)), 8, special
+        )
+    m = record["metrics"]
+    assert record["n_windows"] == len(ids)
+    pairs = {
+        "ce_loss_clean": "ce_loss_without_sae",
+        "ce_loss_spliced": "ce_loss_with_sae",
+        "ce_loss_ablated": "ce_loss_with_ablation",
+        "ce_loss_recovered": "ce_loss_score",
+        "kl_div_spliced": "kl_div_with_sae",
+        "kl_div_ablated": "kl_div_with_ablation",
+        "kl_div_score": "kl_div_score",
+    }
+    for ours, name in pairs.items():
+        print(
+            f"{ours} {m[ours]:.6f} saelens {theirs[name]:.6f} rel {m[ours] / theirs[name] - 1:.1e}"
+        )
+        assert m[ours] == pytest.approx(theirs[name], rel=1e-4), ours
+    assert abs(m["ce_loss_ablated_kept"] - theirs["ce_loss_with_ablation"]) > 1e-3

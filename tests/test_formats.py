@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
+from conftest import make_model
 from safetensors.torch import load_file, save_file
 
 import hooks.paths
 from hooks.errors import UserError
-from sae.formats import detect_format, export_saelens, export_sparsify, load_sae, save_sae
+from hooks.sites import Capture
+from sae.formats import (
+    detect_format,
+    export_saelens,
+    export_sparsify,
+    load_sae,
+    saelens_hook_name,
+    save_sae,
+)
 from sae.model import SAEConfig, TopKSAE
 
 D, N, K = 16, 64, 4
-WRITERS = {"saewb": save_sae, "saelens": export_saelens, "sparsify": export_sparsify}
+HOOK = "model.layers.3"  # resid_post.3 of a Llama, as SAELens's HF wrapper names it
+export_lens = partial(export_saelens, hook_module=HOOK)  # make_sae's model "tiny" is no model
+WRITERS = {"saewb": save_sae, "saelens": export_lens, "sparsify": export_sparsify}
 
 
 def make_sae(arch="topk", scale=3.7, seed=0, d=D) -> TopKSAE:
@@ -111,15 +123,19 @@ def test_saelens_layout(tmp_path):
     sae = make_sae()
     frac = torch.rand(N, generator=torch.Generator().manual_seed(2))
     frac[0] = 0.0
-    export_saelens(sae, tmp_path, sparsity=frac, metadata={"hf_hook_name": "model.layers.3"})
+    llama = make_model("llama", 64)  # the module tree the hook name is read from
+    export_saelens(sae, tmp_path, sparsity=frac, model=llama, metadata={"dataset_path": "d"})
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["k"] == K
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["device"]) == (D, N, "float32", "cpu")
     assert cfg["apply_b_dec_to_input"] is True and cfg["rescale_acts_by_decoder_norm"] is False
     assert cfg["normalize_activations"] == "none" and cfg["reshape_activations"] == "none"
     meta = cfg["metadata"]
-    assert meta["hook_name"] == "resid_post.3" and meta["hf_hook_name"] == "model.layers.3"
+    # SAELens's HF wrapper hooks the module named hook_name: the site's module path, not ours
+    assert meta["hook_name"] == meta["hf_hook_name"] == HOOK
+    assert meta["saewb_site"] == "resid_post.3" and meta["saewb_model"] == "tiny"
     assert meta["model_name"] == "tiny" and meta["hook_head_index"] is None
+    assert meta["model_class_name"] == "AutoModelForCausalLM" and meta["dataset_path"] == "d"
     assert int(meta["sae_lens_version"].split(".")[0]) >= 6  # else SAELens rewrites the cfg
     for key in ("context_size", "prepend_bos", "dataset_path", "model_class_name"):
         assert key in meta
@@ -135,8 +151,62 @@ def test_saelens_layout(tmp_path):
     assert math.isclose(float(sparsity[0]), -10.0)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_saelens_hook_name_is_the_module_whose_output_is_the_site(arch):
+    """Checked by value: the named module's output (what SAELens's wrapper hooks, output[0] of
+    a tuple) is what our Capture records for the site."""
+    model = make_model(arch, 64)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    modules = dict(model.named_modules())
+    for site in ("resid_post.2", "resid_pre.2", "mlp_out.1", "attn_out.1", "resid_post.3"):
+        name = saelens_hook_name(site, model)
+        seen = {}
+
+        def record(module, args, out, seen=seen):
+            seen["x"] = out[0] if isinstance(out, tuple) else out
+
+        handle = modules[name].register_forward_hook(record)
+        with torch.no_grad():
+            model(ids)
+        handle.remove()
+        with Capture(model, [site]) as capture:
+            torch.testing.assert_close(seen["x"], capture(ids)[site], rtol=0, atol=0)
+    assert saelens_hook_name("resid_pre.2", model).endswith(".1")  # block 1 feeds block 2
+    assert "hook_module=" in user_error(saelens_hook_name, "resid_pre.0", model)
+
+
+def test_saelens_hook_name_refuses_a_site_no_module_outputs():
+    """Bloom's attention adds the residual to its own output: attn_out is that less its input."""
+    bloom = make_model("bloom", 64)
+    assert saelens_hook_name("resid_post.1", bloom) == "transformer.h.1"
+    msg = user_error(saelens_hook_name, "attn_out.1", bloom)
+    assert "less its residual input" in msg and "hook_module=" in msg
+
+
+def test_saelens_export_reads_the_module_tree_from_the_models_folder(tmp_path, tiny_dir):
+    """No model passed: the hook name comes from the run's model folder, built without weights;
+    a model that cannot be read is one sentence naming the way out."""
+    sae = TopKSAE(SAEConfig(D, N, K, model=str(tiny_dir), site="mlp_out.2"))
+    export_saelens(sae, tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "model.layers.2.mlp" and meta["model_name"] == str(tiny_dir)
+    assert load_sae(tmp_path / "a").cfg.site == "mlp_out.2"  # our name comes back
+    gone = TopKSAE(SAEConfig(D, N, K, model=str(tmp_path / "gone"), site="resid_post.3"))
+    msg = user_error(export_saelens, gone, tmp_path / "b")  # a path: no hub lookup either
+    assert "gone'" in msg and "hook_module=" in msg and not (tmp_path / "b").exists()
+
+
+def test_third_party_saelens_hook_name_is_the_site(tmp_path):
+    export_lens(make_sae(), tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    for key in ("saewb_site", "saewb_model"):
+        del cfg["metadata"][key]
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert (load_sae(tmp_path).cfg.site, load_sae(tmp_path).cfg.model) == (HOOK, "tiny")
+
+
 def test_saelens_batchtopk_is_jumprelu(tmp_path):
-    export_saelens(make_sae("batchtopk"), tmp_path)
+    export_lens(make_sae("batchtopk"), tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["k"] == K
     assert "rescale_acts_by_decoder_norm" not in cfg
@@ -147,8 +217,8 @@ def test_saelens_batchtopk_is_jumprelu(tmp_path):
 
 def test_saelens_sparsity_must_be_fractions(tmp_path):
     log10 = torch.full((N,), -3.0)
-    assert "[-3, -3]" in user_error(export_saelens, make_sae(), tmp_path, log10)
-    assert "(3,)" in user_error(export_saelens, make_sae(), tmp_path, torch.zeros(3))
+    assert "[-3, -3]" in user_error(export_lens, make_sae(), tmp_path, log10)
+    assert "(3,)" in user_error(export_lens, make_sae(), tmp_path, torch.zeros(3))
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
@@ -235,7 +305,7 @@ def test_crash_between_the_two_files_is_reported(tmp_path, monkeypatch):
 
 def test_file_paths_and_run_folders(tmp_path, x):
     sae = make_sae()
-    export_saelens(sae, tmp_path / "lens")
+    export_lens(sae, tmp_path / "lens")
     assert detect_format(tmp_path / "lens" / "sae_weights.safetensors") == "saelens"
     assert_same(sae, load_sae(tmp_path / "lens" / "cfg.json"), x)
     run_dir = tmp_path / "run"
@@ -298,7 +368,7 @@ def test_missing_tensor(tmp_path, fmt, file, key):
 
 
 def test_missing_threshold(tmp_path):
-    export_saelens(make_sae("batchtopk"), tmp_path)
+    export_lens(make_sae("batchtopk"), tmp_path)
     w = load_file(tmp_path / "sae_weights.safetensors")
     del w["threshold"]
     save_file(w, tmp_path / "sae_weights.safetensors")
@@ -327,7 +397,7 @@ def edit_cfg(path, **changes):
 
 def test_unsupported_configs(tmp_path):
     lens, sparse, native = tmp_path / "lens", tmp_path / "sparse", tmp_path / "native"
-    export_saelens(make_sae("batchtopk"), lens)
+    export_lens(make_sae("batchtopk"), lens)
     export_sparsify(make_sae(), sparse)
     save_sae(make_sae(), native)
     edit_cfg(lens, k=None)

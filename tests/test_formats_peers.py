@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_formats import D, K, N, make_sae, run
+from test_formats import HOOK, D, K, N, export_lens, make_sae, run
 
+from hooks.models import load_model
+from hooks.sites import Splice
 from sae.formats import export_saelens, export_sparsify, load_sae
+from sae.model import SAEConfig, TopKSAE
 
 pytestmark = pytest.mark.bench
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -44,10 +47,10 @@ def variants():
 
 def test_saelens_loads_our_topk_export(tmp_path, x, sae_lens):
     for i, sae in enumerate(variants()):
-        export_saelens(sae, tmp_path / str(i), sparsity=torch.rand(N))
+        export_lens(sae, tmp_path / str(i), sparsity=torch.rand(N))
         peer = sae_lens.SAE.load_from_disk(tmp_path / str(i))
         assert type(peer).__name__ == "TopKSAE" and peer.cfg.k == K
-        assert peer.cfg.metadata.hook_name == "resid_post.3"
+        assert peer.cfg.metadata.hook_name == HOOK
         acts, recon = run(sae, x)
         with torch.no_grad():
             peer_acts = peer.encode(x)
@@ -61,7 +64,7 @@ def test_saelens_loads_our_batchtopk_export_as_jumprelu(tmp_path, x, sae_lens):
     sae = make_sae("batchtopk", scale=3.7)
     with torch.no_grad():
         sae.threshold.fill_(20.0)
-    export_saelens(sae, tmp_path)
+    export_lens(sae, tmp_path)
     peer = sae_lens.SAE.load_from_disk(tmp_path)
     assert type(peer).__name__ == "JumpReLUSAE"
     w = sae.folded_state()
@@ -72,6 +75,52 @@ def test_saelens_loads_our_batchtopk_export_as_jumprelu(tmp_path, x, sae_lens):
         peer_acts = peer.encode(x)
         torch.testing.assert_close(peer_acts, acts, **TOL)
         torch.testing.assert_close(peer.decode(peer_acts), acts @ w["W_dec"] + w["b_dec"], **TOL)
+
+
+def test_saelens_runs_our_export_on_the_real_module(tmp_path, sae_lens, tiny_dir, tokenizer):
+    """SAELens's own loaders take the export as it is: load_model(model_class_name, model_name,
+    hook_names=[hook_name]) wraps the HF model, and its evals' splice and zero ablation at
+    hook_name give the losses of our Splice at our site."""
+    from sae_lens.evals import get_recons_loss
+    from sae_lens.load_model import load_model as saelens_load_model
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    loaded = load_model(str(tiny_dir))
+    sae = TopKSAE(SAEConfig(32, N, K, model=str(tiny_dir), site="resid_post.2")).eval()
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    export_saelens(sae, tmp_path, model=loaded.model)
+    peer = sae_lens.SAE.load_from_disk(tmp_path)
+    meta = peer.cfg.metadata
+    assert (meta.hook_name, meta.model_name) == ("model.layers.2", str(tiny_dir))
+    hooked = saelens_load_model(
+        meta.model_class_name, meta.model_name, device="cpu", hook_names=[meta.hook_name]
+    )
+    ids = tokenizer([" The cat sat on the mat. The dog ran in the park."] * 2)["input_ids"]
+    ids = torch.tensor(ids)  # (2, T)
+    ids = torch.cat([torch.full((2, 1), tokenizer.bos_token_id), ids], dim=1)
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    with torch.no_grad():
+        theirs = get_recons_loss(
+            peer, hooked, ActivationScaler(), ids, True, True, ignore_tokens=special
+        )
+    keep = ~torch.isin(ids, torch.tensor(special))  # (B, T)
+
+    def ours(fn):
+        with torch.no_grad(), Splice(loaded.model, "resid_post.2", fn):
+            logits = loaded.model(ids).logits  # (B, T, V)
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
+        )  # (B, T-1)
+
+    def spliced(h):
+        out = h.clone()
+        out[keep] = sae.decode(*sae.encode(h[keep])[:2])
+        return out
+
+    torch.testing.assert_close(theirs["ce_loss_with_sae"], ours(spliced), **TOL)
+    torch.testing.assert_close(theirs["ce_loss_with_ablation"], ours(torch.zeros_like), **TOL)
+    torch.testing.assert_close(theirs["ce_loss_without_sae"], ours(lambda h: h), **TOL)
+    assert (theirs["ce_loss_with_sae"] - theirs["ce_loss_without_sae"]).abs().max() > 1e-3
 
 
 def test_sparsify_loads_our_export(tmp_path, x, sparsify):
