@@ -401,6 +401,7 @@ _TABLE = (
     ("sparsity", ("l0", "l1", "dead_fraction", "frac_over_1_percent", "frac_over_10_percent")),
     ("spliced model", ("ce_loss_clean", "ce_loss_spliced", "ce_loss_ablated", "ce_loss_recovered")),
     ("", ("kl_div_spliced", "kl_div_ablated", "kl_div_score")),
+    ("kept positions", ("ce_loss_ablated_kept", "ce_loss_recovered_kept", "kl_div_score_kept")),
 )
 
 
