@@ -137,7 +137,7 @@ _STATE = (
     "count", "act_sum", "act_max", "exp", "hist",
     "top_val", "top_win", "top_pos", "top_ctx",
     "iv_key", "iv_val", "iv_win", "iv_pos", "iv_ctx",
-    "blk_count", "cand", "cand_count", "cand_from",
+    "blk_count", "cand", "cand_count", "cand_from", "cand_partner_from",
 )  # fmt: skip
 
 
@@ -206,6 +206,7 @@ class FeatureAccumulator:
         self.cand = full((n, M), -1, i32)  # candidate co-occurring latents, -1 = free slot
         self.cand_count = full((n, M), 0, i32)  # blocks shared since the candidate was added
         self.cand_from = full((n, M), 0, i64)  # the latent's block count when it was added
+        self.cand_partner_from = full((n, M), 0, i64)  # ... and the partner's
         self._fired: Tensor | None = None  # scratch table for _cooc
 
     # -- one batch ---------------------------------------------------------------------------
@@ -411,24 +412,55 @@ class FeatureAccumulator:
         self.cand[o, slot] = j.int()
         self.cand_count[o, slot] = 0
         self.cand_from[o, slot] = self.blk_count[o]  # this batch's blocks are counted next
+        self.cand_partner_from[o, slot] = self.blk_count[j]
 
     # -- results -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def cooccurrence(self, top: int = 10) -> tuple[Tensor, Tensor, Tensor]:
-        """(ids, jaccard, shared blocks), each (n, top), best first; ids -1 where none.
+    def cooccurrence(self, top: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(ids, jaccard, shared blocks, exact), each (n, top), best first; ids -1 where none.
 
-        A candidate added after the latent's first batch saw only part of its blocks; its shared
-        count is scaled up by blocks(latent) / blocks seen since (exact for the others)."""
-        seen = (self.blk_count[:, None] - self.cand_from).clamp(min=1)
-        shared = self.cand_count * self.blk_count[:, None] / seen  # (n, M) float64
-        other = self.blk_count[self.cand.clamp(min=0).long()]
-        union = (self.blk_count[:, None] + other - shared).clamp(min=1e-9)
-        jaccard = torch.where((self.cand >= 0) & (shared > 0), shared / union, -1.0)
-        top = min(top, self.cfg.cooc_slots)
-        jac, j = jaccard.topk(top, dim=1)
-        ids = torch.where(jac > 0, self.cand.gather(1, j).long(), -1)
-        return ids.cpu(), jac.clamp(min=0).float().cpu(), shared.gather(1, j).round().long().cpu()
+        A pair's count covers the blocks since the candidate was added. Before that the latent
+        fired in `cand_from` blocks and the partner in `cand_partner_from`, so the blocks they
+        shared then lie in [0, min of the two]: the count is exact when either is 0 (a candidate
+        taken in the latent's first batch, or one that had never fired). Either side of a pair may
+        hold the other, and both bounds hold, so they are intersected. When they do not meet, the
+        shared count is extrapolated at the rate seen since the add and kept inside them, so it
+        never exceeds either latent's blocks and the Jaccard stays in [0, 1]."""
+        n, M = self.cand.shape
+        bi = self.blk_count[:, None].double()  # (n, 1)
+        valid = self.cand >= 0
+        j = self.cand.clamp(min=0).long()  # (n, M)
+        bj = self.blk_count[j].double()
+        count = self.cand_count.double()
+        gap = torch.minimum(self.cand_from, self.cand_partner_from).double()
+        lo, hi = count, count + gap  # bounds from the latent's own count
+        # The partner's count of this pair, where the partner holds the latent too.
+        rev = (self.cand[j] == torch.arange(n, device=j.device)[:, None, None]) & valid[..., None]
+        has_rev, r = rev.any(2), rev.int().argmax(2)  # (n, M)
+        r_count = self.cand_count[j, r].double()
+        r_gap = torch.minimum(self.cand_from[j, r], self.cand_partner_from[j, r]).double()
+        lo = torch.where(has_rev, torch.maximum(lo, r_count), lo)
+        hi = torch.where(has_rev, torch.minimum(hi, r_count + r_gap), hi)
+        # Extrapolate from the side whose count covers more blocks (the smaller gap).
+        seen = (bi - self.cand_from).clamp(min=1)
+        est = count + self.cand_from * count / seen
+        r_seen = (bj - self.cand_from[j, r]).clamp(min=1)
+        r_est = r_count + self.cand_from[j, r] * r_count / r_seen
+        est = torch.where(has_rev & (r_gap < gap), r_est, est)
+        shared = torch.minimum(torch.maximum(est, lo), hi)
+        union = (bi + bj - shared).clamp(min=1)
+        jaccard = torch.where(valid & (shared > 0), shared / union, -1.0)
+        top = min(top, M)
+        jac, best = jaccard.topk(top, dim=1)
+        ids = torch.where(jac > 0, self.cand.gather(1, best).long(), -1)
+        exact = (lo == hi).gather(1, best) & (ids >= 0)
+        return (
+            ids.cpu(),
+            jac.clamp(min=0).float().cpu(),
+            shared.gather(1, best).round().long().cpu(),
+            exact.cpu(),
+        )
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -445,6 +477,12 @@ class FeatureAccumulator:
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        missing = [name for name in _STATE if name not in tensors]
+        if missing:
+            raise UserError(
+                f"The analyze checkpoint lacks {', '.join(missing)} (an older format); delete it "
+                "and run again."
+            )
         for name in _STATE:
             getattr(self, name).copy_(tensors[name])
         self.n_tokens, self.n_windows = meta["n_tokens"], meta["n_windows"]

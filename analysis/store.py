@@ -112,7 +112,7 @@ def write_tables(
     mean_act = (acc.act_sum.cpu() / acc.count.cpu().clamp(min=1)).float().numpy()
     density = count / max(acc.n_tokens, 1)
     hist_max = np.ldexp(1.0, acc.exp.cpu().numpy())  # 2^exp; 0 for EMPTY_EXP (dead latents)
-    cooc_ids, cooc_jac, cooc_shared = (x.numpy() for x in acc.cooccurrence())
+    cooc_ids, cooc_jac, cooc_shared, cooc_exact = (x.numpy() for x in acc.cooccurrence())
     top_val, top_win = acc.top_val.cpu().numpy(), acc.top_win.cpu().numpy()
     top_pos, top_ctx = acc.top_pos.cpu().numpy(), acc.top_ctx.cpu()
     iv_key, iv_val = acc.iv_key.cpu().numpy(), acc.iv_val.cpu().numpy()
@@ -238,6 +238,7 @@ def write_tables(
     columns["cooc_ids"] = _lists(cooc_ids.astype(np.int32), ok)
     columns["cooc_jaccard"] = _lists(cooc_jac.astype(np.float32), ok)
     columns["cooc_shared"] = _lists(cooc_shared.astype(np.int64), ok)
+    columns["cooc_exact"] = _lists(cooc_exact.astype(bool), ok)
     _replace_with(out / "features.parquet", lambda tmp: pq.write_table(pa.table(columns), tmp))
     vocab_table = pa.table({"id": np.arange(len(vocab), dtype=np.int32), "token": vocab})
     _replace_with(out / "vocab.parquet", lambda tmp: pq.write_table(vocab_table, tmp))
@@ -254,6 +255,8 @@ def write_tables(
         context_tokens=C,
         config=dict(acc.cfg.__dict__),
         dead_fraction=float((count == 0).mean()),
+        cooc_partners=int(ok.sum()),
+        cooc_exact_partners=int(cooc_exact[ok].sum()),
         features_per_group=FEATURES_PER_GROUP,
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
@@ -279,7 +282,8 @@ def write_store(out: Path, acc, log, sae, model, tokenizer, manifest: dict, prog
             "TransformerLens with the norm weight folded into W_U"
         ),
         cooccurrence=f"Jaccard over blocks of {acc.cfg.cooc_block} tokens among "
-        f"{acc.cfg.cooc_slots} candidates per latent",
+        f"{acc.cfg.cooc_slots} candidates per latent; cooc_exact marks the partners counted over "
+        "every block, the others' shared blocks are extrapolated inside exact bounds",
     )
     manifest = write_tables(out, acc, log.read, logits, neighbours, vocab, manifest, progress)
     density = acc.count.cpu().double() / max(acc.n_tokens, 1)
@@ -425,8 +429,10 @@ class FeatureStore:
                 for j, c in zip(row["neighbor_ids"], row["neighbor_cos"])
             ],
             cooccurring=[
-                dict(feature=j, jaccard=x, shared_blocks=s, label=self._labels[j])
-                for j, x, s in zip(row["cooc_ids"], row["cooc_jaccard"], row["cooc_shared"])
+                dict(feature=j, jaccard=x, shared_blocks=s, exact=e, label=self._labels[j])
+                for j, x, s, e in zip(
+                    row["cooc_ids"], row["cooc_jaccard"], row["cooc_shared"], row["cooc_exact"]
+                )
             ],
             top_examples=[self._example(r) for r in rows if r["kind"] == TOP],
             intervals=intervals,

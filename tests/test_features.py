@@ -4,6 +4,7 @@ exact resume, the store's layout and reader, and bad input."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 
@@ -38,13 +39,15 @@ N, T, K_ACTIVE = 40, 24, 3
 CFG = StoreConfig(top_k=4, ctx_before=4, ctx_after=3, cooc_block=6, cooc_slots=8, seed=7)
 
 
-def synthetic_codes(n_windows: int = 24, seed: int = 0):
+def synthetic_codes(n_windows: int = 24, seed: int = 0, late_pair: bool = False):
     """Sparse codes (W, T, k) with Zipf-ish latents, zeros among the k slots, masked tokens, a
     scale that grows over the stream (so histogram ranges must double), and latents 0 and 1
-    planted to fire together on the same tokens."""
+    planted to fire together on the same tokens. late_pair: latents 2 and 3 fire apart in the
+    first half and together in the second, so each takes the other as a candidate only after both
+    have fired (a count that misses blocks and is extrapolated)."""
     g = torch.Generator().manual_seed(seed)
     probs = 1.0 / torch.arange(1, N + 1).float()
-    probs[:2] = 0
+    probs[: 4 if late_pair else 2] = 0
     idx = torch.multinomial(probs.expand(n_windows * T, N), K_ACTIVE, generator=g)
     idx = idx.view(n_windows, T, K_ACTIVE)
     scale = torch.linspace(0.3, 40.0, n_windows)[:, None, None]  # later windows fire harder
@@ -54,6 +57,16 @@ def synthetic_codes(n_windows: int = 24, seed: int = 0):
     idx[..., 0][pair], idx[..., 1][pair] = 0, 1
     keep = torch.rand(n_windows, T, generator=g) > 0.1
     keep[:, 0] = False
+    if late_pair:
+        half, free = n_windows // 2, ~pair  # tokens where slots 1 and 2 are not latents 0 and 1
+        apart = free & (torch.arange(T) % 5 < 2)
+        apart[half:] = False
+        together = free & (torch.arange(T) % 4 == 0)
+        together[:half] = False
+        idx[..., 2][apart & (torch.arange(T) % 5 == 0)] = 2
+        idx[..., 2][apart & (torch.arange(T) % 5 == 1)] = 3
+        idx[..., 1][together], idx[..., 2][together] = 2, 3
+        acts[..., 1:3] = acts[..., 1:3].clamp(min=0.5)
     return acts, idx, keep
 
 
@@ -184,12 +197,20 @@ def test_statistics_do_not_depend_on_batching():
         assert torch.equal(a[name], b[name]), name
 
 
+def brute_blocks(acts, idx, keep, size: int) -> np.ndarray:
+    """(blocks, N) bool: which latents fire in each block of `size` tokens (brute force)."""
+    dense = dense_codes(acts, idx, keep)
+    n_blk = -(-T // size)
+    padded = np.zeros((len(dense), n_blk * size, N))
+    padded[:, :T] = dense
+    return (padded > 0).reshape(len(dense), n_blk, size, N).any(2).reshape(-1, N)
+
+
 def test_cooccurrence_counts_match_brute_force():
     acts, idx, keep = synthetic_codes()
     acc = stream(acts, idx, keep, batch=5)
-    dense = dense_codes(acts, idx, keep)
     size = CFG.cooc_block
-    blocks = (dense > 0).reshape(len(dense), T // size, size, N).any(2).reshape(-1, N)
+    blocks = brute_blocks(acts, idx, keep, size)
     shared = blocks.T.astype(np.int64) @ blocks.astype(np.int64)  # (N, N) brute force
     np.testing.assert_array_equal(acc.blk_count.numpy(), blocks.sum(0))
     assert acc.n_blocks == int(keep.reshape(-1, T // size, size).any(2).sum())
@@ -204,10 +225,68 @@ def test_cooccurrence_counts_match_brute_force():
                 assert acc.cand_count[i, slot] == shared[i, j]
                 exact += 1
     assert exact > 100
-    ids, jac, n_shared = acc.cooccurrence()
+    ids, jac, n_shared, is_exact = acc.cooccurrence()
     assert ids[0, 0] == 1 and ids[1, 0] == 0  # the planted pair
     true = shared[0, 1] / (shared[0, 0] + shared[1, 1] - shared[0, 1])
     assert jac[0, 0] == pytest.approx(true) and true > 0.5 and n_shared[0, 0] == shared[0, 1]
+
+
+def check_every_partner(acc: FeatureAccumulator, blocks: np.ndarray) -> tuple[int, int]:
+    """Every stored partner against the brute-force block counts: Jaccard in [0, 1]; an exact
+    partner's Jaccard and shared count equal brute force; an extrapolated one's shared count is
+    off by no more than the blocks its count did not see. Returns (exact, extrapolated)."""
+    shared = blocks.T.astype(np.int64) @ blocks.astype(np.int64)
+    ids, jac, n_shared, is_exact = acc.cooccurrence(top=acc.cfg.cooc_slots)
+    assert ((jac >= 0) & (jac <= 1)).all()
+    counts = [0, 0]
+    for i in range(acc.n):
+        for col in range(ids.shape[1]):
+            j = int(ids[i, col])
+            if j < 0:
+                continue
+            true = shared[i, j] / (shared[i, i] + shared[j, j] - shared[i, j])
+            if is_exact[i, col]:
+                assert n_shared[i, col] == shared[i, j], (i, j)
+                assert jac[i, col] == pytest.approx(true, rel=1e-6), (i, j)
+            else:
+                slot = int((acc.cand[i] == j).nonzero())
+                gap = min(int(acc.cand_from[i, slot]), int(acc.cand_partner_from[i, slot]))
+                assert abs(int(n_shared[i, col]) - shared[i, j]) <= gap, (i, j)
+                assert n_shared[i, col] <= min(shared[i, i], shared[j, j])
+            counts[int(not is_exact[i, col])] += 1
+    return counts[0], counts[1]
+
+
+def test_every_stored_jaccard_is_bounded_and_matches_brute_force():
+    acts, idx, keep = synthetic_codes(n_windows=40, seed=3, late_pair=True)
+    assert (idx.sort(2).values.diff(dim=2) != 0).all()  # a token's k latents stay distinct
+    cfg = dataclasses.replace(CFG, cooc_slots=N)  # room for every partner: 2 and 3 always enter
+    blocks = brute_blocks(acts, idx, keep, cfg.cooc_block)
+    for batch in (3, 8):
+        acc = stream(acts, idx, keep, batch=batch, cfg=cfg)
+        exact, extrapolated = check_every_partner(acc, blocks)
+        assert exact > 100 and extrapolated > 0
+        ids, _, _, is_exact = acc.cooccurrence(top=N)
+        assert 3 in ids[2].tolist() and not is_exact[2][ids[2] == 3].any()
+
+
+def test_a_late_rare_partner_gets_its_exact_jaccard():
+    """Latent 0 fires in every block; latent 1 only once, with it, in the last batch. The count is
+    exact (latent 1 had never fired before), so Jaccard is 1/10, not the count scaled up by
+    latent 0's ten blocks to a Jaccard of 10."""
+    W = 10
+    acts = torch.zeros(W, T, K_ACTIVE)
+    idx = torch.arange(K_ACTIVE).expand(W, T, K_ACTIVE).clone() + 2
+    idx[..., 0] = 0
+    acts[..., 0] = 1.0
+    idx[-1, 3, 1], acts[-1, 3, 1] = 1, 2.0
+    keep = torch.ones(W, T, dtype=torch.bool)
+    cfg = StoreConfig(top_k=2, cooc_block=T, cooc_slots=4)
+    acc = stream(acts, idx, keep, batch=1, cfg=cfg)
+    ids, jac, n_shared, is_exact = acc.cooccurrence()
+    assert ids[0, 0] == 1 and jac[0, 0] == pytest.approx(0.1) and bool(is_exact[0, 0])
+    assert ids[1, 0] == 0 and jac[1, 0] == pytest.approx(0.1) and n_shared[1, 0] == 1
+    assert check_every_partner(acc, brute_blocks(acts, idx, keep, T))[1] == 0
 
 
 def test_bf16_search_keeps_exact_fp32_values():
@@ -294,7 +373,10 @@ def test_planted_latents_have_the_known_top_contexts(planted, tokenizer):
     co = store.feature(1)["cooccurring"][0]
     assert co["feature"] == 2 and co["jaccard"] == pytest.approx(1.0)
     blocks = store.features["n_blocks_active"].to_pylist()
-    assert co["shared_blocks"] == blocks[1] == blocks[2] > 0
+    assert co["shared_blocks"] == blocks[1] == blocks[2] > 0 and co["exact"] is True
+    jaccard = store.features["cooc_jaccard"].combine_chunks().flatten().to_numpy()
+    assert ((jaccard >= 0) & (jaccard <= 1)).all()
+    assert 0 < store.manifest["cooc_exact_partners"] <= store.manifest["cooc_partners"]
     assert store.feature(5)["top_examples"] == [] and store.feature(5)["density"] == 0
 
 
