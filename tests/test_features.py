@@ -14,24 +14,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from analysis.features import (
-    EMPTY_KEY,
-    FeatureAccumulator,
-    StoreConfig,
-    add_analyze_parser,
-    analyze,
-    cmd_analyze,
-    encode_codes,
-    logit_effects,
-    sample_keys,
-)
 from analysis.run import open_run
-from analysis.store import FeatureStore
+from analysis.store.accumulate import FeatureAccumulator, StoreConfig
+from analysis.store.build import _save_state, analyze
+from analysis.store.encode import encode_codes, logit_effects
+from analysis.store.ops import EMPTY_KEY, sample_keys
+from analysis.store.read import FeatureStore
+from analysis.store.windows import WindowLog
 from hooks.errors import UserError
+from hooks.paths import sha256_file
 from hooks.selection import Selection
 from hooks.sites import special_token_ids, token_mask
 from sae.formats import save_sae
 from sae.model import SAEConfig, TopKSAE
+from saewb_cli.measure import add_parsers, cmd_analyze
 
 # -- streaming accumulator vs brute force ---------------------------------------------------------
 
@@ -180,7 +176,8 @@ def canonical(acc: FeatureAccumulator) -> dict[str, torch.Tensor]:
     """The state with its unsorted slots sorted: top examples by activation, samples by key."""
     top = torch.argsort(-acc.top_val, dim=1, stable=True)
     iv = torch.argsort(acc.iv_key, dim=2, stable=True)
-    out = {name: getattr(acc, name) for name in ("count", "act_max", "hist", "blk_count")}
+    out = {name: getattr(acc, name) for name in ("count", "act_max", "hist")}
+    out["blk_count"] = acc.cooc.blk_count
     for name in ("top_val", "top_win", "top_pos"):
         out[name] = getattr(acc, name).gather(1, top)
     out["top_ctx"] = acc.top_ctx.gather(1, top[..., None].expand_as(acc.top_ctx))
@@ -212,20 +209,20 @@ def test_cooccurrence_counts_match_brute_force():
     size = CFG.cooc_block
     blocks = brute_blocks(acts, idx, keep, size)
     shared = blocks.T.astype(np.int64) @ blocks.astype(np.int64)  # (N, N) brute force
-    np.testing.assert_array_equal(acc.blk_count.numpy(), blocks.sum(0))
-    assert acc.n_blocks == int(keep.reshape(-1, T // size, size).any(2).sum())
+    np.testing.assert_array_equal(acc.cooc.blk_count.numpy(), blocks.sum(0))
+    assert acc.cooc.n_blocks == int(keep.reshape(-1, T // size, size).any(2).sum())
     exact = 0
     for i in range(N):
         for slot in range(CFG.cooc_slots):
-            j = int(acc.cand[i, slot])
+            j = int(acc.cooc.cand[i, slot])
             if j < 0:
                 continue
             assert shared[i, j] > 0  # a candidate shared at least one block when it was added
-            if acc.cand_from[i, slot] == 0:  # added in the latent's first batch: exact counts
-                assert acc.cand_count[i, slot] == shared[i, j]
+            if acc.cooc.cand_from[i, slot] == 0:  # added in the latent's first batch: exact counts
+                assert acc.cooc.cand_count[i, slot] == shared[i, j]
                 exact += 1
     assert exact > 100
-    ids, jac, n_shared, is_exact = acc.cooccurrence()
+    ids, jac, n_shared, is_exact = acc.cooc.partners()
     assert ids[0, 0] == 1 and ids[1, 0] == 0  # the planted pair
     true = shared[0, 1] / (shared[0, 0] + shared[1, 1] - shared[0, 1])
     assert jac[0, 0] == pytest.approx(true) and true > 0.5 and n_shared[0, 0] == shared[0, 1]
@@ -236,7 +233,7 @@ def check_every_partner(acc: FeatureAccumulator, blocks: np.ndarray) -> tuple[in
     partner's Jaccard and shared count equal brute force; an extrapolated one's shared count is
     off by no more than the blocks its count did not see. Returns (exact, extrapolated)."""
     shared = blocks.T.astype(np.int64) @ blocks.astype(np.int64)
-    ids, jac, n_shared, is_exact = acc.cooccurrence(top=acc.cfg.cooc_slots)
+    ids, jac, n_shared, is_exact = acc.cooc.partners(top=acc.cfg.cooc_slots)
     assert ((jac >= 0) & (jac <= 1)).all()
     counts = [0, 0]
     for i in range(acc.n):
@@ -249,8 +246,10 @@ def check_every_partner(acc: FeatureAccumulator, blocks: np.ndarray) -> tuple[in
                 assert n_shared[i, col] == shared[i, j], (i, j)
                 assert jac[i, col] == pytest.approx(true, rel=1e-6), (i, j)
             else:
-                slot = int((acc.cand[i] == j).nonzero())
-                gap = min(int(acc.cand_from[i, slot]), int(acc.cand_partner_from[i, slot]))
+                slot = int((acc.cooc.cand[i] == j).nonzero())
+                gap = min(
+                    int(acc.cooc.cand_from[i, slot]), int(acc.cooc.cand_partner_from[i, slot])
+                )
                 assert abs(int(n_shared[i, col]) - shared[i, j]) <= gap, (i, j)
                 assert n_shared[i, col] <= min(shared[i, i], shared[j, j])
             counts[int(not is_exact[i, col])] += 1
@@ -266,7 +265,7 @@ def test_every_stored_jaccard_is_bounded_and_matches_brute_force():
         acc = stream(acts, idx, keep, batch=batch, cfg=cfg)
         exact, extrapolated = check_every_partner(acc, blocks)
         assert exact > 100 and extrapolated > 0
-        ids, _, _, is_exact = acc.cooccurrence(top=N)
+        ids, _, _, is_exact = acc.cooc.partners(top=N)
         assert 3 in ids[2].tolist() and not is_exact[2][ids[2] == 3].any()
 
 
@@ -283,7 +282,7 @@ def test_a_late_rare_partner_gets_its_exact_jaccard():
     keep = torch.ones(W, T, dtype=torch.bool)
     cfg = StoreConfig(top_k=2, cooc_block=T, cooc_slots=4)
     acc = stream(acts, idx, keep, batch=1, cfg=cfg)
-    ids, jac, n_shared, is_exact = acc.cooccurrence()
+    ids, jac, n_shared, is_exact = acc.cooc.partners()
     assert ids[0, 0] == 1 and jac[0, 0] == pytest.approx(0.1) and bool(is_exact[0, 0])
     assert ids[1, 0] == 0 and jac[1, 0] == pytest.approx(0.1) and n_shared[1, 0] == 1
     assert check_every_partner(acc, brute_blocks(acts, idx, keep, T))[1] == 0
@@ -398,9 +397,7 @@ def test_store_layout_and_sparsity_export(planted):
     out, run = planted["out"], planted["run"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["n_latents"] == 16 and manifest["n_tokens"] > 0
-    assert manifest["sae_sha256"] == __import__("analysis.features").features.weights_sha256(
-        run.path
-    )
+    assert manifest["sae_sha256"] == sha256_file(run.path / "sae.safetensors")
     examples = pq.ParquetFile(out / "examples.parquet")
     features = pq.read_table(out / "features.parquet")
     assert features.num_rows == 16
@@ -518,7 +515,7 @@ def _one_sentence(err: UserError) -> str:
 
 def _cli(*argv):
     parser = argparse.ArgumentParser()
-    add_analyze_parser(parser.add_subparsers(dest="command"))
+    add_parsers(parser.add_subparsers(dest="command"))
     return parser.parse_args(["analyze", *argv])
 
 
@@ -536,11 +533,8 @@ def test_a_store_for_another_sae_is_refused(random_run, tmp_path):
     # A partial state from the old SAE is refused too.
     state = out / "partial"
     run = open_run(run_dir)
-    from analysis.features import FeatureAccumulator as Acc
-    from analysis.features import WindowLog, _save_state
-
     log = WindowLog(state / "windows.bin", 32)
-    _save_state(state, Acc(64, 32), log, dict(sae_sha256="0" * 64))
+    _save_state(state, FeatureAccumulator(64, 32), log, dict(sae_sha256="0" * 64))
     log.close()
     with pytest.raises(UserError, match="made for another SAE") as err:
         analyze(run, 300, resume=True, progress=False)
