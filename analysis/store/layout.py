@@ -4,8 +4,9 @@
       manifest.json     format, version, sha256 of the SAE weights it was built for, token and
                         window counts, settings (written last: no manifest, no store)
       features.parquet  one row per latent: density, mean/max activation, histogram, logit
-                        effects, decoder neighbours, co-occurring latents (Jaccard and shared
-                        blocks), its active-block count, label, and where its examples are
+                        effects, decoder neighbours, co-occurring latents (Jaccard, shared
+                        blocks, and whether that count saw every block or is extrapolated inside
+                        exact bounds), its active-block count, label, and where its examples are
                         (row group, offset, counts)
       examples.parquet  one row per example, sorted by (feature, kind, bin, rank); each row group
                         holds FEATURES_PER_GROUP latents, so one latent's examples are one small
@@ -18,6 +19,6 @@ the equal-width bins on [0, hist_max]); `tokens`/`acts` are the context window (
 latent's activation per token) and `index` is the example token's place in it.
 """
 
-FORMAT, VERSION = "saewb-features", 1
+FORMAT, VERSION = "saewb-features", 2
 FEATURES_PER_GROUP = 32  # latents per examples.parquet row group (~2k rows at K=20 + 50)
 TOP, INTERVAL = 0, 1  # example kinds
