@@ -228,45 +228,56 @@ def analyzed_store(args, loaded, tmp: Path) -> tuple[Path, dict]:
     return out, dict(analyze_s=time.perf_counter() - start)
 
 
-def load_latency(folder: Path, loads: int) -> dict:
-    """FeatureStore(folder) as the dashboard opens it (weights sha256 included), then features."""
+def load_latency(folders: dict[str, Path], loads: int) -> dict[str, dict]:
+    """Open each store as the dashboard does (FeatureStore(path): the sha256 check of the run's
+    SAE weights included; a synthetic store has none to check), then time feature(i) over the
+    same random ids, the stores taking turns so that they share the machine's load."""
     from analysis.store.read import FeatureStore
     from hooks.paths import sha256_file
     from sae.formats import weights_file
 
-    start = time.perf_counter()
-    sha256_file(weights_file(folder.parent))
-    sha_s = time.perf_counter() - start
-    start = time.perf_counter()
-    store = FeatureStore(folder)
-    open_s = time.perf_counter() - start
+    stores, out = {}, {}
+    for name, folder in folders.items():
+        weights = weights_file(folder.parent)
+        start = time.perf_counter()
+        if weights is not None:
+            sha256_file(weights)
+        sha_s = time.perf_counter() - start
+        start = time.perf_counter()
+        stores[name] = FeatureStore(folder, None if weights else "synthetic")
+        out[name] = dict(
+            latents=stores[name].n_latents,
+            tokens=stores[name].manifest["n_tokens"],
+            dead_fraction=stores[name].manifest["dead_fraction"],
+            open_s=time.perf_counter() - start,
+            sha256_s=sha_s if weights else 0.0,
+            sae_mib=weights.stat().st_size / 2**20 if weights else 0.0,
+            store_mib=sum(f.stat().st_size for f in folder.iterdir()) / 2**20,
+        )
     rng = np.random.default_rng(1)
-    ids = rng.integers(0, store.n_latents, loads)
-    t = time.perf_counter()
-    store.feature(int(ids[0]))  # the first call also reads the parquet footers
-    first_ms = 1000 * (time.perf_counter() - t)
-    times, top, samples = [], [], []
-    for i in ids:
+    ids = rng.integers(0, min(s.n_latents for s in stores.values()), loads)
+    times = {name: [] for name in stores}
+    examples = {name: [] for name in stores}
+    for name, store in stores.items():
         t = time.perf_counter()
-        record = store.feature(int(i))
-        times.append(time.perf_counter() - t)
-        top.append(len(record["top_examples"]))
-        samples.append(sum(len(iv["examples"]) for iv in record["intervals"]))
-    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
-    return dict(
-        latents=store.n_latents,
-        tokens=store.manifest["n_tokens"],
-        dead_fraction=store.manifest["dead_fraction"],
-        mean_top_examples=float(np.mean(top)),
-        mean_interval_samples=float(np.mean(samples)),
-        sae_mib=weights_file(folder.parent).stat().st_size / 2**20,
-        sha256_s=sha_s,
-        open_s=open_s,
-        first_feature_ms=first_ms,
-        p50_ms=1000 * float(np.percentile(times, 50)),
-        p95_ms=1000 * float(np.percentile(times, 95)),
-        store_mib=size,
-    )
+        store.feature(int(ids[0]))  # the first call also reads the parquet footers
+        out[name]["first_feature_ms"] = 1000 * (time.perf_counter() - t)
+    for i in ids:
+        for name, store in stores.items():
+            t = time.perf_counter()
+            record = store.feature(int(i))
+            times[name].append(time.perf_counter() - t)
+            n_samples = sum(len(iv["examples"]) for iv in record["intervals"])
+            examples[name].append((len(record["top_examples"]), n_samples))
+    for name in stores:
+        top, samples = np.mean(examples[name], axis=0)
+        out[name] |= dict(
+            mean_top_examples=float(top),
+            mean_interval_samples=float(samples),
+            p50_ms=1000 * float(np.percentile(times[name], 50)),
+            p95_ms=1000 * float(np.percentile(times[name], 95)),
+        )
+    return out
 
 
 def main() -> None:
@@ -338,18 +349,27 @@ def main() -> None:
             loaded = load_model("smollm2-135m", progress=False)
             folder, built = analyzed_store(args, loaded, tmp)
             del loaded
-            r = load_latency(folder, args.loads) | built
+            synthetic = synthetic_store(tmp / "synthetic", args.store_latents, 20, False)
+            r = load_latency(dict(analyzed=folder, synthetic=synthetic), args.loads)
+            r["analyzed"] |= built
             result["store"] = r
-            print(f"\n3. one feature's full record from the store analyze wrote ({args.loads} "
-                  f"random ids)")  # fmt: skip
-            print(f"  {r['latents']} latents, k={args.store_k}, {r['tokens']:,} tokens (analyze "
-                  f"{r['analyze_s']:.0f} s): "
-                  f"{r['mean_top_examples']:.1f} top examples + "
-                  f"{r['mean_interval_samples']:.1f} interval samples per latent on average, "
-                  f"dead {r['dead_fraction']:.3f}, store {r['store_mib']:.0f} MiB")  # fmt: skip
-            print(f"  open {r['open_s']:.2f} s (of which sha256 of the {r['sae_mib']:.0f} MiB SAE "
-                  f"{r['sha256_s']:.2f} s), first feature {r['first_feature_ms']:.1f} ms; "
-                  f"then p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms")  # fmt: skip
+            print(f"\n3. one feature's full record ({args.loads} random ids, the stores taking "
+                  f"turns)")  # fmt: skip
+            a = r["analyzed"]
+            print(f"  analyze wrote: {a['latents']} latents, k={args.store_k}, {a['tokens']:,} "
+                  f"tokens (analyze {a['analyze_s']:.0f} s), "
+                  f"dead {a['dead_fraction']:.3f}")  # fmt: skip
+            print(f"{'store':>28} {'top ex':>6} {'samples':>7} {'MiB':>5} {'open s':>6} "
+                  f"{'sha256 s':>8} {'first ms':>8} {'p50 ms':>6} {'p95 ms':>6}")  # fmt: skip
+            for name, label in (("analyzed", "analyze (+ weight check)"),
+                                ("synthetic", "synthetic, top only, no check")):  # fmt: skip
+                x = r[name]
+                print(f"{label:>28} {x['mean_top_examples']:>6.1f} "
+                      f"{x['mean_interval_samples']:>7.1f} {x['store_mib']:>5.0f} "
+                      f"{x['open_s']:>6.2f} {x['sha256_s']:>8.2f} {x['first_feature_ms']:>8.1f} "
+                      f"{x['p50_ms']:>6.1f} {x['p95_ms']:>6.1f}")  # fmt: skip
+            print(f"  p50 ratio analyzed / synthetic: "
+                  f"{a['p50_ms'] / r['synthetic']['p50_ms']:.2f}x")  # fmt: skip
     out = ROOT / args.out
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
