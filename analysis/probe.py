@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from analysis.features import encode_codes
 from analysis.run import Run
+from analysis.store.encode import encode_codes
 from hooks.errors import UserError
 from hooks.windows import special_id
 

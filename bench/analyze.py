@@ -1,8 +1,9 @@
 """Feature-store benchmark: the analyze pass against the model forward, peak memory as tokens grow,
-and how fast one feature's record loads from a 32k-latent store.
+and how fast one feature's record loads from a 32k-latent store that `analyze` wrote.
 
     python bench/analyze.py [--site resid_post.3] [--latents 2304 32768] [--tokens 16384]
-                            [--rss-tokens 8192 32768] [--store-latents 32768] [--loads 500]
+                            [--rss-tokens 8192 32768] [--store-latents 32768]
+                            [--store-tokens 65536] [--store-k 32] [--loads 500]
 
   1. pass cost: on the same windows of the built-in corpus (16 x 128 tokens per forward), time
      (a) Capture with early exit alone, and (b) `analyze()` end to end (forward + SAE encode +
@@ -11,8 +12,13 @@ and how fast one feature's record loads from a 32k-latent store.
      accumulator update from an instrumented copy of the loop, and for bf16 the share of
      (token, latent) entries whose selection differs from fp32;
   2. peak RSS of `analyze()` in a fresh process at two token counts (VmHWM);
-  3. a synthetic store of 32k latents x 20 top examples (and one with the 50 interval samples
-     too): open time, and p50/p95 of FeatureStore.feature(i) over random ids.
+  3. a store written by `analyze()` itself (its defaults: fp32) for a random SAE of
+     --store-latents latents and k --store-k over --store-tokens tokens of the built-in corpus,
+     with its top examples and interval samples: FeatureStore's open time through the dashboard's
+     path (the sha256 check of the run's SAE weights included, timed on its own too), the first
+     feature after opening, and p50/p95 of FeatureStore.feature(i) over random ids.
+     The SAE's b_dec is the mean activation, so its latents fire on many tokens, as a trained
+     one's do; the table says how full the examples are.
 Prints a table and writes bench/out/analyze.json (--out).
 """
 
@@ -42,15 +48,20 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def make_run(folder: Path, site: str, n_latents: int, k: int, d: int = 576) -> Path:
+def make_run(
+    folder: Path, site: str, n_latents: int, k: int, d: int = 576, b_dec: torch.Tensor | None = None
+) -> Path:
     """A run directory with a random TopK SAE (the pass's cost does not depend on training)."""
+    from hooks.selection import Selection
     from sae.formats import save_sae
     from sae.model import SAEConfig, TopKSAE
 
     sae = TopKSAE(SAEConfig(d_in=d, n_latents=n_latents, k=k, model="smollm2-135m", site=site))
     sae.reset_parameters(torch.Generator().manual_seed(0))
+    if b_dec is not None:
+        sae.b_dec.data.copy_(b_dec)
     save_sae(sae, folder)
-    info = dict(model="smollm2-135m", site=site, data=dict(dataset="builtin", context_size=128))
+    info = dict(model="smollm2-135m", site=site, selection=Selection().to_dict())
     (folder / "run.json").write_text(json.dumps(info))
     return folder
 
@@ -60,16 +71,16 @@ def corpus_windows(tokenizer, n_windows: int) -> list:
     tokens, too few for timing)."""
     import itertools
 
-    from hooks.text import iter_documents
-    from hooks.windows import WindowSpec, holdout_split, iter_windows
+    from hooks.selection import Selection
 
-    docs = holdout_split(iter_documents("builtin"), "all")
-    return list(itertools.islice(iter_windows(docs, tokenizer, WindowSpec(128)), n_windows))
+    return list(itertools.islice(Selection().windows(tokenizer, "all"), n_windows))
 
 
 def pass_cost(args, loaded, windows, n_latents: int, dtype: str, tmp: Path) -> dict:
-    from analysis.features import FeatureAccumulator, StoreConfig, analyze, encode_codes
     from analysis.run import open_run
+    from analysis.store.accumulate import FeatureAccumulator, StoreConfig
+    from analysis.store.build import analyze
+    from analysis.store.encode import encode_codes
     from hooks.sites import Capture, special_token_ids, token_mask
     from hooks.windows import batched, stack
 
@@ -128,8 +139,8 @@ def pass_cost(args, loaded, windows, n_latents: int, dtype: str, tmp: Path) -> d
 
 def rss_child(args) -> None:
     """Child process: one analyze at --_rss tokens; prints JSON with its peak RSS."""
-    from analysis.features import analyze
     from analysis.run import open_run
+    from analysis.store.build import analyze
     from hooks.models import load_model
 
     torch.set_num_threads(args.threads)
@@ -146,16 +157,16 @@ def rss_child(args) -> None:
 
 def synthetic_store(folder: Path, n: int, K: int, intervals: bool) -> Path:
     """A store of n latents with K top examples each (and 10 x 5 interval samples if asked),
-    written by the real writer from a filled-in accumulator state."""
-    from analysis.features import FeatureAccumulator, StoreConfig
-    from analysis.store import write_tables
+    written by the real writer from a filled-in accumulator state (bench/dashboard.py)."""
+    from analysis.store.accumulate import FeatureAccumulator, StoreConfig
+    from analysis.store.write import write_tables
 
     T, V = 128, 49152
     cfg = StoreConfig(top_k=K, per_interval=5 if intervals else 1)
     acc = FeatureAccumulator(n, T, cfg)
     g = torch.Generator().manual_seed(0)
     n_windows = 100_000
-    acc.n_tokens, acc.n_windows, acc.n_blocks = n_windows * 127, n_windows, n_windows * 8
+    acc.n_tokens, acc.n_windows, acc.cooc.n_blocks = n_windows * 127, n_windows, n_windows * 8
     acc.count[:] = torch.randint(1, 10_000, (n,), generator=g)
     acc.act_sum[:] = acc.count * 2.0
     acc.act_max[:] = 5.0
@@ -171,9 +182,9 @@ def synthetic_store(folder: Path, n: int, K: int, intervals: bool) -> Path:
         acc.iv_win[:] = torch.randint(0, n_windows, acc.iv_win.shape, generator=g)
         acc.iv_pos[:] = torch.randint(1, T, acc.iv_pos.shape, generator=g, dtype=torch.int32)
         acc.iv_ctx[:] = (torch.rand(acc.iv_ctx.shape, generator=g) * 5).half()
-    acc.cand[:] = torch.randint(0, n, acc.cand.shape, generator=g)
-    acc.blk_count[:] = 1000
-    acc.cand_count[:] = torch.randint(0, 1000, acc.cand.shape, generator=g)
+    acc.cooc.cand[:] = torch.randint(0, n, acc.cooc.cand.shape, generator=g)
+    acc.cooc.blk_count[:] = 1000
+    acc.cooc.cand_count[:] = torch.randint(0, 1000, acc.cooc.cand.shape, generator=g)
 
     def read_windows(ids: np.ndarray) -> dict:
         rng = np.random.default_rng(ids)  # deterministic tokens per window
@@ -198,30 +209,75 @@ def synthetic_store(folder: Path, n: int, K: int, intervals: bool) -> Path:
     return folder
 
 
-def load_latency(folder: Path, loads: int) -> dict:
-    from analysis.store import FeatureStore
+def analyzed_store(args, loaded, tmp: Path) -> tuple[Path, dict]:
+    """RUN/features written by analyze() for a random SAE of --store-latents latents."""
+    from analysis.run import open_run
+    from analysis.store.build import analyze
+    from hooks.sites import Capture
+    from hooks.windows import stack
 
+    windows = corpus_windows(loaded.tokenizer, args.store_tokens // 127 + 2)
+    with Capture(loaded.model, [args.site]) as capture, torch.no_grad():
+        x = capture(stack(windows[:16])[0])[args.site]  # (16, 128, d)
+    mean = x[:, 1:].reshape(-1, x.shape[-1]).float().mean(0)  # position 0 is the attention sink
+    sae_dir = make_run(tmp / "store-run", args.site, args.store_latents, args.store_k, b_dec=mean)
+    run = open_run(sae_dir)
     start = time.perf_counter()
-    store = FeatureStore(folder, expect_sha256="synthetic")
-    open_s = time.perf_counter() - start
+    out = analyze(run, args.store_tokens, batch_windows=args.batch, loaded=loaded,
+                  windows=iter(windows), progress=False, checkpoint_tokens=10**12)  # fmt: skip
+    return out, dict(analyze_s=time.perf_counter() - start)
+
+
+def load_latency(folders: dict[str, Path], loads: int) -> dict[str, dict]:
+    """Open each store as the dashboard does (FeatureStore(path): the sha256 check of the run's
+    SAE weights included; a synthetic store has none to check), then time feature(i) over the
+    same random ids, the stores taking turns so that they share the machine's load."""
+    from analysis.store.read import FeatureStore
+    from hooks.paths import sha256_file
+    from sae.formats import weights_file
+
+    stores, out = {}, {}
+    for name, folder in folders.items():
+        weights = weights_file(folder.parent)
+        start = time.perf_counter()
+        if weights is not None:
+            sha256_file(weights)
+        sha_s = time.perf_counter() - start
+        start = time.perf_counter()
+        stores[name] = FeatureStore(folder, None if weights else "synthetic")
+        out[name] = dict(
+            latents=stores[name].n_latents,
+            tokens=stores[name].manifest["n_tokens"],
+            dead_fraction=stores[name].manifest["dead_fraction"],
+            open_s=time.perf_counter() - start,
+            sha256_s=sha_s if weights else 0.0,
+            sae_mib=weights.stat().st_size / 2**20 if weights else 0.0,
+            store_mib=sum(f.stat().st_size for f in folder.iterdir()) / 2**20,
+        )
     rng = np.random.default_rng(1)
-    ids = rng.integers(0, store.n_latents, loads)
-    store.feature(int(ids[0]))  # first call opens the parquet footers
-    times = []
-    for i in ids:
+    ids = rng.integers(0, min(s.n_latents for s in stores.values()), loads)
+    times = {name: [] for name in stores}
+    examples = {name: [] for name in stores}
+    for name, store in stores.items():
         t = time.perf_counter()
-        record = store.feature(int(i))
-        times.append(time.perf_counter() - t)
-    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
-    return dict(
-        latents=store.n_latents,
-        examples_per_latent=len(record["top_examples"])
-        + sum(len(iv["examples"]) for iv in record["intervals"]),
-        open_s=open_s,
-        p50_ms=1000 * float(np.percentile(times, 50)),
-        p95_ms=1000 * float(np.percentile(times, 95)),
-        store_mib=size,
-    )
+        store.feature(int(ids[0]))  # the first call also reads the parquet footers
+        out[name]["first_feature_ms"] = 1000 * (time.perf_counter() - t)
+    for i in ids:
+        for name, store in stores.items():
+            t = time.perf_counter()
+            record = store.feature(int(i))
+            times[name].append(time.perf_counter() - t)
+            n_samples = sum(len(iv["examples"]) for iv in record["intervals"])
+            examples[name].append((len(record["top_examples"]), n_samples))
+    for name in stores:
+        top, samples = np.mean(examples[name], axis=0)
+        out[name] |= dict(
+            mean_top_examples=float(top),
+            mean_interval_samples=float(samples),
+            p50_ms=1000 * float(np.percentile(times[name], 50)),
+            p95_ms=1000 * float(np.percentile(times[name], 95)),
+        )
+    return out
 
 
 def main() -> None:
@@ -235,6 +291,8 @@ def main() -> None:
     parser.add_argument("--rss-tokens", type=int, nargs=2, default=[8192, 32768])
     parser.add_argument("--rss-latents", type=int, default=32768)
     parser.add_argument("--store-latents", type=int, default=32768)
+    parser.add_argument("--store-tokens", type=int, default=65536, help="tokens the store covers")
+    parser.add_argument("--store-k", type=int, default=32, help="the store SAE's k")
     parser.add_argument("--loads", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], choices=["pass", "rss", "store"])
@@ -288,18 +346,30 @@ def main() -> None:
                 print(f"  {tokens:>8} tokens: peak {r['peak_mib']:.0f} MiB "
                       f"(model loaded: {r['after_model_mib']:.0f} MiB)")  # fmt: skip
         if "store" not in args.skip:
-            result["store"] = []
-            print(f"\n3. loading one feature's full record ({args.loads} random ids)")
-            for intervals in (False, True):
-                folder = tmp / f"store-{intervals}"
-                start = time.perf_counter()
-                synthetic_store(folder, args.store_latents, 20, intervals)
-                built = time.perf_counter() - start
-                r = load_latency(folder, args.loads) | dict(build_s=built)
-                result["store"].append(r)
-                print(f"  {r['latents']} latents x {r['examples_per_latent']} examples: "
-                      f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms; open {r['open_s']:.2f} s, "
-                      f"{r['store_mib']:.0f} MiB, built in {built:.0f} s")  # fmt: skip
+            loaded = load_model("smollm2-135m", progress=False)
+            folder, built = analyzed_store(args, loaded, tmp)
+            del loaded
+            synthetic = synthetic_store(tmp / "synthetic", args.store_latents, 20, False)
+            r = load_latency(dict(analyzed=folder, synthetic=synthetic), args.loads)
+            r["analyzed"] |= built
+            result["store"] = r
+            print(f"\n3. one feature's full record ({args.loads} random ids, the stores taking "
+                  f"turns)")  # fmt: skip
+            a = r["analyzed"]
+            print(f"  analyze wrote: {a['latents']} latents, k={args.store_k}, {a['tokens']:,} "
+                  f"tokens (analyze {a['analyze_s']:.0f} s), "
+                  f"dead {a['dead_fraction']:.3f}")  # fmt: skip
+            print(f"{'store':>28} {'top ex':>6} {'samples':>7} {'MiB':>5} {'open s':>6} "
+                  f"{'sha256 s':>8} {'first ms':>8} {'p50 ms':>6} {'p95 ms':>6}")  # fmt: skip
+            for name, label in (("analyzed", "analyze (+ weight check)"),
+                                ("synthetic", "synthetic, top only, no check")):  # fmt: skip
+                x = r[name]
+                print(f"{label:>28} {x['mean_top_examples']:>6.1f} "
+                      f"{x['mean_interval_samples']:>7.1f} {x['store_mib']:>5.0f} "
+                      f"{x['open_s']:>6.2f} {x['sha256_s']:>8.2f} {x['first_feature_ms']:>8.1f} "
+                      f"{x['p50_ms']:>6.1f} {x['p95_ms']:>6.1f}")  # fmt: skip
+            print(f"  p50 ratio analyzed / synthetic: "
+                  f"{a['p50_ms'] / r['synthetic']['p50_ms']:.2f}x")  # fmt: skip
     out = ROOT / args.out
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

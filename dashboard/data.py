@@ -15,15 +15,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from analysis.store import FeatureStore
+from analysis.store.read import FeatureStore
 from hooks.errors import UserError
+from sae.formats import weights_file
 
 log = logging.getLogger("saewb.dashboard")
 
 MAX_DEPTH = 4  # run folders are found this many levels below the served folder at most
 SKIP = {"state", "features", "__pycache__", "node_modules"}
 RESCAN_SECONDS = 2.0  # runs appear while training: look again, but not on every request
-SAE_FILES = ("sae.safetensors", "sae_weights.safetensors")
 
 
 class NotFound(UserError):
@@ -34,7 +34,7 @@ def is_run_dir(path: Path) -> bool:
     """A folder `saewb train` wrote (run.json), or any folder holding an SAE with its cfg.json."""
     if (path / "run.json").is_file():
         return True
-    return (path / "cfg.json").is_file() and any((path / f).is_file() for f in SAE_FILES)
+    return (path / "cfg.json").is_file() and weights_file(path) is not None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -170,7 +170,7 @@ class Workspace:
             k=info.get("k") or cfg.get("k"),
             tokens=tokens,
             tokens_planned=info.get("tokens_planned"),
-            has_sae=any((path / f).is_file() for f in SAE_FILES),
+            has_sae=weights_file(path) is not None,
             log=log_records,
             eval=evaluation,
             has_store=(path / "features" / "manifest.json").is_file(),

@@ -55,8 +55,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_analyze(args: argparse.Namespace) -> None:
     import torch
 
-    from analysis.features import analyze
     from analysis.run import open_run
+    from analysis.store.build import analyze
     from hooks.models import parse_device
 
     n_tokens = parse_count(args.tokens)

@@ -14,8 +14,8 @@ import pytest
 from dash import no_update
 
 from analysis.evaluate import evaluate
-from analysis.features import analyze
 from analysis.run import open_run
+from analysis.store.build import analyze
 from dashboard import app as dash_app
 from dashboard.app import create_app, guard, is_loopback, route
 from dashboard.components import opacity

@@ -4,6 +4,7 @@ exact resume, the store's layout and reader, and bad input."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 
@@ -13,24 +14,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from analysis.features import (
-    EMPTY_KEY,
-    FeatureAccumulator,
-    StoreConfig,
-    add_analyze_parser,
-    analyze,
-    cmd_analyze,
-    encode_codes,
-    logit_effects,
-    sample_keys,
-)
 from analysis.run import open_run
-from analysis.store import FeatureStore
+from analysis.store.accumulate import FeatureAccumulator, StoreConfig
+from analysis.store.build import _save_state, analyze
+from analysis.store.encode import encode_codes, logit_effects
+from analysis.store.ops import EMPTY_KEY, sample_keys
+from analysis.store.read import FeatureStore
+from analysis.store.windows import WindowLog
 from hooks.errors import UserError
+from hooks.paths import sha256_file
 from hooks.selection import Selection
 from hooks.sites import special_token_ids, token_mask
 from sae.formats import save_sae
 from sae.model import SAEConfig, TopKSAE
+from saewb_cli.measure import add_parsers, cmd_analyze
 
 # -- streaming accumulator vs brute force ---------------------------------------------------------
 
@@ -38,13 +35,15 @@ N, T, K_ACTIVE = 40, 24, 3
 CFG = StoreConfig(top_k=4, ctx_before=4, ctx_after=3, cooc_block=6, cooc_slots=8, seed=7)
 
 
-def synthetic_codes(n_windows: int = 24, seed: int = 0):
+def synthetic_codes(n_windows: int = 24, seed: int = 0, late_pair: bool = False):
     """Sparse codes (W, T, k) with Zipf-ish latents, zeros among the k slots, masked tokens, a
     scale that grows over the stream (so histogram ranges must double), and latents 0 and 1
-    planted to fire together on the same tokens."""
+    planted to fire together on the same tokens. late_pair: latents 2 and 3 fire apart in the
+    first half and together in the second, so each takes the other as a candidate only after both
+    have fired (a count that misses blocks and is extrapolated)."""
     g = torch.Generator().manual_seed(seed)
     probs = 1.0 / torch.arange(1, N + 1).float()
-    probs[:2] = 0
+    probs[: 4 if late_pair else 2] = 0
     idx = torch.multinomial(probs.expand(n_windows * T, N), K_ACTIVE, generator=g)
     idx = idx.view(n_windows, T, K_ACTIVE)
     scale = torch.linspace(0.3, 40.0, n_windows)[:, None, None]  # later windows fire harder
@@ -54,6 +53,16 @@ def synthetic_codes(n_windows: int = 24, seed: int = 0):
     idx[..., 0][pair], idx[..., 1][pair] = 0, 1
     keep = torch.rand(n_windows, T, generator=g) > 0.1
     keep[:, 0] = False
+    if late_pair:
+        half, free = n_windows // 2, ~pair  # tokens where slots 1 and 2 are not latents 0 and 1
+        apart = free & (torch.arange(T) % 5 < 2)
+        apart[half:] = False
+        together = free & (torch.arange(T) % 4 == 0)
+        together[:half] = False
+        idx[..., 2][apart & (torch.arange(T) % 5 == 0)] = 2
+        idx[..., 2][apart & (torch.arange(T) % 5 == 1)] = 3
+        idx[..., 1][together], idx[..., 2][together] = 2, 3
+        acts[..., 1:3] = acts[..., 1:3].clamp(min=0.5)
     return acts, idx, keep
 
 
@@ -167,7 +176,8 @@ def canonical(acc: FeatureAccumulator) -> dict[str, torch.Tensor]:
     """The state with its unsorted slots sorted: top examples by activation, samples by key."""
     top = torch.argsort(-acc.top_val, dim=1, stable=True)
     iv = torch.argsort(acc.iv_key, dim=2, stable=True)
-    out = {name: getattr(acc, name) for name in ("count", "act_max", "hist", "blk_count")}
+    out = {name: getattr(acc, name) for name in ("count", "act_max", "hist")}
+    out["blk_count"] = acc.cooc.blk_count
     for name in ("top_val", "top_win", "top_pos"):
         out[name] = getattr(acc, name).gather(1, top)
     out["top_ctx"] = acc.top_ctx.gather(1, top[..., None].expand_as(acc.top_ctx))
@@ -184,30 +194,98 @@ def test_statistics_do_not_depend_on_batching():
         assert torch.equal(a[name], b[name]), name
 
 
+def brute_blocks(acts, idx, keep, size: int) -> np.ndarray:
+    """(blocks, N) bool: which latents fire in each block of `size` tokens (brute force)."""
+    dense = dense_codes(acts, idx, keep)
+    n_blk = -(-T // size)
+    padded = np.zeros((len(dense), n_blk * size, N))
+    padded[:, :T] = dense
+    return (padded > 0).reshape(len(dense), n_blk, size, N).any(2).reshape(-1, N)
+
+
 def test_cooccurrence_counts_match_brute_force():
     acts, idx, keep = synthetic_codes()
     acc = stream(acts, idx, keep, batch=5)
-    dense = dense_codes(acts, idx, keep)
     size = CFG.cooc_block
-    blocks = (dense > 0).reshape(len(dense), T // size, size, N).any(2).reshape(-1, N)
+    blocks = brute_blocks(acts, idx, keep, size)
     shared = blocks.T.astype(np.int64) @ blocks.astype(np.int64)  # (N, N) brute force
-    np.testing.assert_array_equal(acc.blk_count.numpy(), blocks.sum(0))
-    assert acc.n_blocks == int(keep.reshape(-1, T // size, size).any(2).sum())
+    np.testing.assert_array_equal(acc.cooc.blk_count.numpy(), blocks.sum(0))
+    assert acc.cooc.n_blocks == int(keep.reshape(-1, T // size, size).any(2).sum())
     exact = 0
     for i in range(N):
         for slot in range(CFG.cooc_slots):
-            j = int(acc.cand[i, slot])
+            j = int(acc.cooc.cand[i, slot])
             if j < 0:
                 continue
             assert shared[i, j] > 0  # a candidate shared at least one block when it was added
-            if acc.cand_from[i, slot] == 0:  # added in the latent's first batch: exact counts
-                assert acc.cand_count[i, slot] == shared[i, j]
+            if acc.cooc.cand_from[i, slot] == 0:  # added in the latent's first batch: exact counts
+                assert acc.cooc.cand_count[i, slot] == shared[i, j]
                 exact += 1
     assert exact > 100
-    ids, jac, n_shared = acc.cooccurrence()
+    ids, jac, n_shared, is_exact = acc.cooc.partners()
     assert ids[0, 0] == 1 and ids[1, 0] == 0  # the planted pair
     true = shared[0, 1] / (shared[0, 0] + shared[1, 1] - shared[0, 1])
     assert jac[0, 0] == pytest.approx(true) and true > 0.5 and n_shared[0, 0] == shared[0, 1]
+
+
+def check_every_partner(acc: FeatureAccumulator, blocks: np.ndarray) -> tuple[int, int]:
+    """Every stored partner against the brute-force block counts: Jaccard in [0, 1]; an exact
+    partner's Jaccard and shared count equal brute force; an extrapolated one's shared count is
+    off by no more than the blocks its count did not see. Returns (exact, extrapolated)."""
+    shared = blocks.T.astype(np.int64) @ blocks.astype(np.int64)
+    ids, jac, n_shared, is_exact = acc.cooc.partners(top=acc.cfg.cooc_slots)
+    assert ((jac >= 0) & (jac <= 1)).all()
+    counts = [0, 0]
+    for i in range(acc.n):
+        for col in range(ids.shape[1]):
+            j = int(ids[i, col])
+            if j < 0:
+                continue
+            true = shared[i, j] / (shared[i, i] + shared[j, j] - shared[i, j])
+            if is_exact[i, col]:
+                assert n_shared[i, col] == shared[i, j], (i, j)
+                assert jac[i, col] == pytest.approx(true, rel=1e-6), (i, j)
+            else:
+                slot = int((acc.cooc.cand[i] == j).nonzero())
+                gap = min(
+                    int(acc.cooc.cand_from[i, slot]), int(acc.cooc.cand_partner_from[i, slot])
+                )
+                assert abs(int(n_shared[i, col]) - shared[i, j]) <= gap, (i, j)
+                assert n_shared[i, col] <= min(shared[i, i], shared[j, j])
+            counts[int(not is_exact[i, col])] += 1
+    return counts[0], counts[1]
+
+
+def test_every_stored_jaccard_is_bounded_and_matches_brute_force():
+    acts, idx, keep = synthetic_codes(n_windows=40, seed=3, late_pair=True)
+    assert (idx.sort(2).values.diff(dim=2) != 0).all()  # a token's k latents stay distinct
+    cfg = dataclasses.replace(CFG, cooc_slots=N)  # room for every partner: 2 and 3 always enter
+    blocks = brute_blocks(acts, idx, keep, cfg.cooc_block)
+    for batch in (3, 8):
+        acc = stream(acts, idx, keep, batch=batch, cfg=cfg)
+        exact, extrapolated = check_every_partner(acc, blocks)
+        assert exact > 100 and extrapolated > 0
+        ids, _, _, is_exact = acc.cooc.partners(top=N)
+        assert 3 in ids[2].tolist() and not is_exact[2][ids[2] == 3].any()
+
+
+def test_a_late_rare_partner_gets_its_exact_jaccard():
+    """Latent 0 fires in every block; latent 1 only once, with it, in the last batch. The count is
+    exact (latent 1 had never fired before), so Jaccard is 1/10, not the count scaled up by
+    latent 0's ten blocks to a Jaccard of 10."""
+    W = 10
+    acts = torch.zeros(W, T, K_ACTIVE)
+    idx = torch.arange(K_ACTIVE).expand(W, T, K_ACTIVE).clone() + 2
+    idx[..., 0] = 0
+    acts[..., 0] = 1.0
+    idx[-1, 3, 1], acts[-1, 3, 1] = 1, 2.0
+    keep = torch.ones(W, T, dtype=torch.bool)
+    cfg = StoreConfig(top_k=2, cooc_block=T, cooc_slots=4)
+    acc = stream(acts, idx, keep, batch=1, cfg=cfg)
+    ids, jac, n_shared, is_exact = acc.cooc.partners()
+    assert ids[0, 0] == 1 and jac[0, 0] == pytest.approx(0.1) and bool(is_exact[0, 0])
+    assert ids[1, 0] == 0 and jac[1, 0] == pytest.approx(0.1) and n_shared[1, 0] == 1
+    assert check_every_partner(acc, brute_blocks(acts, idx, keep, T))[1] == 0
 
 
 def test_bf16_search_keeps_exact_fp32_values():
@@ -294,7 +372,10 @@ def test_planted_latents_have_the_known_top_contexts(planted, tokenizer):
     co = store.feature(1)["cooccurring"][0]
     assert co["feature"] == 2 and co["jaccard"] == pytest.approx(1.0)
     blocks = store.features["n_blocks_active"].to_pylist()
-    assert co["shared_blocks"] == blocks[1] == blocks[2] > 0
+    assert co["shared_blocks"] == blocks[1] == blocks[2] > 0 and co["exact"] is True
+    jaccard = store.features["cooc_jaccard"].combine_chunks().flatten().to_numpy()
+    assert ((jaccard >= 0) & (jaccard <= 1)).all()
+    assert 0 < store.manifest["cooc_exact_partners"] <= store.manifest["cooc_partners"]
     assert store.feature(5)["top_examples"] == [] and store.feature(5)["density"] == 0
 
 
@@ -316,9 +397,7 @@ def test_store_layout_and_sparsity_export(planted):
     out, run = planted["out"], planted["run"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["n_latents"] == 16 and manifest["n_tokens"] > 0
-    assert manifest["sae_sha256"] == __import__("analysis.features").features.weights_sha256(
-        run.path
-    )
+    assert manifest["sae_sha256"] == sha256_file(run.path / "sae.safetensors")
     examples = pq.ParquetFile(out / "examples.parquet")
     features = pq.read_table(out / "features.parquet")
     assert features.num_rows == 16
@@ -436,7 +515,7 @@ def _one_sentence(err: UserError) -> str:
 
 def _cli(*argv):
     parser = argparse.ArgumentParser()
-    add_analyze_parser(parser.add_subparsers(dest="command"))
+    add_parsers(parser.add_subparsers(dest="command"))
     return parser.parse_args(["analyze", *argv])
 
 
@@ -454,11 +533,8 @@ def test_a_store_for_another_sae_is_refused(random_run, tmp_path):
     # A partial state from the old SAE is refused too.
     state = out / "partial"
     run = open_run(run_dir)
-    from analysis.features import FeatureAccumulator as Acc
-    from analysis.features import WindowLog, _save_state
-
     log = WindowLog(state / "windows.bin", 32)
-    _save_state(state, Acc(64, 32), log, dict(sae_sha256="0" * 64))
+    _save_state(state, FeatureAccumulator(64, 32), log, dict(sae_sha256="0" * 64))
     log.close()
     with pytest.raises(UserError, match="made for another SAE") as err:
         analyze(run, 300, resume=True, progress=False)
