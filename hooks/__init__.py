@@ -9,6 +9,7 @@ The names below load on first use, so `import hooks` stays cheap for the command
 """
 
 from hooks.errors import UserError
+from hooks.lazy import lazy_exports
 
 _LAZY = {
     "load_model": "hooks.models",
@@ -24,11 +25,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        module = __import__(_LAZY[name], fromlist=[name])
-        return getattr(module, name)
-    raise AttributeError(f"module 'hooks' has no attribute {name!r}")
-
+__getattr__ = lazy_exports("hooks", _LAZY)
 
 __all__ = ["UserError", *_LAZY]

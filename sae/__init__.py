@@ -7,6 +7,8 @@
 The names below load on first use, so `import sae` stays cheap for the command line.
 """
 
+from hooks.lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -21,11 +23,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        module = __import__(_LAZY[name], fromlist=[name])
-        return getattr(module, name)
-    raise AttributeError(f"module 'sae' has no attribute {name!r}")
-
+__getattr__ = lazy_exports("sae", _LAZY)
 
 __all__ = ["__version__", *_LAZY]
