@@ -196,9 +196,12 @@ def test_saelens_folder_with_a_transformerlens_hook_name_loads_and_resolves(tmp_
     from sae.model import SAEConfig, TopKSAE
 
     model = tiny("llama")
-    export_saelens(TopKSAE(SAEConfig(32, 64, 4, model="tiny", site="resid_post.1")), tmp_path)
+    sae = TopKSAE(SAEConfig(32, 64, 4, model="tiny", site="resid_post.1"))
+    export_saelens(sae, tmp_path, model=model)
     cfg_file = tmp_path / "cfg.json"
     cfg = json.loads(cfg_file.read_text())
+    for ours in ("saewb_site", "saewb_model"):  # a folder from SAELens itself has neither
+        del cfg["metadata"][ours]
     cfg["metadata"]["hook_name"] = "blocks.1.hook_resid_post"
     cfg_file.write_text(json.dumps(cfg))
     sae = load_sae(tmp_path)
