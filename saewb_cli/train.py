@@ -77,7 +77,7 @@ def train_config(args: argparse.Namespace):
         "batch": args.batch,
         "optimizer": args.optimizer,
         "lr": args.lr,
-        "dtype": args.dtype,
+        "encode_dtype": args.dtype,
         "seed": args.seed,
         "auxk": False if args.no_auxk else None,
         "dead_tokens": _count(args.dead_tokens, "--dead-tokens"),

@@ -31,7 +31,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: 5% of the steps, at most 1000
     decay_frac: float = 0.2  # linear decay to zero over the last 20% of steps
     grad_clip: float = 1.0
-    dtype: str = "fp32"  # bf16: the encoder's matmul and top-k in bf16 (all else stays fp32)
+    encode_dtype: str = "fp32"  # bf16: the encoder's matmul and top-k in bf16 (all else stays fp32)
     seed: int = 0
     auxk: bool = True
     aux_alpha: float = 1 / 32
@@ -62,8 +62,8 @@ class TrainConfig:
             raise UserError(
                 f"--batch and --tokens must be positive, got {self.batch} and {self.tokens}."
             )
-        if self.dtype not in ("fp32", "bf16"):
-            raise UserError(f"Unknown --dtype '{self.dtype}'; use fp32 or bf16.")
+        if self.encode_dtype not in ("fp32", "bf16"):
+            raise UserError(f"Unknown --dtype '{self.encode_dtype}'; use fp32 or bf16.")
         if self.checkpoint_seconds <= 0:
             raise UserError(f"checkpoint_seconds must be positive, got {self.checkpoint_seconds}.")
 

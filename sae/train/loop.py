@@ -84,7 +84,7 @@ class Trainer:
         # Schedule-free optimisers average their iterates instead of decaying the lr.
         self.derived = recorded or derive(cfg, is_schedule_free(self.members[0].optimizer))
         self.total_steps = total_steps(cfg)
-        self.encode_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+        self.encode_dtype = torch.bfloat16 if cfg.encode_dtype == "bf16" else None
         for m in self.members:
             m.sae.threshold_lr = self.derived.threshold_lr
         multi = self.world.size > 1
