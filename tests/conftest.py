@@ -9,6 +9,12 @@ import torch
 
 ARCHS = ("gpt2", "llama", "neox")
 
+# Tests download nothing. huggingface_hub reads these once, at import, so they are set before
+# any test imports it (a monkeypatch inside a test comes too late: a hub name would then retry
+# an unreachable host for ~45 s before failing).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 
 def pytest_configure(config):
     """Browser tests run headless in Debian's Chromium (dash[testing] reads these)."""
