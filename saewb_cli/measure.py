@@ -31,7 +31,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         default="fp32",
         choices=["fp32", "bf16"],
-        help="top-k search dtype; bf16 is ~3x faster on CPUs with AMX, values stay fp32",
+        help="the top-k search's dtype; bf16 pays only where it runs in hardware (GPUs, CPUs with "
+        "AMX or avx512_bf16; elsewhere it is far slower), values stay fp32",
     )
     p.add_argument("--checkpoint-every", default="1M", help="tokens between checkpoints")
     p.set_defaults(handler=cmd_analyze)

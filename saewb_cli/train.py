@@ -39,7 +39,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=["fp32", "bf16"],
         help="bf16 runs the encoder's matmul and top-k in bf16, as autocast would; the decoder, "
-        "losses, gradients and weights stay fp32",
+        "losses, gradients and weights stay fp32. It pays only where bf16 runs in hardware "
+        "(GPUs, CPUs with AMX or avx512_bf16)",
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--optimizer", help=OPTIMIZERS)

@@ -199,8 +199,10 @@ for name, kw in json.loads(sys.argv[1]).items():
 
 
 def _parity_configs(cache, tiny_dir, text):
+    # SAEWB_TEST_DEVICE=cuda:0 runs both ranks on one GPU under gloo, where NCCL refuses two.
+    device = os.environ.get("SAEWB_TEST_DEVICE", "cpu")
     common = dict(latents=[128], ks=[8], tokens=4096, batch=1024, log_every=2,
-                  buffer_tokens=4096, checkpoint_every=10**9)  # fmt: skip
+                  buffer_tokens=4096, checkpoint_every=10**9, device=device)  # fmt: skip
     return {
         "topk": dict(common, cache=str(cache), sites=["synthetic"]),
         "batchtopk": dict(common, cache=str(cache), sites=["synthetic"], architecture="batchtopk"),
