@@ -231,10 +231,7 @@ def test_cache_check_accepts_transformerlens_names(tiny_llama, tmp_path):
 @pytest.mark.parametrize("arch", ["bloom", "falcon"])
 def test_saewb_sites_lists_and_captures_every_site(arch, tmp_path, tokenizer, capsys):
     """`saewb sites` ended in KeyError: 'transformer.h.0.attn' on these two."""
-    try:  # the CLI's new home, where the lead has moved it
-        from saewb_cli import main
-    except ImportError:
-        from sae.cli import main
+    from saewb_cli import main
 
     tiny(arch).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
