@@ -121,3 +121,17 @@ def test_public_entry_points():
 
     assert callable(load_model) and callable(load_sae)
     assert TopKSAE.__name__ == "TopKSAE" and Capture.__name__ == "Capture"
+
+
+def test_every_package_ships_in_the_wheel():
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for layer in LAYERS
+        for p in (ROOT / layer).rglob("__init__.py")
+    }
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"

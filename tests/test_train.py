@@ -253,12 +253,14 @@ def test_torchrun_two_ranks_match_one_process(planted, tmp_path, tiny_dir):
 
 
 def test_each_rank_picks_its_own_gpu():
-    from sae.train.distributed import backend_for, pick_device
+    from sae.train.distributed import backend_for, init_world, pick_device
 
     two = {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "3"}
     assert pick_device("cuda", two) == torch.device("cuda", 1)  # LOCAL_RANK, not RANK
     assert pick_device("cuda", {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}) == torch.device("cuda", 0)
-    assert pick_device("cuda", {}) == torch.device("cuda")
+    assert pick_device("cuda", {}) == torch.device("cuda", 0)  # set_device needs an index
+    with pytest.raises(UserError, match="Unknown device 'gpu'"):
+        init_world("gpu")
     assert pick_device("cuda:0", two) == torch.device("cuda", 0)  # explicit: every rank there
     assert pick_device("cpu", two) == torch.device("cpu")
     assert backend_for("cuda", {}) == "nccl"

@@ -63,7 +63,7 @@ class World:
 def pick_device(device: str, env: Mapping[str, str] | None = None) -> torch.device:
     """The device this rank trains on: `cuda` means `cuda:LOCAL_RANK` under torchrun."""
     env = os.environ if env is None else env
-    if device == "cuda" and int(env.get("WORLD_SIZE", "1")) > 1:
+    if device == "cuda":  # set_device needs an index; under torchrun it is this rank's GPU
         return torch.device("cuda", int(env.get("LOCAL_RANK", "0")))
     return torch.device(device)
 
@@ -78,6 +78,9 @@ def backend_for(device: str, env: Mapping[str, str] | None = None) -> str:
 
 
 def init_world(device: str) -> World:
+    from hooks.models import parse_device
+
+    parse_device(device)  # one sentence for an unknown device or a missing CUDA
     dev = pick_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
