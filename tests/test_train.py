@@ -381,6 +381,19 @@ def test_extending_a_run_equals_an_uninterrupted_run(planted, tmp_path):
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
 
 
+def test_resuming_a_finished_run_changes_nothing(planted, tmp_path):
+    """`saewb demo` resumes its finished run on every rerun: no second last log line, no new
+    checkpoint, the same weights."""
+    cache, _ = planted
+    Trainer(_cfg(cache, tokens=4 * 1024), tmp_path / "run", progress=False).fit()
+    files = ("train_log.jsonl", "sae.safetensors")
+    before = [(tmp_path / "run" / f).read_bytes() for f in files]
+    states = sorted(p.name for p in (tmp_path / "run" / "state").iterdir())
+    Trainer(_cfg(cache, tokens=4 * 1024), tmp_path / "run", resume=True, progress=False).fit()
+    assert [(tmp_path / "run" / f).read_bytes() for f in files] == before
+    assert sorted(p.name for p in (tmp_path / "run" / "state").iterdir()) == states
+
+
 def test_extending_a_run_keeps_its_derived_values(planted, tmp_path):
     cache, _ = planted
     kw = dict(architecture="batchtopk", tokens=8 * 1024)

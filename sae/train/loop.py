@@ -159,6 +159,24 @@ class Trainer:
             m.load(*read_tensors(step_dir / f"sae-{m.index}", self.device))
             if self.world.main:
                 truncate_log(m.run_dir / "train_log.jsonl", self.tokens)
+            else:  # rank 0's checkpoint holds every rank's share (see _pool_log_sums)
+                m.log_sums = {k: v if k == "steps" else 0.0 for k, v in m.log_sums.items()}
+
+    def _pool_log_sums(self) -> None:
+        """Rank 0's checkpoint holds every rank's share of a log line in progress and the other
+        ranks keep zeros, so the sums `_log` all-reduces stay the same, and a resume (where
+        every rank loads rank 0's member state) zeroes them again on the other ranks."""
+        if self.world.size == 1:
+            return
+        for m in self.members:
+            keys = [k for k in m.log_sums if k != "steps"]
+            if not keys:
+                continue
+            values = [torch.as_tensor(m.log_sums[k], dtype=torch.float64) for k in keys]
+            packed = self.world.sum(torch.stack(values).to(self.device))  # (keys,)
+            if not self.world.main:
+                packed.zero_()
+            m.log_sums.update(zip(keys, packed.unbind(), strict=True))
 
     def _checkpoint(self) -> None:
         from sae.formats import save_sae
@@ -168,6 +186,7 @@ class Trainer:
         if self.world.main:
             make_empty_dir(tmp)
         self.world.barrier()
+        self._pool_log_sums()
         if self.world.main or not self.data.from_cache:
             write_tensors(tmp / f"data-{self.world.rank}", *self.data.state())
         self.world.barrier()
@@ -231,6 +250,10 @@ class Trainer:
             dynamic_ncols=True,
         )
         batches = iter(self.data)
+        finished = self.tokens >= cfg.tokens  # a finished run resumed: nothing to train or save
+        if finished:  # its checkpoint's line in progress was logged right after it was written
+            for m in self.members:
+                m.log_sums = {}
         with bar:
             # The check comes before the draw: a batch drawn is a batch trained on, so the last
             # checkpoint's buffer still holds every batch the run did not use.
@@ -252,7 +275,8 @@ class Trainer:
                 raise UserError(f"The data ran out after {self.tokens} of {cfg.tokens} tokens.")
             # The checkpoint keeps the sums of a log line in progress (see Member.state), so a
             # run extended from it logs what an uninterrupted one would; then they are logged.
-            self._checkpoint()
+            if not finished:
+                self._checkpoint()
             if self.members[0].log_sums:
                 self._log(bar, started, tokens_at_start)
         for m in self.members:
@@ -282,7 +306,12 @@ class Trainer:
         if not self.initialised:
             self._first_batch(x_by_site)
         rows = len(next(iter(x_by_site.values())))
-        global_rows = int(self.world.sum(torch.tensor([rows], device=self.device)))
+        # One process knows its row count; only ranks need a collective (a device round trip).
+        global_rows = (
+            rows
+            if self.world.size == 1
+            else int(self.world.sum(torch.tensor([rows], device=self.device)))
+        )
         for m, dead in zip(self.members, n_dead, strict=True):
             self._train_member(m, x_by_site[m.site], global_rows, dead)
         self.step += 1
@@ -379,7 +408,9 @@ class Trainer:
             counts += [(m.since_fired >= self.dead_tokens).sum() for m in self.members]
         counts = torch.stack([c.to(device) for c in counts]).tolist()  # one host sync
         n_dead = counts[1:] if self.cfg.auxk else [None] * len(self.members)
-        dropped = int(self.world.sum(torch.tensor([counts[0]], device=device)))
+        dropped = counts[0]
+        if self.world.size > 1:
+            dropped = int(self.world.sum(torch.tensor([dropped], device=device)))
         if dropped:
             self.nonfinite += dropped
             seen = self.tokens + self.cfg.batch
