@@ -109,7 +109,7 @@ class Workspace:
         self._stores: dict[str, tuple[float, FeatureStore]] = {}
         self._token_html: dict[str, tuple[FeatureStore, tuple[list[str], list[str]]]] = {}
         self._probes: dict[str, object] = {}
-        self._models: dict[str, object] = {}
+        self._models: dict[tuple[str, str], object] = {}  # (model, model dtype)
         self._lock = threading.Lock()
         self._probe_lock = threading.Lock()
 
@@ -218,10 +218,11 @@ class Workspace:
         with self._probe_lock:  # one load at a time; later calls find it loaded
             if str(path) not in self._probes:
                 opened = open_run(path, device=self.device)
-                loaded = self._models.get(opened.model)
+                key = (opened.model, opened.selection.model_dtype)  # one copy per dtype
+                loaded = self._models.get(key)
                 if loaded is None:
                     loaded = opened.load_model(self.device, progress=False)
-                    self._models[opened.model] = loaded
+                    self._models[key] = loaded
                 self._probes[str(path)] = TextProbe(opened, loaded, self.device)
             return self._probes[str(path)]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from hooks.errors import UserError
 
@@ -88,6 +89,7 @@ def selection_from_args(args: argparse.Namespace):
     for field in ("drop_first", "drop_special"):  # --keep-X means drop_X = False
         if field in given:
             given[field] = not given[field]
-    if "dataset" in given:
-        given["dataset"] = str(given["dataset"])
+    if "dataset" in given:  # a file or folder is recorded absolute: later stages run elsewhere
+        path = Path(given["dataset"]).expanduser()
+        given["dataset"] = str(path.resolve()) if path.exists() else str(given["dataset"])
     return Selection(**given)

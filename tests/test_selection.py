@@ -137,3 +137,15 @@ def test_a_recorded_selection_with_an_unknown_setting_is_refused():
         Selection.from_dict({**Selection().to_dict(), "windowing": 3}, "run.json")
     with pytest.raises(UserError, match="older sae-workbench"):
         Selection.from_dict(None, "run.json")
+
+
+def test_a_relative_dataset_path_is_recorded_absolute(tmp_path, monkeypatch):
+    from saewb_cli import build_parser
+    from saewb_cli.args import selection_from_args
+
+    (tmp_path / "notes.txt").write_text("some text")
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["train", "--dataset", "notes.txt"])
+    assert selection_from_args(args).dataset == str(tmp_path.resolve() / "notes.txt")
+    args = build_parser().parse_args(["train", "--dataset", "org/hub-dataset"])
+    assert selection_from_args(args).dataset == "org/hub-dataset"
