@@ -170,6 +170,12 @@ def _start_or_resume(out: Path, wanted: dict, n_tokens: int) -> dict:
     path = out / MANIFEST
     if path.exists():
         manifest = read_manifest(out)
+        if manifest.get("selection") and wanted.get("selection"):  # name the setting that differs
+            Selection.from_dict(manifest["selection"], f"The cache {out}").require_same(
+                Selection.from_dict(wanted["selection"], "the harvest"),
+                what=f"The cache in {out}",
+                fix="choose another --cache directory or the same settings.",
+            )
         for key in _RESUME_KEYS:
             if manifest.get(key) != wanted.get(key):
                 raise UserError(

@@ -99,7 +99,8 @@ def train_config(args: argparse.Namespace):
     if flags:
         raise UserError(
             f"{flags[0]} chooses which tokens become data, but the cache {args.cache} was "
-            f"harvested with its own selection already ({cache.selection}); harvest a new "
+            f"harvested with its own selection already ({cache.manifest.get('selection')}); "
+            "harvest a new "
             "cache with that flag, or leave it out."
         )
     if args.model is not None and args.model != cache.manifest["model"]:

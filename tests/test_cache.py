@@ -184,7 +184,7 @@ def test_mismatches_and_bad_caches_are_refused(tiny_llama, tmp_path):
     with pytest.raises(UserError, match="sites=.*choose another --cache"):
         _harvest(tiny_llama, tmp_path / "c", 600, sites=["resid_post.0"])
     kept_first = Selection(dataset="fixture", context_size=16, drop_first=False)
-    with pytest.raises(UserError, match="selection=.*choose another --cache"):
+    with pytest.raises(UserError, match="drop_first=True, not False; choose another --cache"):
         _harvest(tiny_llama, tmp_path / "c", 600, selection=kept_first)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "manifest.json").write_text("{not json")
