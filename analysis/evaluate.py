@@ -8,8 +8,8 @@ Per batch of held-out windows there are four full forward passes:
   ablated       the site's activation set to zero at every position, position 0 included
   ablated_kept  the site's activation set to zero at the kept positions only
 
-Kept positions are exactly the tokens the SAE was trained on (`Selection.capture.keep`: no
-special tokens, not position 0, the run's outlier rule if it had one); the splice leaves every
+Kept positions are exactly the tokens the SAE was trained on (`Selection.capture.keep`: by
+default no special tokens and not position 0; the run's outlier rule if it had one); the splice leaves every
 other position's activation as it was. Reconstruction metrics are streamed over the kept tokens
 in float64, so nothing but a few (d,) and (n_latents,) sums is held.
 
@@ -25,7 +25,8 @@ exclude_special_tokens=True, whose windows start with BOS as ours do by default:
   zero-ablation hook does, and `ce_loss_recovered` (SAELens's `ce_loss_score`) and `kl_div_score`
   are computed from them, so these numbers compare across tools.
 The `_kept` variants (`ce_loss_ablated_kept`, `ce_loss_recovered_kept`, `kl_div_ablated_kept`,
-`kl_div_score_kept`) zero only the kept positions and leave position 0 intact. In SmolLM2
+`kl_div_score_kept`) zero only the kept positions and leave the others (by default
+position 0) intact. In SmolLM2
 position 0 is an attention sink that every later token reads, and the SAE never sees it, so
 zeroing it measures the loss of the sink rather than of the site: the kept baseline is the fair
 one for an SAE trained without position 0.
