@@ -254,13 +254,12 @@ class TopKSAE(nn.Module):
             else:
                 candidates = flat
             cutoff = candidates.topk(keep, sorted=False).values.min() if keep < total else None
-            kept = candidates if cutoff is None else candidates[candidates >= cutoff]
-            positive = kept[kept > 0]
-            if positive.numel():
-                low = positive.min().to(self.threshold.dtype)
-                first = bool(self.threshold == 0)
-                rate = self.threshold_lr
-                self.threshold.copy_(low if first else (1 - rate) * self.threshold + rate * low)
+            # The smallest kept positive value, by masks rather than indexing: no host sync.
+            kept = candidates > 0 if cutoff is None else (candidates >= cutoff) & (candidates > 0)
+            low = torch.where(kept, candidates, math.inf).min().to(self.threshold.dtype)
+            rate = self.threshold_lr
+            moved = torch.where(self.threshold == 0, low, (1 - rate) * self.threshold + rate * low)
+            self.threshold.copy_(torch.where(torch.isfinite(low), moved, self.threshold))
         return acts if cutoff is None else acts * (acts >= cutoff)
 
     # -- constraints and folding ---------------------------------------------------------
