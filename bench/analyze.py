@@ -35,17 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import ROOT, rss_mib  # a script in bench/: its folder is on the path
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def make_run(
@@ -146,13 +138,13 @@ def rss_child(args) -> None:
     torch.set_num_threads(args.threads)
     tokens = args._rss
     loaded = load_model("smollm2-135m", progress=False)
-    after_model = peak_rss_mib()
+    after_model = rss_mib("VmHWM")
     windows = corpus_windows(loaded.tokenizer, tokens // 127 + 2)
     with tempfile.TemporaryDirectory() as tmp:
         run = open_run(make_run(Path(tmp), args.site, args.rss_latents, args.k))
         analyze(run, tokens, batch_windows=args.batch, loaded=loaded, windows=iter(windows),
                 progress=False, checkpoint_tokens=max(tokens // 2, 1))  # fmt: skip
-    print(json.dumps(dict(tokens=tokens, after_model_mib=after_model, peak_mib=peak_rss_mib())))
+    print(json.dumps(dict(tokens=tokens, after_model_mib=after_model, peak_mib=rss_mib("VmHWM"))))
 
 
 def synthetic_store(folder: Path, n: int, K: int, intervals: bool) -> Path:

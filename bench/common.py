@@ -7,7 +7,6 @@ and sparsify's training step.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -63,13 +62,10 @@ def unused(fired: torch.Tensor, n: int) -> float:
 
 
 def train_config(encode_dtype: str = "fp32", **kwargs):
-    """Our TrainConfig with the dtype of the encoder's matmul and top-k set, whichever name the
-    field has in this checkout (`encode_dtype`, or `dtype` in older ones)."""
+    """Our TrainConfig with the dtype of the encoder's matmul and top-k set."""
     from sae.train import TrainConfig
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    kwargs["encode_dtype" if "encode_dtype" in names else "dtype"] = encode_dtype
-    return TrainConfig(**kwargs)
+    return TrainConfig(encode_dtype=encode_dtype, **kwargs)
 
 
 class SparsifyTrainer:

@@ -165,7 +165,7 @@ class Workspace:
         return dict(
             name=self.name(run),
             model=info.get("model") or cfg.get("model") or cfg.get("model_name") or "?",
-            site=info.get("site") or cfg.get("site") or cfg.get("hook_name") or "?",
+            site=info.get("site") or cfg.get("site") or _saelens_site(cfg) or "?",
             latents=info.get("n_latents") or cfg.get("n_latents") or cfg.get("d_sae"),
             k=info.get("k") or cfg.get("k"),
             tokens=tokens,
@@ -225,6 +225,16 @@ class Workspace:
                     self._models[key] = loaded
                 self._probes[str(path)] = TextProbe(opened, loaded, self.device)
             return self._probes[str(path)]
+
+
+def _saelens_site(cfg: dict) -> str | None:
+    """A SAELens folder's site: ours where we exported it, else its hook name (SAELens >= 6 keeps
+    both under `metadata`), TransformerLens names read as ours."""
+    from hooks.sites import canonical_site
+
+    meta = cfg.get("metadata") or {}
+    name = meta.get("saewb_site") or meta.get("hook_name") or cfg.get("hook_name")
+    return canonical_site(name) if name else None
 
 
 def _count(n: int, noun: str) -> str:

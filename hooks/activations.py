@@ -7,7 +7,7 @@ provenance (window index, document id, offset in the document).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -59,7 +59,6 @@ class CaptureOptions:
     drop_special: bool = True  # BOS/EOS/PAD tokens
     drop_first: bool = True  # position 0, an attention sink in SmolLM2
     outlier_factor: float | None = None  # drop tokens with norm > factor x median norm
-    extra_drop_ids: frozenset[int] = field(default_factory=frozenset)
 
     def keep(
         self,
@@ -71,16 +70,15 @@ class CaptureOptions:
         rule looks at (each site's own median); without them only the token rules apply."""
         keep = token_mask(
             tokens,
-            special_ids=(special_ids if self.drop_special else frozenset()) | self.extra_drop_ids,
+            special_ids=special_ids if self.drop_special else frozenset(),
             drop_first=self.drop_first,
         )
         if not self.drop_first:  # position 0 is kept whatever its token (BOS, when prepended)
             keep[:, 0] = True
         if self.outlier_factor:
-            for site_acts in acts:
-                keep &= outlier_mask(site_acts.cpu(), keep.cpu(), self.outlier_factor).to(
-                    keep.device
-                )
+            for site_acts in acts:  # norms where the activations are; only the mask moves
+                site_keep = keep.to(site_acts.device)
+                keep &= outlier_mask(site_acts, site_keep, self.outlier_factor).to(keep.device)
         return keep
 
 

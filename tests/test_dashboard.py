@@ -374,3 +374,13 @@ def test_browser_bad_url_is_a_friendly_page(duo):
     duo.driver.get(duo.server_url + "/runs/../../etc/passwd")
     duo.wait_for_element("#not-found")
     _no_console_errors(duo)
+
+
+def test_a_saelens_folders_site_is_read_from_its_metadata():
+    from dashboard.data import _saelens_site
+
+    assert _saelens_site({"metadata": {"hook_name": "blocks.2.hook_resid_post"}}) == "resid_post.2"
+    ours = {"metadata": {"hook_name": "model.layers.2", "saewb_site": "resid_post.2"}}
+    assert _saelens_site(ours) == "resid_post.2"
+    assert _saelens_site({"hook_name": "model.layers.1"}) == "model.layers.1"
+    assert _saelens_site({}) is None
