@@ -194,7 +194,10 @@ from sae.train import TrainConfig, Trainer
 for name, kw in json.loads(sys.argv[1]).items():
     if "selection" in kw:
         kw["selection"] = Selection(**kw["selection"])
-    Trainer(TrainConfig(**kw), sys.argv[2] + "/" + name, progress=False).fit()
+    stop = kw.pop("stop_at", None)  # train to here, then resume to the end
+    if stop:
+        Trainer(TrainConfig(**{**kw, "tokens": stop}), sys.argv[2] + "/" + name, progress=False).fit()
+    Trainer(TrainConfig(**kw), sys.argv[2] + "/" + name, resume=bool(stop), progress=False).fit()
 """
 
 
@@ -206,6 +209,9 @@ def _parity_configs(cache, tiny_dir, text):
     return {
         "topk": dict(common, cache=str(cache), sites=["synthetic"]),
         "batchtopk": dict(common, cache=str(cache), sites=["synthetic"], architecture="batchtopk"),
+        # killed after 3 of 4 steps, inside a log line: rank 0's checkpoint must hold every
+        # rank's share of it, so the line after the resume equals the uninterrupted one
+        "resumed": dict(common, cache=str(cache), sites=["synthetic"], stop_at=3072),
         "live": dict(common, model=str(tiny_dir), sites=["resid_post.1"], latents=[64], ks=[4],
                      tokens=3072, batch=512, buffer_tokens=2048,
                      selection=dict(dataset=str(text), context_size=32)),
@@ -237,10 +243,13 @@ def test_torchrun_two_ranks_match_one_process(planted, tmp_path, tiny_dir):
     for name, kw in configs.items():
         if "selection" in kw:
             kw = {**kw, "selection": Selection(**kw["selection"])}
+        stop = kw.pop("stop_at", None)
         Trainer(TrainConfig(**kw), tmp_path / "one" / name, progress=False).fit()
         one, two_dir = tmp_path / "one" / name, tmp_path / "two" / name
         assert json.loads((two_dir / "run.json").read_text())["world_size"] == 2
         la, lb = _log(one), _log(two_dir)
+        if stop:  # the killed run's own last line
+            lb = [r for r in lb if r["tokens"] != stop]
         assert [r["tokens"] for r in la] == [r["tokens"] for r in lb]
         if name == "live":
             assert lb[-1]["fvu"] == pytest.approx(la[-1]["fvu"], rel=0.25)
