@@ -50,7 +50,7 @@ from torch import Tensor
 
 from analysis.run import Run
 from hooks.errors import UserError
-from hooks.sites import Capture, Splice, special_token_ids
+from hooks.sites import Capture, Splice, resolve_site, special_token_ids
 from hooks.windows import batched, stack
 from sae.model import TopKSAE
 
@@ -298,6 +298,7 @@ def evaluate(
         raise UserError(f"The model is on {model_device} but the SAE on {device}; use one device.")
 
     options = run.selection.capture
+    site = resolve_site(model, run.site)  # once: every batch splices three times
     special = special_token_ids(tokenizer)
     recon = ReconstructionStats(sae.cfg.d_in, sae.cfg.n_latents, device)
     losses = LossStats()
@@ -347,7 +348,7 @@ def evaluate(
                 "ablated_kept": zero_splice(keep),
             }
             for name, fn in runs.items():
-                with Splice(model, run.site, fn):
+                with Splice(model, site, fn):
                     logits[name] = model(input_ids=input_ids, use_cache=False).logits[keep]
             losses.update(logits, targets, has_target)
             n_windows += input_ids.shape[0]

@@ -372,11 +372,13 @@ class Splice:
         with Splice(model, "resid_post.3", lambda x: sae_reconstruction(x)):
             logits = model(ids).logits
 
-    fn gets and returns a (B, T, d) tensor. Used for spliced evaluation and steering.
+    fn gets and returns a (B, T, d) tensor. Used for spliced evaluation and steering. `site` may
+    be a resolved Site, so that a loop of splices inspects the model once.
     """
 
-    def __init__(self, model: nn.Module, site: str, fn):
-        self.model, self.site, self.fn = model, resolve_site(model, site), fn
+    def __init__(self, model: nn.Module, site: str | Site, fn):
+        self.model, self.fn = model, fn
+        self.site = site if isinstance(site, Site) else resolve_site(model, site)
         self._handles: list = []
         self._shapes: dict[str, torch.Size] = {}
 
