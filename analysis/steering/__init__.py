@@ -1,0 +1,5 @@
+"""Steering: change a model's hidden state at a site along SAE features or raw vectors.
+
+interventions.py  the edits (add, clamp, ablate, cap, replace) and the context manager that
+                  applies them during forward and generate, KV cache included
+"""

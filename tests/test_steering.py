@@ -1,0 +1,147 @@
+"""Feature steering on a tiny Llama: each edit against its definition, exact identities where the
+maths gives one, the KV cache, the positions, and no hook left behind."""
+
+import pytest
+import torch
+from conftest import make_model
+
+from analysis.steering.interventions import Intervention, Steering
+from hooks.errors import UserError
+from hooks.sites import Capture
+from sae.model import SAEConfig, TopKSAE
+
+SITE = "resid_post.1"
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return make_model("llama", len(tokenizer)).eval()
+
+
+@pytest.fixture(scope="module")
+def sae():
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, site=SITE))
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc[-1] = -1e4  # latent 63 never fires
+        sae.input_scale.fill_(0.5)
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def ids(tokenizer):
+    return tokenizer("the cat sat on the mat and the dog ran", return_tensors="pt")["input_ids"]
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@torch.no_grad()
+def _site(model, ids, steering=None) -> torch.Tensor:
+    """The site's activation as the next layer sees it (after the edit)."""
+    with Capture(model, ["resid_pre.2"], early_exit=False) as capture:
+        if steering is None:
+            return capture(ids)["resid_pre.2"]
+        with steering:
+            return capture(ids)["resid_pre.2"]
+
+
+def test_clamping_a_silent_latent_to_zero_keeps_the_logits_exactly(model, sae, ids):
+    with torch.no_grad():
+        clean = model(ids).logits
+        with Steering(model, SITE, [Intervention("clamp", feature=63, value=0.0)], sae):
+            steered = model(ids).logits
+    assert torch.equal(clean, steered)
+
+
+def test_clamp_moves_exactly_the_latents_share_and_keeps_the_error_term(model, sae, ids):
+    h = _site(model, ids)  # (1, T, 32)
+    acts, idx = sae.encode(h[0])[:2]
+    f = int(idx[3, 0])  # a latent active at position 3
+    a = (acts * (idx == f)).sum(-1)  # (T,)
+    steered = _site(model, ids, Steering(model, SITE, [Intervention("clamp", f, value=5.0)], sae))
+    expect = h[0] + (5.0 - a)[:, None] * sae.W_dec[f].detach() / 0.5
+    torch.testing.assert_close(steered[0], expect, rtol=1e-5, atol=1e-5)
+    ablated = _site(model, ids, Steering(model, SITE, [Intervention("ablate", f)], sae))
+    torch.testing.assert_close(ablated[0], h[0] - a[:, None] * sae.W_dec[f].detach() / 0.5)
+
+
+def test_add_after_the_last_block_shifts_the_logits_by_the_unembedded_direction(tokenizer, ids):
+    model = make_model("llama", len(tokenizer), n_layers=2).eval()
+    model.model.norm = torch.nn.Identity()  # the final norm out of the way: logits = h W_U^T
+    u = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clean = model(ids).logits
+        with Steering(model, "resid_post.1", [Intervention("add", vector=u, value=3.0)]):
+            steered = model(ids).logits
+    shift = 3.0 * (u / u.norm()) @ model.lm_head.weight.detach().T  # (V,)
+    torch.testing.assert_close(steered - clean, shift.expand_as(clean), rtol=1e-4, atol=1e-4)
+
+
+def test_cap_and_replace_set_the_component_along_the_direction(model, ids):
+    u = torch.randn(32, generator=torch.Generator().manual_seed(2))
+    unit = u / u.norm()
+    h = _site(model, ids)[0]
+    capped = _site(model, ids, Steering(model, SITE, [Intervention("cap", vector=u, value=0.1)]))[0]
+    assert (capped @ unit <= 0.1 + 1e-5).all()
+    below = h @ unit <= 0.1
+    torch.testing.assert_close(capped[below], h[below])  # already under the cap: untouched
+    replaced = _site(
+        model, ids, Steering(model, SITE, [Intervention("replace", vector=u, value=2.0)])
+    )[0]
+    torch.testing.assert_close(
+        replaced @ unit, torch.full((h.shape[0],), 2.0), rtol=1e-5, atol=1e-5
+    )
+    orthogonal = lambda x: x - (x @ unit)[:, None] * unit  # noqa: E731
+    torch.testing.assert_close(orthogonal(replaced), orthogonal(h), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_steered_generation_with_the_kv_cache_equals_it_without(model, sae, ids, positions):
+    edits = [Intervention("add", feature=5, value=40.0), Intervention("clamp", feature=7, value=3)]
+    out = {}
+    for cache in (True, False):
+        steering = Steering(model, SITE, edits, sae, positions=positions, prompt_len=ids.shape[1])
+        with torch.no_grad(), steering:
+            out[cache] = model.generate(
+                ids, max_new_tokens=6, do_sample=False, use_cache=cache, pad_token_id=0
+            )
+        if cache:  # the positions it edited, once each: the prompt's, the generated ones, or all
+            P, total = ids.shape[1], out[cache].shape[1] - 1  # the last token is never fed back
+            want = {"all": range(total), "prompt": range(P), "generated": range(P, total)}
+            assert steering.steered == list(want[positions])
+    assert torch.equal(out[True], out[False])
+    if positions == "all":  # and the edit did something
+        with torch.no_grad():
+            clean = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert not torch.equal(clean, out[True])
+
+
+def test_no_hook_is_left_behind_even_after_an_exception(model, sae, ids):
+    before = _hooks(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with Steering(model, SITE, [Intervention("add", feature=1, value=1.0)], sae):
+            assert _hooks(model) > before
+            raise RuntimeError("inside the block")
+    assert _hooks(model) == before
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(mode="add", feature=64, value=1.0), "out of range; this SAE has 0..63"),
+        (dict(mode="boost", feature=1, value=1.0), "Unknown steering mode 'boost'"),
+        (dict(mode="add", feature=1, value=float("nan")), "finite"),
+        (dict(mode="clamp", vector=torch.ones(32), value=1.0), "acts on an SAE latent"),
+        (dict(mode="add", vector=torch.ones(7), value=1.0), "must be 32 finite numbers"),
+    ],
+)
+def test_bad_interventions_get_one_sentence(model, sae, kwargs, needle):
+    with pytest.raises(UserError, match=needle):
+        Steering(model, SITE, [Intervention(**kwargs)], sae)
+
+
+def test_an_sae_of_another_site_is_refused(model, sae):
+    with pytest.raises(UserError, match="trained on resid_post.1, not resid_post.2"):
+        Steering(model, "resid_post.2", [Intervention("add", feature=1, value=1.0)], sae)
