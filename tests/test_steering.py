@@ -145,3 +145,52 @@ def test_bad_interventions_get_one_sentence(model, sae, kwargs, needle):
 def test_an_sae_of_another_site_is_refused(model, sae):
     with pytest.raises(UserError, match="trained on resid_post.1, not resid_post.2"):
         Steering(model, "resid_post.2", [Intervention("add", feature=1, value=1.0)], sae)
+
+
+# -- CAA -----------------------------------------------------------------------------------------
+
+
+def test_caa_is_the_mean_difference_of_last_token_states(model, tokenizer):
+    from analysis.steering.caa import caa_vector
+
+    pairs = [("the cat is happy", "the cat is sad"), ("a good dog ran", "a bad dog ran")]
+    expect = []
+    with torch.no_grad():
+        for pos, neg in pairs:  # independent: HF's own hidden states, hidden_states[L+1]
+            h = [model(**tokenizer(p, return_tensors="pt"), output_hidden_states=True)
+                 .hidden_states[2][0, -1] for p in (pos, neg)]  # fmt: skip
+            expect.append(h[0] - h[1])
+    vector = caa_vector(model, tokenizer, SITE, pairs)
+    torch.testing.assert_close(vector, torch.stack(expect).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_pca_of_differences_finds_the_planted_direction():
+    from analysis.steering.caa import direction_from_differences
+
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(32, generator=g)
+    v /= v.norm()
+    scale = 1 + 4 * torch.rand(50, 1, generator=g)  # the concept at varied strengths
+    diffs = scale * v + 0.05 * torch.randn(50, 32, generator=g)
+    pca = direction_from_differences(diffs, "pca")
+    assert float(pca @ v) / float(pca.norm()) > 0.99  # the direction, signed along the mean
+    assert float(pca.norm()) == pytest.approx(float(diffs.mean(0) @ v), rel=0.05)
+    with pytest.raises(UserError, match="Unknown CAA method 'median'"):
+        direction_from_differences(diffs, "median")
+
+
+def test_a_bad_pairs_file_names_its_line(tmp_path):
+    from analysis.steering.caa import read_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"positive": "yes", "negative": "no"}\n\n{"positive": "only one"}\n')
+    with pytest.raises(UserError, match="line 3 is not"):
+        read_pairs(path)
+    path.write_text('{"positive": "yes", "negative": "  "}\n')
+    with pytest.raises(UserError, match="line 1 has an empty"):
+        read_pairs(path)
+    path.write_text("\n")
+    with pytest.raises(UserError, match="holds no pair"):
+        read_pairs(path)
+    path.write_text('{"positive": "yes", "negative": "no"}\n')
+    assert read_pairs(path) == [("yes", "no")]

@@ -2,4 +2,5 @@
 
 interventions.py  the edits (add, clamp, ablate, cap, replace) and the context manager that
                   applies them during forward and generate, KV cache included
+caa.py            contrastive activation addition: a steering vector from pairs of prompts
 """
