@@ -194,3 +194,49 @@ def test_a_bad_pairs_file_names_its_line(tmp_path):
         read_pairs(path)
     path.write_text('{"positive": "yes", "negative": "no"}\n')
     assert read_pairs(path) == [("yes", "no")]
+
+
+# -- metrics and the command -------------------------------------------------------------------
+
+
+def test_metrics_against_their_definitions(model, sae, ids):
+    import torch.nn.functional as F
+
+    from analysis.steering.metrics import generate, next_token_kl, perplexity, target_shift
+
+    silent = Steering(model, SITE, [Intervention("clamp", feature=63, value=0.0)], sae)
+    loud = Steering(model, SITE, [Intervention("add", feature=5, value=40.0)], sae)
+    assert next_token_kl(model, ids, silent) == 0.0 and next_token_kl(model, ids, loud) > 0
+    assert target_shift(model, ids, silent, [3, 4]) == 0.0
+    out = generate(model, ids, max_new=5)
+    with torch.no_grad():  # brute force: the mean NLL of the generated tokens
+        logits = model(out).logits[0, ids.shape[1] - 1 : -1]
+    nll = F.cross_entropy(logits, out[0, ids.shape[1] :])
+    assert perplexity(model, out, ids.shape[1]) == pytest.approx(float(nll.exp()), rel=1e-5)
+    a, b = (generate(model, ids, loud, max_new=5, sample=True, seed=7) for _ in range(2))
+    assert torch.equal(a, b)  # sampling is seeded
+
+
+def test_saewb_steer_prints_both_generations(tmp_path, tiny_dir, capsys):
+    import json
+
+    from hooks.selection import Selection
+    from sae.formats import save_sae
+    from saewb_cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Story {i}: a cat sat on mat {i % 9}." for i in range(200)))
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, site=SITE))
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    save_sae(sae, tmp_path / "run")
+    selection = Selection(dataset=str(text), context_size=16).to_dict()
+    info = {"model": str(tiny_dir), "site": SITE, "selection": selection}
+    (tmp_path / "run" / "run.json").write_text(json.dumps(info))
+    argv = ["steer", str(tmp_path / "run"), "--prompt", "the cat", "--max-new", "4"]
+    assert main([*argv, "--feature", "5:30", "--feature", "9:-3"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "baseline" in out and "steered" in out and "KL on 4 held-out windows" in out
+    assert main([*argv, "--feature", "64:1"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main([*argv, "--feature", "five"]) == 2
+    assert "must look like 123:8" in capsys.readouterr().err

@@ -1,0 +1,66 @@
+"""What a steering run did: generations with and without it, and the numbers every run reports.
+
+kl          mean KL(unsteered || steered) of the next-token distribution on neutral text
+target      the shift of the target tokens' total probability at the prompt's last position
+perplexity  of a generation under the unsteered model: a fluency proxy
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@torch.no_grad()
+def generate(
+    model,
+    ids: Tensor,
+    steering=None,
+    max_new: int = 40,
+    sample: bool = False,
+    seed: int = 0,
+    temperature: float = 1.0,
+) -> Tensor:
+    """(1, T + new) greedy or seeded sampled continuation of (1, T) ids, steered if given."""
+    torch.manual_seed(seed)
+    with steering if steering is not None else contextlib.nullcontext():
+        return model.generate(
+            ids,
+            max_new_tokens=max_new,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=getattr(model.config, "pad_token_id", None) or 0,
+        )
+
+
+@torch.no_grad()
+def _log_probs(model, ids: Tensor, steering=None) -> Tensor:
+    with steering if steering is not None else contextlib.nullcontext():
+        return F.log_softmax(model(ids).logits.float(), dim=-1)  # (B, T, V)
+
+
+def next_token_kl(model, ids: Tensor, steering) -> float:
+    """Mean over every position of (B, T) neutral ids of KL(unsteered || steered)."""
+    clean, steered = _log_probs(model, ids), _log_probs(model, ids, steering)
+    return float(F.kl_div(steered, clean, log_target=True, reduction="none").sum(-1).mean())
+
+
+def target_shift(model, ids: Tensor, steering, targets: list[int]) -> float:
+    """Steered minus unsteered probability of the target tokens after (1, T) prompt ids."""
+    clean = _log_probs(model, ids)[0, -1, targets].exp().sum()
+    steered = _log_probs(model, ids, steering)[0, -1, targets].exp().sum()
+    return float(steered - clean)
+
+
+def perplexity(model, ids: Tensor, start: int) -> float:
+    """exp(mean CE) of the tokens ids[0, start:] under the unsteered model."""
+    if ids.shape[1] <= start:
+        return float("nan")
+    log_probs = _log_probs(model, ids)[0, start - 1 : -1]  # (new, V): the predictions of them
+    nll = -log_probs.gather(1, ids[0, start:, None]).squeeze(1)
+    return float(nll.mean().exp())
