@@ -140,8 +140,8 @@ def smollm2_dir(progress: bool = True) -> Path:
     check_transformers()
 
     dense = cache_dir() / "models" / BUILTIN_NAME / "hf"
-    if (dense / "config.json").exists() and (dense / "model.safetensors").exists():
-        return dense
+    if all((dense / f).exists() for f in ("config.json", "model.safetensors", GGUF_REFERENCE)):
+        return dense  # (a copy without its GGUF logits predates the check: it is made again)
     gguf = smollm2_gguf(progress)
     if progress:
         _say("dequantising the GGUF once (about 20 s); later loads reuse a dense copy")
@@ -159,6 +159,7 @@ def smollm2_dir(progress: bool = True) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _check_dense_copy(model.eval(), tokenizer, tmp)
         shutil.rmtree(dense, ignore_errors=True)
         os.replace(tmp, dense)
     finally:
@@ -166,6 +167,34 @@ def smollm2_dir(progress: bool = True) -> Path:
     if progress:
         _say(f"saved the dense SmolLM2 at {dense}")
     return dense
+
+
+GGUF_REFERENCE = "gguf_reference.safetensors"  # the GGUF model's logits on PROBE_TEXT
+PROBE_TEXT = "The capital of France is Paris. Monday comes before"
+
+
+@torch.no_grad()
+def _check_dense_copy(gguf_model, tokenizer, folder: Path) -> None:
+    """Read the saved folder back as every later load will and refuse it unless it reproduces
+    the GGUF model's logits: a transformers that misreads the folder (4.56-4.57 drop its
+    rope_parameters) would otherwise give a wrong model without a word. The GGUF logits are
+    kept beside the copy, so the check can be run again on any later load."""
+    import safetensors.torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]  # (1, T)
+    reference = gguf_model(ids).logits.float()  # (1, T, V)
+    again = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    same_ids = AutoTokenizer.from_pretrained(folder)(PROBE_TEXT, return_tensors="pt")["input_ids"]
+    error = (again(ids).logits.float() - reference).abs().max()
+    if not torch.equal(same_ids, ids) or error > 1e-3:
+        raise UserError(
+            f"transformers {transformers.__version__} reads the saved SmolLM2 folder wrongly "
+            f"(logits off by up to {float(error):.3g}); run pip install -U transformers."
+        )
+    tensors = {"input_ids": ids.contiguous(), "logits": reference.contiguous()}
+    (folder / GGUF_REFERENCE).write_bytes(safetensors.torch.save(tensors))
 
 
 def resolve_model_path(name: str, progress: bool = True) -> str:

@@ -1,37 +1,30 @@
 """The built-in model's dense copy reads back as the GGUF it was made from, on this transformers.
 
 transformers releases that misread the saved folder (4.56-4.57 ignore its `rope_parameters`, so
-rope_theta falls back to 10000) load it without a warning; only the numbers show it.
+rope_theta falls back to 10000) load it without a warning; only the numbers show it. Building
+the copy checks it against the GGUF model (transformers' GGUF reader, straight from the verified
+file) and keeps that model's logits beside it; here a load is compared with them once more.
 """
 
 import pytest
+import safetensors.torch
 import torch
 from test_smollm2 import user_cache
 
 pytestmark = pytest.mark.slow
 
-PROMPT = "The capital of France is Paris. Monday comes before"
-
 
 @pytest.fixture(scope="module")
-def dense_and_gguf():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hooks.models import load_model, smollm2_gguf
+def dense(tmp_path_factory):
+    from hooks.models import load_model, smollm2_dir
 
     with user_cache():
-        loaded = load_model("smollm2-135m", progress=False)
-        gguf = smollm2_gguf(progress=False)
-    # The independent reference: transformers' own GGUF reader, straight from the verified file.
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    reference = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    ).eval()
-    return loaded, tokenizer, reference
+        folder = smollm2_dir(progress=False)
+        return load_model("smollm2-135m", progress=False), folder
 
 
-def test_dense_copy_has_smollm2s_rope_theta(dense_and_gguf):
-    loaded = dense_and_gguf[0]
+def test_dense_copy_has_smollm2s_rope_theta(dense):
+    loaded = dense[0]
     config = loaded.model.config
     theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
     assert (theta or getattr(config, "rope_theta", None)) == 100000
@@ -41,11 +34,34 @@ def test_dense_copy_has_smollm2s_rope_theta(dense_and_gguf):
 
 
 @torch.no_grad()
-def test_dense_copy_reproduces_the_gguf_logits(dense_and_gguf):
-    loaded, tokenizer, reference = dense_and_gguf
-    ids = loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    assert ids.tolist() == tokenizer(PROMPT, return_tensors="pt")["input_ids"].tolist()
+def test_dense_copy_reproduces_the_gguf_logits(dense):
+    from hooks.models import GGUF_REFERENCE, PROBE_TEXT
+
+    loaded, folder = dense
+    reference = safetensors.torch.load_file(folder / GGUF_REFERENCE)
+    ids = loaded.tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]
+    assert ids.tolist() == reference["input_ids"].tolist()
     ours = loaded.model(ids).logits
-    theirs = reference(ids).logits.float()
-    assert ours.shape == theirs.shape == (1, ids.shape[1], 49152)
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert ours.shape == reference["logits"].shape == (1, ids.shape[1], 49152)
+    torch.testing.assert_close(ours, reference["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_folder_read_back_wrongly_is_refused(dense, monkeypatch):
+    """What 4.57 did: the folder's rope_theta read as 10000. The build's check refuses it."""
+    import transformers
+
+    from hooks.errors import UserError
+    from hooks.models import _check_dense_copy
+
+    loaded, folder = dense
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def misread(path, **kw):
+        model = real(path, **kw)
+        rotary = model.model.rotary_emb
+        rotary.inv_freq.copy_(1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64))
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", misread)
+    with pytest.raises(UserError, match="reads the saved SmolLM2 folder wrongly"):
+        _check_dense_copy(loaded.model, loaded.tokenizer, folder)
