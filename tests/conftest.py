@@ -63,91 +63,65 @@ def make_tokenizer():
     )
 
 
-def _llama_like(name: str, **extra):
-    """Config builder for the families that take Llama's argument names."""
+def _config(name: str, **fixed):
+    """A config builder: (transformers, vocab, layers, width, **extra) -> config."""
 
-    def build(tf, vocab_size, n_layers, d):
-        return getattr(tf, name)(
-            vocab_size=vocab_size,
-            hidden_size=d,
-            intermediate_size=2 * d,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            **extra,
-        )
+    def build(tf, v, n, d, **extra):
+        sizes = {key: value(v, n, d) for key, value in fixed.items() if callable(value)}
+        return getattr(tf, name)(**{**fixed, **sizes, **extra})
 
     return build
 
 
-# More architectures for the site tests: name -> (transformers, vocab, layers, width) -> config.
-MORE_ARCHS = {
-    "gptj": lambda tf, v, n, d: tf.GPTJConfig(
-        vocab_size=v, n_positions=256, n_embd=d, n_layer=n, n_head=4, rotary_dim=4
-    ),
-    "opt": lambda tf, v, n, d: tf.OPTConfig(
-        vocab_size=v,
-        hidden_size=d,
-        ffn_dim=2 * d,
-        num_hidden_layers=n,
+def _variant(base: str, **extra):
+    """The `base` architecture with a few settings changed."""
+    return lambda tf, v, n, d: CONFIGS[base](tf, v, n, d, **extra)
+
+
+# Sizes depend on (vocab, layers, width); everything else is fixed. name -> config builder.
+_V, _N, _D, _D2 = (
+    (lambda v, n, d: v),
+    (lambda v, n, d: n),
+    (lambda v, n, d: d),
+    (lambda v, n, d: 2 * d),
+)
+_LLAMA = dict(vocab_size=_V, hidden_size=_D, intermediate_size=_D2, num_hidden_layers=_N,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+_NEOX = dict(vocab_size=_V, hidden_size=_D, intermediate_size=_D2, num_hidden_layers=_N,
+             num_attention_heads=4, max_position_embeddings=256)  # fmt: skip
+CONFIGS = {
+    "gpt2": _config("GPT2Config", vocab_size=_V, n_positions=256, n_embd=_D, n_layer=_N, n_head=4),
+    "llama": _config("LlamaConfig", **_LLAMA),
+    "neox": _config("GPTNeoXConfig", **_NEOX),
+    "neox-seq": _variant("neox", use_parallel_residual=False),
+    "gptj": _config(
+        "GPTJConfig", vocab_size=_V, n_positions=256, n_embd=_D, n_layer=_N, n_head=4, rotary_dim=4
+    ),  # fmt: skip
+    "opt": _config(
+        "OPTConfig",
+        vocab_size=_V,
+        hidden_size=_D,
+        ffn_dim=_D2,
+        num_hidden_layers=_N,
         num_attention_heads=4,
         max_position_embeddings=256,
-        word_embed_proj_dim=d,
+        word_embed_proj_dim=_D,
     ),  # fmt: skip
-    "opt-postnorm": lambda tf, v, n, d: tf.OPTConfig(
-        vocab_size=v,
-        hidden_size=d,
-        ffn_dim=2 * d,
-        num_hidden_layers=n,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        word_embed_proj_dim=d,
-        do_layer_norm_before=False,
+    "opt-postnorm": _variant("opt", do_layer_norm_before=False),
+    "bloom": _config("BloomConfig", vocab_size=_V, hidden_size=_D, n_layer=_N, n_head=4),
+    "bloom-postln": _variant("bloom", apply_residual_connection_post_layernorm=True),
+    "falcon": _config(
+        "FalconConfig", vocab_size=_V, hidden_size=_D, num_hidden_layers=_N, num_attention_heads=4
     ),  # fmt: skip
-    "bloom": lambda tf, v, n, d: tf.BloomConfig(vocab_size=v, hidden_size=d, n_layer=n, n_head=4),
-    "bloom-postln": lambda tf, v, n, d: tf.BloomConfig(
-        vocab_size=v,
-        hidden_size=d,
-        n_layer=n,
-        n_head=4,
-        apply_residual_connection_post_layernorm=True,
-    ),  # fmt: skip
-    "falcon": lambda tf, v, n, d: tf.FalconConfig(
-        vocab_size=v, hidden_size=d, num_hidden_layers=n, num_attention_heads=4
-    ),
-    "falcon-seq": lambda tf, v, n, d: tf.FalconConfig(
-        vocab_size=v,
-        hidden_size=d,
-        num_hidden_layers=n,
-        num_attention_heads=4,
-        parallel_attn=False,
-        bias=True,
-    ),  # fmt: skip
-    "phi": lambda tf, v, n, d: tf.PhiConfig(
-        vocab_size=v,
-        hidden_size=d,
-        intermediate_size=2 * d,
-        num_hidden_layers=n,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-    ),  # fmt: skip
-    "mistral": _llama_like("MistralConfig"),
-    "qwen2": _llama_like("Qwen2Config"),
-    "qwen3": _llama_like("Qwen3Config", head_dim=8),
-    "gemma2": _llama_like("Gemma2Config", head_dim=8),
-    "olmo": _llama_like("OlmoConfig"),
-    "olmo2": _llama_like("Olmo2Config"),
-    "stablelm": _llama_like("StableLmConfig"),
-    "neox-seq": lambda tf, v, n, d: tf.GPTNeoXConfig(
-        vocab_size=v,
-        hidden_size=d,
-        intermediate_size=2 * d,
-        num_hidden_layers=n,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        use_parallel_residual=False,
-    ),  # fmt: skip
+    "falcon-seq": _variant("falcon", parallel_attn=False, bias=True),
+    "phi": _config("PhiConfig", **_NEOX),
+    "mistral": _config("MistralConfig", **_LLAMA),
+    "qwen2": _config("Qwen2Config", **_LLAMA),
+    "qwen3": _config("Qwen3Config", **_LLAMA, head_dim=8),
+    "gemma2": _config("Gemma2Config", **_LLAMA, head_dim=8),
+    "olmo": _config("OlmoConfig", **_LLAMA),
+    "olmo2": _config("Olmo2Config", **_LLAMA),
+    "stablelm": _config("StableLmConfig", **_LLAMA),
 }
 
 
@@ -155,33 +129,9 @@ def make_model(arch: str, vocab_size: int, n_layers: int = 4, d: int = 32):
     import transformers as tf
 
     torch.manual_seed(0)
-    if arch == "gpt2":
-        config = tf.GPT2Config(
-            vocab_size=vocab_size, n_positions=256, n_embd=d, n_layer=n_layers, n_head=4
-        )
-    elif arch == "llama":
-        config = tf.LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=d,
-            intermediate_size=2 * d,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-        )
-    elif arch == "neox":
-        config = tf.GPTNeoXConfig(
-            vocab_size=vocab_size,
-            hidden_size=d,
-            intermediate_size=2 * d,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-        )
-    elif arch in MORE_ARCHS:
-        config = MORE_ARCHS[arch](tf, vocab_size, n_layers, d)
-    else:
+    if arch not in CONFIGS:
         raise ValueError(arch)
+    config = CONFIGS[arch](tf, vocab_size, n_layers, d)
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     return model.requires_grad_(False)
 
