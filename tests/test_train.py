@@ -42,6 +42,21 @@ def _log(run):
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
+def _kill_fit(trainer: Trainer, method: str, at_call: int) -> None:
+    """fit(), killed by a KeyboardInterrupt at the at_call-th call of trainer.<method>."""
+    real, calls = getattr(trainer, method), [0]
+
+    def dying(*args):
+        calls[0] += 1
+        if calls[0] == at_call:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    setattr(trainer, method, dying)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
 def test_planted_features_are_recovered(planted, tmp_path):
     cache, features = planted
     trainer = Trainer(_cfg(cache), tmp_path / "run", progress=False)
@@ -109,18 +124,7 @@ def test_killed_run_resumes_exactly(planted, tmp_path, optimizer):
     Trainer(no_checkpoints, tmp_path / "whole", progress=False).fit()
 
     killed = Trainer(_cfg(cache, **cfg), tmp_path / "killed", progress=False)
-    calls = {"n": 0}
-    real = killed._train_member
-
-    def dying(*args):
-        calls["n"] += 1
-        if calls["n"] == 26:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    killed._train_member = dying
-    with pytest.raises(KeyboardInterrupt):
-        killed.fit()
+    _kill_fit(killed, "_train_member", at_call=26)
     assert json.loads((tmp_path / "killed/state/latest.json").read_text())["tokens"] == 20 * 1024
     resumed = Trainer(_cfg(cache, **cfg), tmp_path / "killed", resume=True, progress=False)
     assert resumed.step == 20
@@ -452,18 +456,7 @@ def test_a_crash_while_publishing_leaves_a_checkpoint(planted, tmp_path, monkeyp
 def test_checkpoints_are_also_bounded_in_time(planted, tmp_path):
     cache, _ = planted
     cfg = _cfg(cache, tokens=10 * 1024, log_every=2, checkpoint_seconds=1e-9)
-    trainer = Trainer(cfg, tmp_path / "run", progress=False)
-    real = trainer._step
-
-    def dying(batch, calls=[0]):  # noqa: B006 - a counter across calls
-        calls[0] += 1
-        if calls[0] == 6:
-            raise KeyboardInterrupt
-        return real(batch)
-
-    trainer._step = dying
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
+    _kill_fit(Trainer(cfg, tmp_path / "run", progress=False), "_step", at_call=6)
     latest = json.loads((tmp_path / "run/state/latest.json").read_text())
     assert latest["tokens"] == 4 * 1024  # checkpoint_every is 10**9: time alone saved it
 
@@ -618,17 +611,7 @@ def test_live_run_captures_only_what_it_trains_on(tmp_path, tiny_dir):
     assert data.rows_needed <= data.captured < data.rows_needed + per_forward
     killed = Trainer(TrainConfig(**{**base, "checkpoint_every": 2048}), tmp_path / "cut",
                      progress=False)  # fmt: skip
-    real_step = killed._step
-
-    def stop_after_two_checkpoints(batch, calls=[0]):  # noqa: B006 - a counter across calls
-        calls[0] += 1
-        if calls[0] == 9:
-            raise KeyboardInterrupt
-        return real_step(batch)
-
-    killed._step = stop_after_two_checkpoints
-    with pytest.raises(KeyboardInterrupt):
-        killed.fit()
+    _kill_fit(killed, "_step", at_call=9)  # after two checkpoints
     resumed = Trainer(TrainConfig(**{**base, "checkpoint_every": 2048}), tmp_path / "cut",
                       resume=True, progress=False)  # fmt: skip
     resumed.fit()
