@@ -98,7 +98,7 @@ class Steering:
         self.interventions, self.sae = list(interventions), sae
         self.positions, self.prompt_len = positions, prompt_len or 0
         self._next = 0  # the absolute position after the last forward's tokens
-        self.steered: list[int] = []  # absolute positions edited, in order (one entry per call)
+        self.steered: list[int] = []  # absolute positions edited, in the order edited
 
     def __enter__(self) -> Steering:
         self._next, self.steered = 0, []
@@ -108,15 +108,16 @@ class Steering:
     def __exit__(self, *exc) -> None:
         self.splice.__exit__(*exc)
 
-    def _absolute(self, T: int, device) -> Tensor:
-        """(T,) absolute positions of this forward's tokens: a decoding step with the KV cache
-        brings one token after the ones seen; any other forward starts at 0."""
+    def _absolute(self, T: int) -> Tensor:
+        """(T,) absolute positions of this forward's tokens, on the CPU (no device sync): a
+        decoding step with the KV cache brings one token after the ones seen; any other forward
+        starts at 0."""
         start = self._next if T == 1 and self._next >= max(self.prompt_len, 1) else 0
         self._next = start + T
-        return torch.arange(start, start + T, device=device)
+        return torch.arange(start, start + T)
 
     def _edit(self, h: Tensor) -> Tensor:
-        pos = self._absolute(h.shape[1], h.device)  # (T,)
+        pos = self._absolute(h.shape[1])  # (T,)
         if self.positions == "all":
             mask = torch.ones_like(pos, dtype=torch.bool)
         else:
@@ -124,6 +125,7 @@ class Steering:
         self.steered += pos[mask].tolist()
         if not mask.any():
             return h
+        mask = mask.to(h.device)
         x = h.float()  # (B, T, d)
         for edit in self.interventions:
             x = torch.where(mask[None, :, None], self._apply(edit, x), x)
