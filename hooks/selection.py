@@ -84,16 +84,9 @@ class Selection:
             )
         return cls(**data)
 
-    def differences(self, other: Selection) -> list[str]:
-        """The settings on which two selections disagree, in field order."""
-        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
-
     def require_same(self, other: Selection, what: str, fix: str) -> None:
-        """Raise one sentence naming the first setting where `other` differs from this one."""
-        diffs = self.differences(other)
-        if diffs:
-            key = diffs[0]
-            raise UserError(
-                f"{what} was made with {key}={getattr(self, key)!r}, not "
-                f"{getattr(other, key)!r}; {fix}"
-            )
+        """Raise one sentence naming the first setting, in field order, where `other` differs."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine != theirs:
+                raise UserError(f"{what} was made with {f.name}={mine!r}, not {theirs!r}; {fix}")
