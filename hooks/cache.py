@@ -232,13 +232,6 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def read_selection(path: Path, manifest: dict) -> Selection | None:
-    """A manifest's recorded token selection; None where the rows came from no text."""
-    if "planted" in manifest:
-        return None
-    return Selection.from_dict(manifest.get("selection"), where=f"The cache {path}")
-
-
 class ActivationCache:
     """Read side of a cache: shards stream in a seeded order; the whole cache is never loaded."""
 
@@ -259,7 +252,9 @@ class ActivationCache:
     @property
     def selection(self) -> Selection | None:
         """The token selection the cache was harvested with (None for planted, synthetic data)."""
-        return read_selection(self.path, self.manifest)
+        if "planted" in self.manifest:
+            return None
+        return Selection.from_dict(self.manifest.get("selection"), where=f"The cache {self.path}")
 
     def check(
         self, model: str | None = None, site: str | None = None, d_model: int | None = None
