@@ -13,13 +13,20 @@ Each edit moves the hidden state h (B, T, d) along one direction u: an SAE laten
   replace  h - (h.u) u + value * u
 Several edits apply in the order given. A Steering never leaves a hook behind, even when the
 code inside the block raises.
+
+A feature's value is raw (site units) or, with `in_units(edits, "max", sae, max_act)`, in units
+of the feature's typical max activation from the feature store: 1 adds (or caps at, or replaces
+with) the length the feature writes at its max, max_act[f] * |W_dec[f]| / input_scale, and a
+clamp's 1 is the max activation itself.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,6 +36,7 @@ from sae.model import TopKSAE
 
 MODES = ("add", "clamp", "ablate", "cap", "replace")
 POSITIONS = ("all", "prompt", "generated")
+UNITS = ("raw", "max")
 _NEEDS_SAE = ("clamp", "ablate")
 
 
@@ -62,6 +70,60 @@ class Intervention:
         n = sae.cfg.n_latents
         if not 0 <= self.feature < n:
             raise UserError(f"Feature {self.feature} is out of range; this SAE has 0..{n - 1}.")
+
+
+def max_activations(run_path: Path | str) -> np.ndarray:
+    """(n_latents,) each latent's max activation over the held-out tokens, from the run's feature
+    store (`saewb analyze`)."""
+    from analysis.store.read import FeatureStore
+
+    run_path = Path(run_path)
+    if not (run_path / "features" / "manifest.json").is_file():
+        raise UserError(
+            f"Strengths in units of max activation need the run's feature store, and {run_path} "
+            f"has none; run `saewb analyze {run_path}` first, or use --units raw."
+        )
+    store = FeatureStore(run_path / "features")
+    return store.features.column("max_act").to_numpy().astype(np.float64)
+
+
+def in_units(
+    edits: list[Intervention],
+    units: str,
+    sae: TopKSAE | None = None,
+    max_act: np.ndarray | None = None,
+) -> list[Intervention]:
+    """The edits with their values turned into raw site units; `units` says what they are in."""
+    if units not in UNITS:
+        raise UserError(f"Unknown units '{units}'; use one of {', '.join(UNITS)}.")
+    if units == "raw":
+        return list(edits)
+    out = []
+    for edit in edits:
+        if edit.vector is not None:
+            raise UserError(
+                "Units of max activation belong to SAE features; give a vector's strength raw."
+            )
+        if sae is None or max_act is None:
+            raise UserError("Units of max activation need the SAE and its feature store.")
+        n = sae.cfg.n_latents
+        if len(max_act) != n:
+            raise UserError(
+                f"The feature store holds {len(max_act)} latents and the SAE {n}; rerun "
+                "`saewb analyze` for this SAE."
+            )
+        if not 0 <= edit.feature < n:
+            raise UserError(f"Feature {edit.feature} is out of range; this SAE has 0..{n - 1}.")
+        top = float(max_act[edit.feature])
+        if edit.mode != "ablate" and not top > 0:
+            raise UserError(
+                f"Feature {edit.feature} never fired in the feature store (max activation "
+                f"{top}), so it has no typical size; give its strength with --units raw."
+            )
+        if edit.mode in ("add", "cap", "replace"):  # the length of the feature's write at max
+            top *= float(sae.W_dec[edit.feature].norm() / sae.input_scale)
+        out.append(replace(edit, value=edit.value * top))
+    return out
 
 
 class Steering:
