@@ -116,7 +116,7 @@ def frontier(
         steered = log_probs(model, neutral, steering)
         kl = F.kl_div(steered, clean_neutral, log_target=True, reduction="none").sum(-1).mean()
         texts = generations(
-            lambda ids: Steering(model, site, edits, sae, positions, prompt_len=ids.shape[1])
+            lambda ids, edits=edits: Steering(model, site, edits, sae, positions, ids.shape[1])
         )
         curve["target_prob"].append(prob)
         curve["target_shift"].append(prob - base_prob)
@@ -158,9 +158,7 @@ def matched_side_effect(curves: dict[str, dict], effect: str = "target_shift", p
     at = {name: np.interp(grid, kl, y) for name, (kl, y) in lines.items()}
     names = list(at)
     stacked = np.stack([at[n] for n in names])  # (curves, points)
-    best = [
-        names[int(np.argmax(col))] if np.ptp(col) > 1e-12 else None for col in stacked.T
-    ]
+    best = [names[int(np.argmax(col))] if np.ptp(col) > 1e-12 else None for col in stacked.T]
     means = {n: float(at[n].mean()) for n in names}
     top = sorted(means.values())
     better = max(means, key=means.get) if top[-1] - top[-2] > 1e-12 else None

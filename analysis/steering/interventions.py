@@ -121,7 +121,7 @@ def in_units(
                 f"{top}), so it has no typical size; give its strength with --units raw."
             )
         if edit.mode in ("add", "cap", "replace"):  # the length of the feature's write at max
-            top *= float(sae.W_dec[edit.feature].norm() / sae.input_scale)
+            top *= float(sae.W_dec[edit.feature].detach().norm() / sae.input_scale)
         out.append(replace(edit, value=edit.value * top))
     return out
 
