@@ -161,9 +161,10 @@ class Steering:
         self.positions, self.prompt_len = positions, prompt_len or 0
         self._next = 0  # the absolute position after the last forward's tokens
         self.steered: list[int] = []  # absolute positions edited, in the order edited
+        self._units: list[Tensor] | None = None  # each edit's direction, made on first use
 
     def __enter__(self) -> Steering:
-        self._next, self.steered = 0, []
+        self._next, self.steered, self._units = 0, [], None
         self.splice.__enter__()
         return self
 
@@ -180,30 +181,45 @@ class Steering:
 
     def _edit(self, h: Tensor) -> Tensor:
         pos = self._absolute(h.shape[1])  # (T,)
-        if self.positions == "all":
-            mask = torch.ones_like(pos, dtype=torch.bool)
-        else:
+        keep = None  # (T,) on h's device where only some positions are edited
+        if self.positions != "all":
             mask = (pos < self.prompt_len) == (self.positions == "prompt")
-        self.steered += pos[mask].tolist()
-        if not mask.any():
-            return h
-        mask = mask.to(h.device)
+            pos = pos[mask]
+            if not len(pos):
+                return h
+            if len(pos) < h.shape[1]:
+                keep = mask.to(h.device)[None, :, None]
+        self.steered += pos.tolist()
         x = h.float()  # (B, T, d)
-        for edit in self.interventions:
-            x = torch.where(mask[None, :, None], self._apply(edit, x), x)
+        for edit, u in zip(self.interventions, self._directions(x)):
+            y = self._apply(edit, u, x)
+            x = y if keep is None else torch.where(keep, y, x)
         return x.to(h.dtype)
 
-    def _apply(self, edit: Intervention, x: Tensor) -> Tensor:
-        if edit.vector is not None:
-            u = (edit.vector / edit.vector.norm()).to(x)
-        else:
-            u = self.sae.W_dec[edit.feature].detach().to(x)
+    def _directions(self, x: Tensor) -> list[Tensor]:
+        """(d,) each edit's direction on x's device, made once a block: the unit direction, or
+        for clamp and ablate the latent's write per unit of activation, W_dec[f] / input_scale."""
+        if self._units is None or self._units[0].device != x.device:
+            units = []
+            for edit in self.interventions:
+                if edit.vector is not None:
+                    u = edit.vector.detach().float()
+                else:
+                    u = self.sae.W_dec[edit.feature].detach().float()
+                if edit.mode in _NEEDS_SAE:
+                    u = u / self.sae.input_scale.detach().float()
+                else:
+                    u = u / u.norm()
+                units.append(u.to(x.device))
+            self._units = units
+        return self._units
+
+    def _apply(self, edit: Intervention, u: Tensor, x: Tensor) -> Tensor:
         if edit.mode in _NEEDS_SAE:
             target = 0.0 if edit.mode == "ablate" else edit.value
             acts, idx = self.sae.encode(x.reshape(-1, x.shape[-1]))[:2]  # (B*T, k) each
             a = (acts * (idx == edit.feature)).sum(-1).view(x.shape[:-1])  # (B, T)
-            return x + (target - a)[..., None] * u / self.sae.input_scale
-        u = u / u.norm()
+            return x + (target - a)[..., None] * u
         if edit.mode == "add":
             return x + edit.value * u
         along = x @ u  # (B, T)
