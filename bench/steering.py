@@ -9,7 +9,8 @@ the same prompts and the same greedy decoding with the KV cache:
   add vector     one raw direction added at every position (what CAA does)
   add feature    one SAE latent's decoder row added
   clamp feature  one latent clamped with the error term kept: an SAE encode every forward
-Reports seconds per generated token and each variant's ratio to unsteered (target <= 1.1x).
+Reports the median over rounds of seconds per generated token, and each variant's ratio to
+unsteered (target <= 1.1x).
 The default model is a tiny random Llama built here (no download); `--model smollm2-135m` loads
 SmolLM2-135M from the local cache. The SAE is random, `--latents` wide (16 x d), at `--site`.
 Writes bench/out/steering.json. LF-Steering's timing goes in `lf_steering_timing`.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -120,15 +122,17 @@ def main() -> None:
     sae.eval().requires_grad_(False)
     prompts = prompts_for(args, model)
     cases = variants(model, site, sae)
-    time_generate(model, prompts[:1], None, 4, tick)  # warm-up
-    seconds = {name: 0.0 for name in cases}
+    for steering in cases.values():  # warm-up
+        time_generate(model, prompts[:1], steering, 4, tick)
+    rounds = {name: [] for name in cases}  # seconds per generated token, one a round
     tokens = {name: 0 for name in cases}
-    for _ in range(args.repeats):
-        for name, steering in cases.items():
-            s, n = time_generate(model, prompts, steering, args.max_new, tick)
-            seconds[name] += s
+    names = list(cases)
+    for r in range(args.repeats):  # each round starts at another variant: no order favours one
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            s, n = time_generate(model, prompts, cases[name], args.max_new, tick)
+            rounds[name].append(s / max(n, 1))
             tokens[name] += n
-    per_token = {name: seconds[name] / max(tokens[name], 1) for name in cases}
+    per_token = {name: statistics.median(rounds[name]) for name in cases}
     base = per_token["unsteered"]
 
     print(f"\n{args.model}, {site}, {args.threads} thread(s), {args.clock} clock, "
@@ -137,7 +141,7 @@ def main() -> None:
     for name in cases:
         ratio = per_token[name] / base
         print(f"{name:16s} {1000 * per_token[name]:9.2f} {tokens[name]:7d} {ratio:12.3f}x")
-    worst = max(per_token[n] / base for n in cases)
+    worst = max(per_token[n] / base for n in cases if n != "unsteered")
     print(f"\nworst steered / unsteered: {worst:.3f}x (target <= 1.1x)")
     lf = lf_steering_timing(args)
     print("LF-Steering timing: " + (json.dumps(lf) if lf else "not measured here yet"))
@@ -155,6 +159,7 @@ def main() -> None:
                 "repeats": args.repeats,
                 "latents": args.latents,
                 "seconds_per_token": per_token,
+                "seconds_per_token_rounds": rounds,
                 "tokens": tokens,
                 "ratio_to_unsteered": {n: per_token[n] / base for n in cases},
                 "lf_steering": lf,
