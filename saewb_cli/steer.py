@@ -114,12 +114,18 @@ def parse_strengths(text: str) -> list[float]:
     return [_finite(v, text) for v in values]
 
 
-def _stamp(name: str | None, kind: str) -> str:
+def _target(folder, name: str | None, kind: str):
+    """folder/NAME.json: the name given, else KIND-time (with -2, -3, ... if that is taken)."""
     if name is not None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
             raise UserError(f"--name '{name}' must be letters, digits, '_', '-' or '.'.")
-        return name
-    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return folder / f"{name}.json"
+    stem = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = folder / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.json"
+    return path
 
 
 def _methods(args, run) -> dict[str, tuple[list, list[dict]]]:
@@ -142,10 +148,8 @@ def _methods(args, run) -> dict[str, tuple[list, list[dict]]]:
         vector, meta = load_vector(run.path, spec, run.site)
         value = float(vector.norm()) if value is None else value
         edit = Intervention(args.mode, vector=vector, value=value)
-        methods[f"caa:{meta.get('name', spec)}"] = (
-            [edit],
-            [dict(vector=spec, value=value, **meta)],
-        )
+        settings = [dict(vector=spec, value=value, provenance=meta)]
+        methods[f"caa:{meta.get('name', spec)}"] = ([edit], settings)
     if not methods:
         raise UserError("Give at least one --feature ID:VALUE or --vector NAME[:VALUE].")
     return methods
@@ -192,7 +196,7 @@ def cmd_steer(args: argparse.Namespace) -> dict:
         return _sweep(args, run, model, tokenizer, sae, methods, strengths, neutral, common)
     out = _single(args, model, tokenizer, sae, run.site, methods, neutral, neutral_from)
     record = dict(format=RUN_FORMAT, version=VERSION, **common, **out)
-    path = run.path / "steering" / "runs" / f"{_stamp(args.name, 'steer')}.json"
+    path = _target(run.path / "steering" / "runs", args.name, "steer")
     atomic_write_json(path, record)
     print(f"saved     {path}")
     return record
@@ -250,7 +254,7 @@ def _sweep(args, run, model, tokenizer, sae, methods, strengths, neutral, common
     compared = matched_side_effect(curves) if len(curves) > 1 else None
     record = dict(format=FRONTIER_FORMAT, version=VERSION, **common, targets=args.target,
                   strengths=strengths, curves=curves, matched=compared)  # fmt: skip
-    path = run.path / "steering" / "frontiers" / f"{_stamp(args.name, 'frontier')}.json"
+    path = _target(run.path / "steering" / "frontiers", args.name, "frontier")
     atomic_write_json(path, record)
     fig = figure(curves, f"Steering frontier: {', '.join(args.target)} ({run.site})")
     html = path.with_suffix(".html")

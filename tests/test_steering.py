@@ -295,12 +295,15 @@ def test_saewb_caa_saves_a_vector_that_steer_applies_and_sweeps(tiny_run, tokeni
     assert saved["site"] == SITE and saved["norm"] == pytest.approx(float(expect.norm()))
     with pytest.raises(UserError, match="made at resid_post.1, not resid_post.2"):
         load_vector(run, "happy", "resid_post.2")
+    by_path, _ = load_vector(run, str(run / "steering" / "vectors" / "happy.safetensors"))
+    assert torch.equal(by_path, vector)
     capsys.readouterr()
 
     argv = ["steer", str(run), "--prompt", "the cat", "--max-new", "3", "--target", " cat"]
     assert main([*argv, "--vector", "happy:3", "--name", "v"]) == 0, capsys.readouterr().err
     record = json.loads((run / "steering" / "runs" / "v.json").read_text())
     assert record["settings"]["methods"]["caa:happy"][0]["value"] == 3.0
+    assert record["settings"]["methods"]["caa:happy"][0]["provenance"] == meta
     sweep = [*argv, "--sweep", "--feature", "5:10", "--vector", "happy", "--strengths", "0,1,2"]
     assert main([*sweep, "--name", "f"]) == 0, capsys.readouterr().err
     curve = json.loads((run / "steering" / "frontiers" / "f.json").read_text())
