@@ -1,8 +1,17 @@
 """`saewb steer` and `saewb caa`: a run's model with and without steering, side by side, with
 metrics, or swept over strength into a frontier; and CAA vectors built from contrastive pairs.
 
-Everything is saved under RUN/steering/: vectors/NAME.safetensors (+ .json), runs/NAME.json (one
-`saewb steer`), frontiers/NAME.json (+ .html, the figure). See analysis/steering/."""
+Everything is saved under RUN/steering/, atomically:
+  vectors/NAME.safetensors (+ NAME.json)  a CAA vector and its provenance (analysis/steering/caa.py)
+  runs/NAME.json       one `saewb steer`: {format "saewb-steering-run", version, run, model, site,
+                       prompt, settings {mode, units, positions, max_new, sample, seed, methods
+                       {"sae": [{feature, value, raw_value}], "caa:NAME": [{vector, value,
+                       provenance}]}}, neutral, created, baseline {text, perplexity}, steered
+                       {text, perplexity}, metrics {kl, [targets, target_ids, target_shift]}}
+  frontiers/NAME.json  one `--sweep`: {format "saewb-steering-frontier", the same header, targets,
+                       strengths, curves {method: frontier()'s dict}, matched:
+                       matched_side_effect()'s dict or null}; NAME.html is its plotly figure
+NAME is --name, else steer-/frontier-YYYYmmdd-HHMMSS."""
 
 from __future__ import annotations
 
@@ -61,7 +70,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_STRENGTHS,
         help=f"the sweep's multipliers of each given value (default {DEFAULT_STRENGTHS})",
     )
-    p.add_argument("--samples", type=int, default=8, help="sampled generations a strength")
+    p.add_argument(
+        "--samples", type=int, default=8, help="generations a prompt and strength, with --sample"
+    )
     p.add_argument("--neutral", default=None, help="neutral text for the KL (default held-out)")
     p.add_argument("--name", default=None, help="file name under RUN/steering/ (default a time)")
     p.add_argument("--device", default="cpu")

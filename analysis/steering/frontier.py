@@ -11,6 +11,7 @@ At each strength s the interventions `edits_at(s)` are applied and three numbers
                 new text holds a target word; `baseline.contains` is the unsteered share
   kl            mean KL(unsteered || steered) of the next-token distribution over every position
                 of the neutral ids: the side effect
+The probability shift and the KL steer every position; `positions` applies to the generations.
 """
 
 from __future__ import annotations
