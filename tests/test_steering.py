@@ -399,7 +399,7 @@ def test_frontier_effect_grows_with_strength_and_kl_is_zero_at_zero(logit_model,
     direction = logit_model.lm_head.weight[target].clone()
     neutral = tokenizer(NEUTRAL_TEXT, return_tensors="pt")["input_ids"][:, :24]
     kw = dict(targets=[" cat"], prompts=["the dog", "Paris is"], neutral=neutral, max_new=4)
-    strengths = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0]
+    strengths = [0.0, 1.0, 4.0, 16.0]
     curve = frontier(logit_model, tokenizer, "resid_post.1",
                      lambda s: [Intervention("add", vector=direction, value=s)], strengths, **kw)  # fmt: skip
     assert curve["kl"][0] == 0.0 and curve["target_shift"][0] == 0.0
@@ -413,10 +413,10 @@ def test_frontier_effect_grows_with_strength_and_kl_is_zero_at_zero(logit_model,
         other = tokenizer("Paris is", return_tensors="pt")["input_ids"]
         clean2 = logit_model(other).logits[0, -1]
         moved2 = (clean2 + 4.0 * logit_model.lm_head.weight @ direction).softmax(-1)[target]
-    assert curve["target_prob"][3] == pytest.approx(float(moved + moved2) / 2, rel=1e-4)
+    assert curve["target_prob"][2] == pytest.approx(float(moved + moved2) / 2, rel=1e-4)
     sampled = [frontier(logit_model, tokenizer, "resid_post.1",
                         lambda s: [Intervention("add", vector=direction, value=s)], [0, 3],
-                        sample=True, samples=3, seed=5, **kw) for _ in range(2)]  # fmt: skip
+                        sample=True, samples=2, seed=5, **kw) for _ in range(2)]  # fmt: skip
     assert sampled[0] == sampled[1]  # seeded
     with pytest.raises(UserError, match="finite number, got inf"):
         frontier(logit_model, tokenizer, "resid_post.1", lambda s: [], [0, float("inf")], **kw)
