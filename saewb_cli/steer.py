@@ -196,6 +196,10 @@ def cmd_steer(args: argparse.Namespace) -> dict:
     loaded = run.load_model(args.device, progress=False)
     model, tokenizer, sae = loaded.model.eval(), loaded.tokenizer, run.sae.eval()
     neutral, neutral_from = _neutral(args, run, tokenizer)
+    from analysis.steering.interventions import Steering
+
+    for raw, _ in methods.values():  # every method's bad input is refused before any work
+        Steering(model, run.site, raw, sae)
     common = dict(
         run=str(run.path), model=run.model, site=run.site, prompt=args.prompt,
         settings=dict(mode=args.mode, units=args.units, positions=args.positions,
@@ -279,7 +283,8 @@ def _sweep(args, run, model, tokenizer, sae, methods, strengths, neutral, common
             lo, hi = compared["kl"][0], compared["kl"][-1]
             print(f"at matched KL ({lo:.4f}..{hi:.4f}): mean probability shift "
                   + ", ".join(f"{n} {v:+.4f}" for n, v in compared["mean_effect"].items())
-                  + f"; larger: {compared['better'] or 'a tie'}")  # fmt: skip
+                  + f"; larger: {compared['better'] or 'a tie'} (measured points in that "
+                  f"range: {', '.join(f'{n} {k}' for n, k in compared['measured'].items())})")  # fmt: skip
         else:
             print("the curves share no KL range; widen --strengths to compare them")
     print(f"saved     {path}\nfigure    {html}")
@@ -298,6 +303,11 @@ def cmd_caa(args: argparse.Namespace) -> dict:
     run = open_run(args.run, device=args.device)
     loaded = run.load_model(args.device, progress=False)
     vector = caa_vector(loaded.model.eval(), loaded.tokenizer, run.site, pairs, args.method)
+    if not float(vector.norm()) > 0:
+        raise UserError(
+            f"The CAA vector of {args.pairs} is zero: each pair's two prompts have the same "
+            f"state at {run.site} at their last tokens; make the prompts differ there."
+        )
     provenance = dict(
         site=run.site,
         model=run.model,

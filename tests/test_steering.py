@@ -320,6 +320,12 @@ def test_saewb_caa_saves_a_vector_that_steer_applies_and_sweeps(tiny_run, tokeni
     path.write_text('{"positive": "a", "negative": "b"}\n[1, 2]\n')
     assert main(["caa", str(run), "--pairs", str(path)]) == 2
     assert "line 2 is not" in capsys.readouterr().err
+    path.write_text('{"positive": "the cat", "negative": "the cat"}\n')
+    assert main(["caa", str(run), "--pairs", str(path)]) == 2
+    assert (
+        "CAA vector of" in capsys.readouterr().err
+        and not (run / "steering" / "vectors" / "bad.safetensors").exists()
+    )
 
 
 # -- units of max activation (a real feature store, planted) -----------------------------------
@@ -432,6 +438,7 @@ def test_matched_side_effect_picks_the_curve_higher_at_equal_kl():
     assert out["effect"]["a"] == pytest.approx([2 * k for k in out["kl"]])
     assert out["effect"]["b"] == pytest.approx(out["kl"])
     assert out["best"] == [None] + ["a"] * 6 and out["better"] == "a"
+    assert out["measured"] == {"a": 4, "b": 2}
     c = dict(kl=[0.0, 3.0], target_shift=[3.0, 3.0])  # flat at 3: ahead of a until KL 1.5
     out = matched_side_effect({"a": a, "c": c}, points=7)
     assert out["best"] == ["c", "c", "c", None, "a", "a", "a"]

@@ -140,7 +140,9 @@ def matched_side_effect(curves: dict[str, dict], effect: str = "target_shift", p
     """Each curve's effect interpolated at the same KL values, on the KL range every curve
     covers. A curve's points are sorted by KL and joined by straight lines. Returns
     {"kl": [...], "effect": {name: [...]}, "best": [name per KL point], "better": the name with
-    the larger mean effect over the shared range (None on a tie), "mean_effect": {name: float}}.
+    the larger mean effect over the shared range (None on a tie), "mean_effect": {name: float},
+    "measured": {name: its points inside the shared range}}: a curve with few points there is
+    mostly interpolated, and a finer sweep of strength is the cure.
     Larger effect is better; sweep negative strengths and negate to compare suppression."""
     if len(curves) < 2:
         raise UserError("A matched-side-effect comparison needs at least two curves.")
@@ -154,7 +156,8 @@ def matched_side_effect(curves: dict[str, dict], effect: str = "target_shift", p
     lo = max(kl[0] for kl, _ in lines.values())
     hi = min(kl[-1] for kl, _ in lines.values())
     if hi < lo:
-        return dict(kl=[], effect={n: [] for n in curves}, best=[], better=None, mean_effect={})
+        empty = {n: [] for n in curves}
+        return dict(kl=[], effect=empty, best=[], better=None, mean_effect={}, measured={})
     grid = np.linspace(lo, hi, points) if hi > lo else np.array([lo])
     at = {name: np.interp(grid, kl, y) for name, (kl, y) in lines.items()}
     names = list(at)
@@ -169,6 +172,7 @@ def matched_side_effect(curves: dict[str, dict], effect: str = "target_shift", p
         best=best,
         better=better,
         mean_effect=means,
+        measured={n: int(((kl >= lo) & (kl <= hi)).sum()) for n, (kl, _) in lines.items()},
     )
 
 
