@@ -13,13 +13,20 @@ Each edit moves the hidden state h (B, T, d) along one direction u: an SAE laten
   replace  h - (h.u) u + value * u
 Several edits apply in the order given. A Steering never leaves a hook behind, even when the
 code inside the block raises.
+
+A feature's value is raw (site units) or, with `in_units(edits, "max", sae, max_act)`, in units
+of the feature's typical max activation from the feature store: 1 adds (or caps at, or replaces
+with) the length the feature writes at its max, max_act[f] * |W_dec[f]| / input_scale, and a
+clamp's 1 is the max activation itself.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,6 +36,7 @@ from sae.model import TopKSAE
 
 MODES = ("add", "clamp", "ablate", "cap", "replace")
 POSITIONS = ("all", "prompt", "generated")
+UNITS = ("raw", "max")
 _NEEDS_SAE = ("clamp", "ablate")
 
 
@@ -62,6 +70,60 @@ class Intervention:
         n = sae.cfg.n_latents
         if not 0 <= self.feature < n:
             raise UserError(f"Feature {self.feature} is out of range; this SAE has 0..{n - 1}.")
+
+
+def max_activations(run_path: Path | str) -> np.ndarray:
+    """(n_latents,) each latent's max activation over the held-out tokens, from the run's feature
+    store (`saewb analyze`)."""
+    from analysis.store.read import FeatureStore
+
+    run_path = Path(run_path)
+    if not (run_path / "features" / "manifest.json").is_file():
+        raise UserError(
+            f"Strengths in units of max activation need the run's feature store, and {run_path} "
+            f"has none; run `saewb analyze {run_path}` first, or use --units raw."
+        )
+    store = FeatureStore(run_path / "features")
+    return store.features.column("max_act").to_numpy().astype(np.float64)
+
+
+def in_units(
+    edits: list[Intervention],
+    units: str,
+    sae: TopKSAE | None = None,
+    max_act: np.ndarray | None = None,
+) -> list[Intervention]:
+    """The edits with their values turned into raw site units; `units` says what they are in."""
+    if units not in UNITS:
+        raise UserError(f"Unknown units '{units}'; use one of {', '.join(UNITS)}.")
+    if units == "raw":
+        return list(edits)
+    out = []
+    for edit in edits:
+        if edit.vector is not None:
+            raise UserError(
+                "Units of max activation belong to SAE features; give a vector's strength raw."
+            )
+        if sae is None or max_act is None:
+            raise UserError("Units of max activation need the SAE and its feature store.")
+        n = sae.cfg.n_latents
+        if len(max_act) != n:
+            raise UserError(
+                f"The feature store holds {len(max_act)} latents and the SAE {n}; rerun "
+                "`saewb analyze` for this SAE."
+            )
+        if not 0 <= edit.feature < n:
+            raise UserError(f"Feature {edit.feature} is out of range; this SAE has 0..{n - 1}.")
+        top = float(max_act[edit.feature])
+        if edit.mode != "ablate" and not top > 0:
+            raise UserError(
+                f"Feature {edit.feature} never fired in the feature store (max activation "
+                f"{top}), so it has no typical size; give its strength with --units raw."
+            )
+        if edit.mode in ("add", "cap", "replace"):  # the length of the feature's write at max
+            top *= float(sae.W_dec[edit.feature].detach().norm() / sae.input_scale)
+        out.append(replace(edit, value=edit.value * top))
+    return out
 
 
 class Steering:
@@ -99,9 +161,10 @@ class Steering:
         self.positions, self.prompt_len = positions, prompt_len or 0
         self._next = 0  # the absolute position after the last forward's tokens
         self.steered: list[int] = []  # absolute positions edited, in the order edited
+        self._units: list[Tensor] | None = None  # each edit's direction, made on first use
 
     def __enter__(self) -> Steering:
-        self._next, self.steered = 0, []
+        self._next, self.steered, self._units = 0, [], None
         self.splice.__enter__()
         return self
 
@@ -118,30 +181,45 @@ class Steering:
 
     def _edit(self, h: Tensor) -> Tensor:
         pos = self._absolute(h.shape[1])  # (T,)
-        if self.positions == "all":
-            mask = torch.ones_like(pos, dtype=torch.bool)
-        else:
+        keep = None  # (T,) on h's device where only some positions are edited
+        if self.positions != "all":
             mask = (pos < self.prompt_len) == (self.positions == "prompt")
-        self.steered += pos[mask].tolist()
-        if not mask.any():
-            return h
-        mask = mask.to(h.device)
+            pos = pos[mask]
+            if not len(pos):
+                return h
+            if len(pos) < h.shape[1]:
+                keep = mask.to(h.device)[None, :, None]
+        self.steered += pos.tolist()
         x = h.float()  # (B, T, d)
-        for edit in self.interventions:
-            x = torch.where(mask[None, :, None], self._apply(edit, x), x)
+        for edit, u in zip(self.interventions, self._directions(x)):
+            y = self._apply(edit, u, x)
+            x = y if keep is None else torch.where(keep, y, x)
         return x.to(h.dtype)
 
-    def _apply(self, edit: Intervention, x: Tensor) -> Tensor:
-        if edit.vector is not None:
-            u = (edit.vector / edit.vector.norm()).to(x)
-        else:
-            u = self.sae.W_dec[edit.feature].detach().to(x)
+    def _directions(self, x: Tensor) -> list[Tensor]:
+        """(d,) each edit's direction on x's device, made once a block: the unit direction, or
+        for clamp and ablate the latent's write per unit of activation, W_dec[f] / input_scale."""
+        if self._units is None or self._units[0].device != x.device:
+            units = []
+            for edit in self.interventions:
+                if edit.vector is not None:
+                    u = edit.vector.detach().float()
+                else:
+                    u = self.sae.W_dec[edit.feature].detach().float()
+                if edit.mode in _NEEDS_SAE:
+                    u = u / self.sae.input_scale.detach().float()
+                else:
+                    u = u / u.norm()
+                units.append(u.to(x.device))
+            self._units = units
+        return self._units
+
+    def _apply(self, edit: Intervention, u: Tensor, x: Tensor) -> Tensor:
         if edit.mode in _NEEDS_SAE:
             target = 0.0 if edit.mode == "ablate" else edit.value
             acts, idx = self.sae.encode(x.reshape(-1, x.shape[-1]))[:2]  # (B*T, k) each
             a = (acts * (idx == edit.feature)).sum(-1).view(x.shape[:-1])  # (B, T)
-            return x + (target - a)[..., None] * u / self.sae.input_scale
-        u = u / u.norm()
+            return x + (target - a)[..., None] * u
         if edit.mode == "add":
             return x + edit.value * u
         along = x @ u  # (B, T)

@@ -3,6 +3,7 @@
 kl          mean KL(unsteered || steered) of the next-token distribution on neutral text
 target      the shift of the target tokens' total probability at the prompt's last position
 perplexity  of a generation under the unsteered model: a fluency proxy
+contains    whether a generated text holds any of the target words
 """
 
 from __future__ import annotations
@@ -39,21 +40,22 @@ def generate(
 
 
 @torch.no_grad()
-def _log_probs(model, ids: Tensor, steering=None) -> Tensor:
+def log_probs(model, ids: Tensor, steering=None) -> Tensor:
+    """(B, T, V) next-token log-probabilities of (B, T) ids, steered if given."""
     with steering if steering is not None else contextlib.nullcontext():
         return F.log_softmax(model(ids).logits.float(), dim=-1)  # (B, T, V)
 
 
 def next_token_kl(model, ids: Tensor, steering) -> float:
     """Mean over every position of (B, T) neutral ids of KL(unsteered || steered)."""
-    clean, steered = _log_probs(model, ids), _log_probs(model, ids, steering)
+    clean, steered = log_probs(model, ids), log_probs(model, ids, steering)
     return float(F.kl_div(steered, clean, log_target=True, reduction="none").sum(-1).mean())
 
 
 def target_shift(model, ids: Tensor, steering, targets: list[int]) -> float:
     """Steered minus unsteered probability of the target tokens after (1, T) prompt ids."""
-    clean = _log_probs(model, ids)[0, -1, targets].exp().sum()
-    steered = _log_probs(model, ids, steering)[0, -1, targets].exp().sum()
+    clean = log_probs(model, ids)[0, -1, targets].exp().sum()
+    steered = log_probs(model, ids, steering)[0, -1, targets].exp().sum()
     return float(steered - clean)
 
 
@@ -61,6 +63,12 @@ def perplexity(model, ids: Tensor, start: int) -> float:
     """exp(mean CE) of the tokens ids[0, start:] under the unsteered model."""
     if ids.shape[1] <= start:
         return float("nan")
-    log_probs = _log_probs(model, ids)[0, start - 1 : -1]  # (new, V): the predictions of them
-    nll = -log_probs.gather(1, ids[0, start:, None]).squeeze(1)
+    predicted = log_probs(model, ids)[0, start - 1 : -1]  # (new, V): the predictions of them
+    nll = -predicted.gather(1, ids[0, start:, None]).squeeze(1)
     return float(nll.mean().exp())
+
+
+def contains(text: str, targets: list[str]) -> bool:
+    """Whether `text` holds any target word (stripped of its leading space, any case)."""
+    text = text.lower()
+    return any(t.strip().lower() in text for t in targets if t.strip())
