@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,10 +129,12 @@ class Runner:
         states, log_probs = {}, {}
         for b in self.batches:
             seen = []
-            record = _null()
+            record = nullcontext()
             if site:
-                record = Splice(self.model, site, lambda h: seen.append(h[:, -1].float()) or h)
-            with record, steering if steering is not None else _null():
+                record = Splice(
+                    self.model, site, lambda h, seen=seen: seen.append(h[:, -1].float()) or h
+                )
+            with record, steering if steering is not None else nullcontext():
                 if b.answer_ids is not None:
                     out = self.model(input_ids=b.ids[:, -1:], attention_mask=b.mask,
                                      position_ids=b.pos[:, -1:], use_cache=True,
@@ -177,14 +180,6 @@ class Runner:
             out["accuracy"][g] = right[rows].mean()
             out["consistent_correct"][g] = right[rows].all()
         return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _pad_id(tokenizer) -> int:
@@ -372,14 +367,9 @@ def lf_steering(
         answers = tune.run(steer(clamp_edits(order[:m], ranking, s)))[0]
         grid.append(dict(latents=m, strength=s, **score(tune.table(answers))))
 
-    def best(rows):
-        key = lambda r: (
-            r["consistent_correct"],
-            r["accuracy"],
-            -r.get("latents", 0),
-            -r["strength"],
-        )  # noqa: E731
-        return max(rows, key=key)
+    def best(rows):  # the tune objective, then the smaller change on ties
+        return max(rows, key=lambda r: (r["consistent_correct"], r["accuracy"],
+                                        -r.get("latents", 0), -r["strength"]))  # fmt: skip
 
     chosen = best(grid)
     latents = order[: chosen["latents"]].tolist()
