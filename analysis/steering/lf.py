@@ -88,14 +88,17 @@ class Runner:
         )  # fmt: skip
         device = next(model.parameters()).device
         encoded = [tokenizer(t)["input_ids"] for t in self.texts]
-        nlu = [groups[g].answers is not None for g in self.group_of]
-        order = sorted(range(len(encoded)), key=lambda r: (nlu[r], len(encoded[r])))
+        # A batch holds one answer set (None: NLG), so that its answers' logits stack; within
+        # a set, prompts of similar length go together and padding stays short.
+        kind = [groups[g].answers for g in self.group_of]
         self.batches = []
-        for kind in (False, True):  # NLG and NLU prompts go in separate batches
-            rows = [r for r in order if nlu[r] == kind]
+        for answers in dict.fromkeys(kind):
+            rows = sorted((r for r in range(len(kind)) if kind[r] == answers),
+                          key=lambda r: len(encoded[r]))  # fmt: skip
             for start in range(0, len(rows), batch):
                 chunk = rows[start : start + batch]
-                self.batches.append(self._prefill(chunk, [encoded[r] for r in chunk], kind, device))
+                nlu = answers is not None
+                self.batches.append(self._prefill(chunk, [encoded[r] for r in chunk], nlu, device))
 
     @torch.no_grad()
     def _prefill(self, rows, encoded, nlu, device) -> _Batch:
@@ -161,7 +164,7 @@ class Runner:
             for i, r in enumerate(b.rows):
                 if seen:
                     states[r] = seen[0][i]
-        stacked = torch.stack([states[r] for r in range(len(self.texts))]) if site else None
+        stacked = torch.stack([states[r].cpu() for r in range(len(self.texts))]) if site else None
         lp = None
         if keep:
             V = next(iter(log_probs.values())).shape[0] if log_probs else 0
