@@ -148,6 +148,16 @@ def test_rank_latents_scores_wording_and_answer_latents_below_the_cause(toy, tok
     assert ranking["off"][2] == pytest.approx(1.0) and ranking["consistent"][2] == 0
 
 
+def test_nothing_to_contrast_or_answers_alike_get_one_sentence(toy, tokenizer):
+    model, sae = toy
+    consistent = [g for g in _groups("nlu", 3, True) if g.paraphrases[0].endswith(WORDS["a"])]
+    with pytest.raises(UserError, match="No tune group is answered inconsistently"):
+        lf_steering(model, tokenizer, sae, SITE, consistent, _locality(), progress=False)
+    alike = [Group("t", " dog", ("the cat sat on the mat", "a dog ran"), (" dog", " dogs"))] * 2
+    with pytest.raises(UserError, match=r"answers \[' dog', ' dogs'\] of task 't' do not start"):
+        lf_steering(model, tokenizer, sae, SITE, alike, _locality(), progress=False)
+
+
 def _write(path, rows):
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
 

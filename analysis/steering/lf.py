@@ -146,7 +146,8 @@ class Runner:
                     pick = lp.gather(1, b.answer_ids).argmax(1).tolist()  # (B,)
                     for i, r in enumerate(b.rows):
                         answers[r] = self.groups[self.group_of[r]].answers[pick[i]]
-                        log_probs[r] = lp[i]
+                        if keep:
+                            log_probs[r] = lp[i]
                 else:
                     out = self.model.generate(
                         input_ids=b.ids, attention_mask=b.mask, max_new_tokens=self.max_new,

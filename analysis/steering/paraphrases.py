@@ -152,11 +152,12 @@ def builtin_groups() -> list[Group]:
 _COLOURS = (" red", " green", " blue", " white", " yellow", " black", " orange")
 _LOCALITY = (
     ("blood", " red"), ("a ripe banana", " yellow"), ("coal", " black"), ("milk", " white"),
-    ("a lemon", " yellow"), ("the sea", " blue"), ("a fresh leaf", " green"), ("a carrot", " orange"),
-    ("a ripe tomato", " red"), ("fresh snowfall", " white"), ("a crow", " black"),
-    ("an orange", " orange"), ("a lime", " green"), ("a clear summer sky", " blue"),
-    ("a strawberry", " red"), ("charcoal", " black"), ("a cloud", " white"), ("sunflowers", " yellow"),
-    ("a frog", " green"), ("a pumpkin", " orange"), ("a fire engine", " red"), ("the night sky", " black"),
+    ("a lemon", " yellow"), ("the sea", " blue"), ("a fresh leaf", " green"),
+    ("a carrot", " orange"), ("a ripe tomato", " red"), ("fresh snowfall", " white"),
+    ("a crow", " black"), ("an orange", " orange"), ("a lime", " green"),
+    ("a clear summer sky", " blue"), ("a strawberry", " red"), ("charcoal", " black"),
+    ("a cloud", " white"), ("sunflowers", " yellow"), ("a frog", " green"),
+    ("a pumpkin", " orange"), ("a fire engine", " red"), ("the night sky", " black"),
     ("a swan", " white"), ("the ocean", " blue"),
 )  # fmt: skip
 
