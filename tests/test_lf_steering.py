@@ -115,6 +115,32 @@ def test_the_toy_is_what_it_claims(toy, tokenizer):
     assert codes[8, 2] == pytest.approx(1.0) and codes[9:, 2].abs().max() == 0
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batched_cached_answers_equal_one_prompt_at_a_time(tokenizer, arch):
+    """The runner's left padding, position ids and reused KV cache against plain forwards."""
+    model = make_model(arch, len(tokenizer), n_layers=2).eval()
+    texts = ("the cat", "the dog ran in the park and", "Paris is the capital of", "Monday comes")
+    groups = [Group("t", " dog", texts, (" dog", " cat", " mat")), Group("t", " cat", texts[:2])]
+    runner = Runner(model, tokenizer, groups, batch=3, max_new=3)
+    for _ in range(2):  # a second pass finds the caches as the first left them
+        answers, _, log_probs = runner.run(keep=True)
+        ids = [tokenizer(t, return_tensors="pt")["input_ids"] for t in texts]
+        with torch.no_grad():
+            expect = [model(i).logits[0, -1].log_softmax(-1) for i in ids]
+            generated = [model.generate(i, max_new_tokens=3, do_sample=False, pad_token_id=0)
+                         for i in ids[:2]]  # fmt: skip
+        torch.testing.assert_close(log_probs[:4], torch.stack(expect), atol=1e-4, rtol=1e-4)
+        choice = [
+            [" dog", " cat", " mat"][
+                int(e[[_tok(tokenizer, w) for w in (" dog", " cat", " mat")]].argmax())
+            ]
+            for e in expect
+        ]
+        assert answers[:4] == choice
+        words = [normalise(tokenizer.decode(g[0, i.shape[1] :])) for g, i in zip(generated, ids)]
+        assert answers[4:] == words
+
+
 def test_lf_steering_finds_the_planted_latent_and_makes_answers_consistent(toy, tokenizer):
     model, sae = toy
     groups = _groups("nlu", 8, True) + _groups("nlg", 4, False)

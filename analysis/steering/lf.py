@@ -73,7 +73,15 @@ class Runner:
     """The prompts of some groups, batched by length, with their KV caches up to the last token,
     so that a pass under any steering re-runs only the last prompt token (and the generation)."""
 
-    def __init__(self, model, tokenizer, groups: list[Group], batch: int = 16, max_new: int = 6):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        groups: list[Group],
+        batch: int = 16,
+        max_new: int = 6,
+        progress: bool = False,
+    ):
         self.model, self.tokenizer, self.groups, self.max_new = model, tokenizer, groups, max_new
         self.texts, self.group_of, self.gold = [], [], []
         for g, group in enumerate(groups):
@@ -83,22 +91,25 @@ class Runner:
                 self.gold.append(group.gold if group.answers else normalise(group.gold))
         self.group_of = np.array(self.group_of)
         self.pad = _pad_id(tokenizer)
-        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else (
-            "past_key_values"
-        )  # fmt: skip
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         device = next(model.parameters()).device
         encoded = [tokenizer(t)["input_ids"] for t in self.texts]
         # A batch holds one answer set (None: NLG), so that its answers' logits stack; within
         # a set, prompts of similar length go together and padding stays short.
         kind = [groups[g].answers for g in self.group_of]
-        self.batches = []
+        chunks = []
         for answers in dict.fromkeys(kind):
             rows = sorted((r for r in range(len(kind)) if kind[r] == answers),
                           key=lambda r: len(encoded[r]))  # fmt: skip
-            for start in range(0, len(rows), batch):
-                chunk = rows[start : start + batch]
-                nlu = answers is not None
-                self.batches.append(self._prefill(chunk, [encoded[r] for r in chunk], nlu, device))
+            chunks += [
+                (rows[i : i + batch], answers is not None) for i in range(0, len(rows), batch)
+            ]
+        self.batches = [
+            self._prefill(chunk, [encoded[r] for r in chunk], nlu, device)
+            for chunk, nlu in tqdm(chunks, desc="prompt caches", disable=not progress)
+        ]
 
     @torch.no_grad()
     def _prefill(self, rows, encoded, nlu, device) -> _Batch:
@@ -114,7 +125,7 @@ class Runner:
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                         position_ids=pos[:, :-1], use_cache=True, logits_to_keep=1)  # fmt: skip
+                         position_ids=pos[:, :-1], use_cache=True, **self.keep_last)  # fmt: skip
         cache = getattr(out, "cache", None) or out.past_key_values
         answer_ids = None
         if nlu:
@@ -352,7 +363,7 @@ def lf_steering(
     model.eval()
     sae = sae.eval()
     tune_idx, eval_idx = split_groups(groups, seed)
-    tune = Runner(model, tokenizer, [groups[i] for i in tune_idx], batch, max_new)
+    tune = Runner(model, tokenizer, [groups[i] for i in tune_idx], batch, max_new, progress)
     base_answers, states, _ = tune.run(site=site)
     codes = dense_codes(sae, states)  # (P_tune, n)
     ranking = rank_latents(codes, tune.group_of, base_answers, tune.gold)
@@ -404,8 +415,8 @@ def lf_steering(
         if random_latents
         else None,
     }
-    held = Runner(model, tokenizer, [groups[i] for i in eval_idx], batch, max_new)
-    local = Runner(model, tokenizer, locality, batch, max_new)
+    held = Runner(model, tokenizer, [groups[i] for i in eval_idx], batch, max_new, progress)
+    local = Runner(model, tokenizer, locality, batch, max_new, progress)
     tables, results = {}, {}
     base_local = local.run(keep=True)
     for name, steering in tqdm(methods.items(), desc="eval", disable=not progress):
