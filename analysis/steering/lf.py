@@ -171,8 +171,9 @@ class Runner:
                         )
                         answers[r] = normalise(text)
             extra = b.cache.get_seq_length() - (b.ids.shape[1] - 1)
-            if extra > 0:
-                b.cache.crop(-extra)  # back to the prompt minus its last token
+            if extra <= 0:  # the forward ignored the cache and saw (and steered) every token
+                raise RuntimeError(f"The model did not use the prompt cache ({self.cache_kw}=).")
+            b.cache.crop(-extra)  # back to the prompt minus its last token
             for i, r in enumerate(b.rows):
                 if seen:
                     states[r] = seen[0][i]
