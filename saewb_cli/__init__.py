@@ -21,6 +21,7 @@ MODULES = (
     "saewb_cli.train",
     "saewb_cli.measure",
     "saewb_cli.steer",
+    "saewb_cli.lf_steer",
     "saewb_cli.serve",
 )
 
