@@ -20,6 +20,7 @@ MODULES = (
     "saewb_cli.data",
     "saewb_cli.train",
     "saewb_cli.measure",
+    "saewb_cli.geometry",
     "saewb_cli.steer",
     "saewb_cli.lf_steer",
     "saewb_cli.serve",

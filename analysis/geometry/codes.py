@@ -169,8 +169,14 @@ class Inputs:
         self.run, self.n_tokens, self.device, self.progress = run, n_tokens, device, progress
         self._loaded = self._codes = None
 
+    def share_model(self, other: Inputs) -> None:
+        """Use another run's model (loaded when first needed) rather than a second copy."""
+        self._model_from = other
+
     @property
     def loaded(self):
+        if getattr(self, "_model_from", None) is not None:
+            return self._model_from.loaded
         if self._loaded is None:
             self._loaded = self.run.load_model(self.device, progress=self.progress)
         return self._loaded
