@@ -80,7 +80,8 @@ def _typed(raw: str, default, pair: str):
         if kind in (int, float):
             return kind(raw)
     except ValueError:
-        raise UserError(f"--option {pair}: '{raw}' is not a {kind.__name__}.") from None
+        what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise UserError(f"--option {pair}: '{raw}' is not {what}.") from None
     return None if raw.lower() == "none" and default is None else raw
 
 
