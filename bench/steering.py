@@ -13,7 +13,7 @@ Reports the median over rounds of seconds per generated token, and each variant'
 unsteered (target <= 1.1x).
 The default model is a tiny random Llama built here (no download); `--model smollm2-135m` loads
 SmolLM2-135M from the local cache. The SAE is random, `--latents` wide (16 x d), at `--site`.
-Writes bench/out/steering.json. LF-Steering's timing goes in `lf_steering_timing`.
+Writes bench/out/steering.json. `--lf-run RUN` also times LF-Steering on the built-in set with that run.
 """
 
 from __future__ import annotations
@@ -85,9 +85,24 @@ def time_generate(model, prompts, steering, max_new: int, tick) -> tuple[float, 
 
 def lf_steering_timing(args) -> dict | None:
     """LF-Steering on the built-in paraphrase set, latent search included (target < 5 min on
-    the 2-core CPU): the lead adds this once analysis/steering/lf.py is merged. Returns
-    {"seconds": ..., ...} or None when not measured."""
-    return None
+    the 2-core CPU), with the trained run `--lf-run` (its model and SAE); the model's loading
+    is not counted. None without --lf-run."""
+    if not args.lf_run:
+        return None
+    import time
+
+    from analysis.run import open_run
+    from analysis.steering.lf import lf_steering
+    from analysis.steering.paraphrases import builtin_groups
+
+    run = open_run(args.lf_run)
+    loaded = run.load_model(progress=False)
+    start = time.perf_counter()
+    result = lf_steering(
+        loaded.model, loaded.tokenizer, run.sae, run.site, builtin_groups(), progress=False
+    )
+    seconds = time.perf_counter() - start
+    return {"run": args.lf_run, "seconds": seconds, "groups": result["data"]["groups"]}
 
 
 def main() -> None:
@@ -100,6 +115,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"])
+    parser.add_argument("--lf-run", help="a trained run: also time LF-Steering on it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tick = clock(args.clock)
