@@ -61,7 +61,7 @@ def mixture_index(
     x = torch.from_numpy(standardise(x))  # (n, 2)
     g = torch.Generator().manual_seed(int(seed))
     phi = (torch.rand(restarts, generator=g, dtype=torch.float64) * torch.pi).requires_grad_()
-    b = ((torch.rand(restarts, generator=g, dtype=torch.float64) * 4 - 2)).requires_grad_()
+    b = (torch.rand(restarts, generator=g, dtype=torch.float64) * 4 - 2).requires_grad_()
     opt = torch.optim.Adam([phi, b], lr=lr)
     temps = np.geomspace(1.0, 0.01, steps)
     best = 0.0
