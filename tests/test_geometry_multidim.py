@@ -13,6 +13,7 @@ from analysis.geometry.calendar import (
     SETS,
     carrying_cluster,
     circle_fit,
+    encode_probes,
     last_token_of,
     neighbour_share,
     probe_texts,
@@ -21,6 +22,7 @@ from analysis.geometry.irreducibility import (
     cluster_pca,
     mixture_fraction,
     mixture_index,
+    mutual_information,
     separability_index,
     standardise,
 )
@@ -134,6 +136,13 @@ def test_separability_index_is_zero_for_independent_coordinates_and_high_for_a_c
     # Rotating the independent pair makes it dependent; the minimum over angles undoes that.
     c, s = np.cos(0.5), np.sin(0.5)
     assert separability_index(independent @ np.array([[c, -s], [s, c]])) < 0.05
+    # The vectorised histogram MI equals numpy.histogram2d's.
+    u, v = circle.T
+    p, _, _ = np.histogram2d(u, v, bins=10, range=[[-1.5, 1.5], [-1.5, 1.5]])
+    p /= p.sum()
+    outer = p.sum(1)[:, None] * p.sum(0)[None, :]
+    ref = (p[p > 0] * np.log(p[p > 0] / outer[p > 0])).sum()
+    assert mutual_information(u[None], v[None], 10, 1.5)[0] == pytest.approx(ref, rel=1e-9)
 
 
 def test_circle_fit_recovers_a_noisy_planted_circle_and_not_a_shuffled_one():
@@ -192,15 +201,39 @@ class PlantedInputs:
         self.loaded, self.device = run.load_model(progress=False), "cpu"
 
 
-def test_multidim_on_a_run_is_deterministic_and_tables_line_up(planted_run):
+def planted_sae_run(run):
+    """The planted run with the 25-latent planted dictionary as its SAE."""
     from sae.model import SAEConfig, TopKSAE
 
-    W, acts = planted(d=32, n_tokens=1500)
+    W, _ = planted(d=32)
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=25, k=3))
     with torch.no_grad():
         sae.W_dec.copy_(torch.from_numpy(W))
         sae.W_enc.copy_(torch.from_numpy(W.T))  # the probe's tokens fire whatever they align with
-    run = dataclasses.replace(planted_run, sae=sae)
+    return dataclasses.replace(run, sae=sae)
+
+
+def test_batched_probe_codes_equal_one_text_at_a_time(planted_run):
+    from analysis.probe import TextProbe
+
+    run = planted_sae_run(planted_run)
+    loaded = run.load_model(progress=False)
+    pc = encode_probes(run, loaded, batch=7, progress=False)
+    probe = TextProbe(run, loaded=loaded)
+    texts = probe_texts()
+    for p in (0, 5, 100, 250, len(texts) - 1):  # reference: TextProbe's code of one text
+        name, item, text, end = texts[p]
+        codes = probe.encode(text)
+        pos = 1 + last_token_of(loaded.tokenizer, text, end)  # the run prepends BOS
+        dense = np.zeros(25)
+        dense[codes.idx[pos].numpy()] = codes.acts[pos].numpy()
+        np.testing.assert_allclose(pc.acts[p].toarray()[0], dense, atol=1e-4)
+        assert pc.token[p] == codes.token_ids[pos] and pc.set[p] == name and pc.item[p] == item
+
+
+def test_multidim_on_a_run_is_deterministic_and_tables_line_up(planted_run):
+    _, acts = planted(d=32, n_tokens=1500)
+    run = planted_sae_run(planted_run)
     inputs = PlantedInputs(run, acts)
     a = multidim(run, inputs, seed=0, progress=False)
     b = multidim(run, inputs, seed=0, progress=False)

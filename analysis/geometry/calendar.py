@@ -9,7 +9,10 @@ from itertools import combinations
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from tqdm import tqdm
+
+from analysis.store.encode import encode_codes
 
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 MONTHS = (
@@ -96,27 +99,44 @@ def last_token_of(tokenizer, text: str, end: int) -> int:
     )
 
 
-def encode_probes(probe, n_latents: int, progress: bool = True) -> ProbeCodes:
-    """Run every probe sentence through `probe` (an analysis.probe.TextProbe) and keep the code
-    of the token that ends the name."""
-    tokenizer = probe.loaded.tokenizer
-    rows, cols, vals, meta = [], [], [], []
+@torch.no_grad()
+def encode_probes(run, loaded, device: str = "cpu", batch: int = 32, progress: bool = True):
+    """The SAE's code at the token that ends the name, for every probe sentence.
+
+    Sentences are tokenised as analysis.probe.TextProbe does (BOS first where the run's windows
+    have it) and run in right-padded batches: the model is causal, so the padding after a
+    sentence never reaches its tokens."""
+    from hooks.sites import Capture, resolve_site
+    from hooks.windows import special_id
+
+    tokenizer, sae = loaded.tokenizer, run.sae.to(device).eval()
+    site = resolve_site(loaded.model, run.site).name
+    bos = special_id(tokenizer, "bos") if run.selection.bos == "prepend" else None
+    head = [bos] if bos is not None else []
     texts = probe_texts()
-    for p, (name, i, text, end) in enumerate(tqdm(texts, desc="calendar", disable=not progress)):
-        codes = probe.encode(text)
-        own = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        pos = len(codes.token_ids) - own + last_token_of(tokenizer, text, end)
-        on = codes.acts[pos] > 0  # (k,)
-        cols.append(codes.idx[pos][on].numpy())
-        vals.append(codes.acts[pos][on].numpy())
-        rows.append(np.full(int(on.sum()), p))
-        meta.append((name, i, codes.token_ids[pos], codes.tokens[pos]))
-    acts = sp.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-        shape=(len(texts), n_latents), dtype=np.float32,
+    ids = [head + tokenizer(t, add_special_tokens=False)["input_ids"] for _, _, t, _ in texts]
+    at = [len(head) + last_token_of(tokenizer, t, end) for _, _, t, end in texts]
+    states = []
+    with Capture(loaded.model, [site]) as capture:
+        starts = range(0, len(ids), batch)
+        for s in tqdm(starts, desc="calendar", disable=not progress):
+            chunk = ids[s : s + batch]
+            width = max(map(len, chunk))
+            tokens = torch.tensor([c + [c[-1]] * (width - len(c)) for c in chunk])  # (B, T)
+            x = capture(tokens.to(device))[site]  # (B, T, d)
+            states.append(x[torch.arange(len(chunk)), torch.tensor(at[s : s + batch])].float())
+    acts, idx = encode_codes(sae, torch.cat(states))  # (P, k) each
+    acts, idx = acts.cpu().numpy(), idx.cpu().numpy()
+    rows = np.repeat(np.arange(len(texts)), acts.shape[1])
+    on = acts.ravel() > 0
+    codes = sp.csr_matrix(
+        (acts.ravel()[on], (rows[on], idx.ravel()[on])),
+        shape=(len(texts), sae.cfg.n_latents), dtype=np.float32,
     )  # fmt: skip
-    names, items, tokens, shown = zip(*meta)
-    return ProbeCodes(acts, np.array(names), np.array(items), np.array(tokens), np.array(shown))
+    token = np.array([c[a] for c, a in zip(ids, at)], dtype=np.int64)
+    shown = np.array(tokenizer.batch_decode([[t] for t in token]))
+    names, items = (np.array([t[j] for t in texts]) for j in (0, 1))
+    return ProbeCodes(codes, names, items, token, shown)
 
 
 def carrying_cluster(probe_mass: np.ndarray, baseline: np.ndarray) -> tuple[int, float, float]:

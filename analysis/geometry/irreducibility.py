@@ -6,7 +6,6 @@ cluster's reconstructions that both are computed on. Pure array math: no model h
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 def cluster_pca(F: np.ndarray, W: np.ndarray, n_components: int = 5):
@@ -56,34 +55,48 @@ def mixture_index(
     As the paper does, gradient ascent (Adam, lr 0.1) on the soft count mean(sigmoid((eps -
     |z|) / T)); here T anneals geometrically from 1 to 0.01 (the paper's demo anneals it, its
     cluster script keeps T = 1 for 10000 steps) over `steps` steps from `restarts` seeded
-    starts, all run at once. a is a unit vector (z is invariant to scaling a and b together).
-    The best hard fraction seen at any step of any start is returned: each is a valid (a, b)."""
-    x = torch.from_numpy(standardise(x))  # (n, 2)
-    g = torch.Generator().manual_seed(int(seed))
-    phi = (torch.rand(restarts, generator=g, dtype=torch.float64) * torch.pi).requires_grad_()
-    b = (torch.rand(restarts, generator=g, dtype=torch.float64) * 4 - 2).requires_grad_()
-    opt = torch.optim.Adam([phi, b], lr=lr)
-    temps = np.geomspace(1.0, 0.01, steps)
+    starts, all run at once. a = (cos phi, sin phi) is a unit vector (z is invariant to scaling
+    a and b together). The gradient is written out (numpy, no autograd). The best hard fraction
+    seen at any step of any start is returned: each is a valid (a, b)."""
+    x = standardise(x)  # (n, 2)
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    params = np.stack([rng.uniform(0, np.pi, restarts), rng.uniform(-2, 2, restarts)])  # (2, R)
+    m, v = np.zeros_like(params), np.zeros_like(params)
     best = 0.0
-    for T in temps:
-        a = torch.stack([phi.cos(), phi.sin()], 1)  # (R, 2)
-        y = a @ x.T + b[:, None]  # (R, n)
-        z = y / (y.pow(2).mean(1, keepdim=True) + 1e-24).sqrt()
-        best = max(best, float((z.detach().abs() < epsilon).double().mean(1).max()))
-        soft = torch.sigmoid((epsilon - z.abs()) / T).mean(1)  # (R,)
-        opt.zero_grad()
-        (-soft.sum()).backward()
-        opt.step()
+    for t, T in enumerate(np.geomspace(1.0, 0.01, steps), 1):
+        phi, b = params
+        a, da = np.stack([np.cos(phi), np.sin(phi)]), np.stack([-np.sin(phi), np.cos(phi)])
+        y = a.T @ x.T + b[:, None]  # (R, n)
+        r = np.sqrt((y**2).mean(1, keepdims=True) + 1e-24)  # (R, 1)
+        z = y / r
+        best = max(best, float((np.abs(z) < epsilon).mean(1).max()))
+        soft = 1 / (1 + np.exp(-(epsilon - np.abs(z)) / T))
+        g = -soft * (1 - soft) / T * np.sign(z)  # (R, n) d soft / d z
+        # d mean(soft) / d y_j = (g_j / r - y_j sum_i(g_i y_i) / (n r^3)) / n
+        dy = (g / r - y * (g * y).sum(1, keepdims=True) / (n * r**3)) / n
+        grad = np.stack([(dy * (da.T @ x.T)).sum(1), dy.sum(1)])  # (2, R)
+        m = 0.9 * m + 0.1 * grad  # Adam ascent, betas (0.9, 0.999)
+        v = 0.999 * v + 0.001 * grad**2
+        params = params + lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
     return best
 
 
-def mutual_information(u: np.ndarray, v: np.ndarray, bins: int, limit: float) -> float:
-    """MI (nats) of two coordinates from their 2-D histogram on [-limit, limit]^2."""
-    p, _, _ = np.histogram2d(u, v, bins=bins, range=[[-limit, limit], [-limit, limit]])
-    p /= p.sum()
-    pu, pv = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+def mutual_information(u: np.ndarray, v: np.ndarray, bins: int, limit: float) -> np.ndarray:
+    """(A,) MI (nats) of each row pair of u, v (A, n) from its 2-D histogram on [-limit, limit]^2
+    (bins as numpy.histogram2d's: equal widths, the top edge closed)."""
+    A = len(u)
+    iu, iv = (
+        np.clip(((w + limit) / (2 * limit) * bins).astype(np.int64), 0, bins - 1) for w in (u, v)
+    )
+    key = (np.arange(A)[:, None] * bins + iu) * bins + iv  # (A, n)
+    p = np.bincount(key.ravel(), minlength=A * bins * bins).reshape(A, bins, bins).astype(float)
+    p /= p.sum((1, 2), keepdims=True)
+    outer = p.sum(2)[:, :, None] * p.sum(1)[:, None, :]  # (A, bins, bins) p_u p_v
     on = p > 0
-    return float((p[on] * np.log(p[on] / (pu @ pv)[on])).sum())
+    terms = np.zeros_like(p)
+    terms[on] = p[on] * np.log(p[on] / outer[on])
+    return terms.sum((1, 2))
 
 
 def separability_index(
@@ -101,12 +114,10 @@ def separability_index(
     if len(x) < 2:
         return float("nan")
     limit = float(np.sqrt((x**2).sum(1)).max()) or 1.0
-    best = np.inf
-    for theta in np.arange(angles) * (np.pi / 2) / angles:
-        c, s = np.cos(theta), np.sin(theta)
-        u, v = c * x[:, 0] - s * x[:, 1], s * x[:, 0] + c * x[:, 1]
-        best = min(best, mutual_information(u, v, bins, limit))
-    return float(best)
+    theta = np.arange(angles)[:, None] * (np.pi / 2) / angles  # (A, 1)
+    c, s = np.cos(theta), np.sin(theta)
+    u, v = c * x[:, 0] - s * x[:, 1], s * x[:, 0] + c * x[:, 1]  # (A, n) each
+    return float(mutual_information(u, v, bins, limit).min())
 
 
 def irreducibility(mixture: float, separability: float) -> float:

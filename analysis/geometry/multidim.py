@@ -234,8 +234,6 @@ def calendar_findings(run, inputs, labels, scores, W_dec, seed, progress) -> tup
     tokens; and the pcs-table rows of those probe tokens."""
     from scipy.stats import spearmanr
 
-    from analysis.probe import TextProbe
-
     codes = inputs.codes
     groups = members(labels)
     K, n = len(groups), len(labels)
@@ -244,7 +242,7 @@ def calendar_findings(run, inputs, labels, scores, W_dec, seed, progress) -> tup
         shape=(n, K),
     )  # (n_latents, K) indicator
     baseline = np.asarray((codes.acts @ member).sum(0)).ravel() / codes.n_tokens  # (K,)
-    pc = encode_probes(TextProbe(run, loaded=inputs.loaded, device=inputs.device), n, progress)
+    pc = encode_probes(run, inputs.loaded, inputs.device, progress=progress)
     acts_csc = codes.acts.tocsc()
     findings, rows = {}, {k: [] for k in ("cluster", "set", "item", "token", "text", "pcs")}
     for name, (items, period) in SETS.items():
