@@ -26,7 +26,7 @@ from analysis.geometry.irreducibility import (
     separability_index,
     standardise,
 )
-from analysis.geometry.multidim import graph_clusters, multidim, rank_clusters
+from analysis.geometry.multidim import canonical, graph_clusters, members, multidim, rank_clusters
 from analysis.run import open_run
 from hooks.errors import UserError
 
@@ -81,6 +81,22 @@ def test_planted_circle_is_clustered_alone_and_ranked_first():
     assert scores.explained[first, :2].sum() > 0.999
     again = rank_clusters(acts, W, labels, seed=0, progress=False)
     np.testing.assert_array_equal(again.score, scores.score)
+
+
+def test_cluster_labels_are_canonical_and_members_match_a_scan():
+    labels = np.random.default_rng(5).integers(-1, 40, 500)
+    labels[labels == 7] = 8  # a cluster of twice the size
+    labels[np.flatnonzero(labels == 9)[1:]] = -1  # a singleton, dropped by min_size 2
+    out = canonical(labels, 2, 1000)
+    groups = members(out)
+    assert len(groups) == out.max() + 1 == 38
+    for c, group in enumerate(groups):
+        np.testing.assert_array_equal(group, np.flatnonzero(out == c))
+    sizes = [len(g) for g in groups]
+    assert sizes == sorted(sizes, reverse=True) and set(groups[0]) == set(
+        np.flatnonzero(labels == 8)
+    )
+    assert (out[labels == 9] == -1).all() and members(np.full(3, -1)) == []
 
 
 def test_cluster_pca_equals_pca_of_the_dense_reconstructions():

@@ -6,6 +6,7 @@ cluster's reconstructions that both are computed on. Pure array math: no model h
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 
 
 def cluster_pca(F: np.ndarray, W: np.ndarray, n_components: int = 5):
@@ -71,7 +72,7 @@ def mixture_index(
         r = np.sqrt((y**2).mean(1, keepdims=True) + 1e-24)  # (R, 1)
         z = y / r
         best = max(best, float((np.abs(z) < epsilon).mean(1).max()))
-        soft = 1 / (1 + np.exp(-(epsilon - np.abs(z)) / T))
+        soft = expit((epsilon - np.abs(z)) / T)
         g = -soft * (1 - soft) / T * np.sign(z)  # (R, n) d soft / d z
         # d mean(soft) / d y_j = (g_j / r - y_j sum_i(g_i y_i) / (n r^3)) / n
         dy = (g / r - y * (g * y).sum(1, keepdims=True) / (n * r**3)) / n

@@ -36,13 +36,14 @@ PCS = 5  # the paper's PCA depth; the pcs table always has pc1..pc5 (NaN past a 
 def canonical(labels: np.ndarray, min_size: int, max_size: int) -> np.ndarray:
     """(n,) labels renumbered largest cluster first (ties: smallest member first); clusters
     outside min_size..max_size and items labelled -1 become -1."""
-    out = np.full(len(labels), -1, dtype=np.int32)
-    ids, first, sizes = np.unique(labels, return_index=True, return_counts=True)
+    ids, first, inverse, sizes = np.unique(
+        labels, return_index=True, return_inverse=True, return_counts=True
+    )
     keep = (ids >= 0) & (sizes >= min_size) & (sizes <= max_size)
-    order = np.lexsort((first[keep], -sizes[keep]))
-    for new, old in enumerate(ids[keep][order]):
-        out[labels == old] = new
-    return out
+    order = np.flatnonzero(keep)[np.lexsort((first[keep], -sizes[keep]))]
+    new = np.full(len(ids), -1, dtype=np.int32)
+    new[order] = np.arange(len(order))
+    return new[inverse.ravel()]
 
 
 def graph_clusters(
@@ -77,7 +78,11 @@ class ClusterScores:
 
 
 def members(labels: np.ndarray) -> list[np.ndarray]:
-    return [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
+    """The latents of each cluster 0..K-1, ascending (one sort, not a scan per cluster)."""
+    if not (labels >= 0).any():
+        return []
+    order = np.argsort(labels, kind="stable")[(labels < 0).sum() :]  # the -1s sort first
+    return np.split(order, np.cumsum(np.bincount(labels[labels >= 0]))[:-1])
 
 
 def cluster_tokens(acts_csc: sp.csc_matrix, latents: np.ndarray, limit: int, rng) -> tuple:
@@ -108,7 +113,7 @@ def rank_clusters(
     Each cluster's PCA uses up to sample_limit seeded tokens where one of its latents fires; its
     indices use up to score_limit of those (seeded). The `max_scored` largest clusters are
     scored (all when there are fewer); the rest keep NaN and rank last."""
-    groups = members(labels) if (labels >= 0).any() else []
+    groups = members(labels)
     K = len(groups)
     size = np.array([len(g) for g in groups], dtype=np.int64)
     n_tokens = np.zeros(K, np.int64)
