@@ -247,7 +247,9 @@ def test_batched_probe_codes_equal_one_text_at_a_time(planted_run):
         assert pc.token[p] == codes.token_ids[pos] and pc.set[p] == name and pc.item[p] == item
 
 
-def test_multidim_on_a_run_is_deterministic_and_tables_line_up(planted_run):
+def test_multidim_on_a_run_is_deterministic_and_tables_line_up(planted_run, tmp_path):
+    from analysis.geometry.results import read_summary, read_table, write_result
+
     _, acts = planted(d=32, n_tokens=1500)
     run = planted_sae_run(planted_run)
     inputs = PlantedInputs(run, acts)
@@ -264,6 +266,15 @@ def test_multidim_on_a_run_is_deterministic_and_tables_line_up(planted_run):
     assert len(pcs["cluster"]) == len(pcs["pc1"]) == len(pcs["text"])
     assert (a.tables["clusters"]["cluster"][list(CIRCLE)] == top["cluster"]).all()
     assert "top_cluster" in a.figures
+    write_result(tmp_path / "multidim", a)  # the orchestrator's writer takes every table
+    assert read_summary(tmp_path / "multidim")["n_clusters"] == 3
+    np.testing.assert_array_equal(read_table(tmp_path / "multidim", "pcs")["text"], pcs["text"])
+    kw = dict(clustering="spectral", n_clusters=3, calendar=False, progress=False)
+    s1, s2 = multidim(run, inputs, seed=1, **kw), multidim(run, inputs, seed=1, **kw)
+    np.testing.assert_array_equal(
+        s1.tables["clusters"]["cluster"], s2.tables["clusters"]["cluster"]
+    )
+    assert json.dumps(s1.summary) == json.dumps(s2.summary) and s1.summary["n_clusters"] >= 2
 
 
 def test_too_few_features_and_bad_options_get_one_sentence(planted_run):

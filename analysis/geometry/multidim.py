@@ -216,7 +216,9 @@ def multidim(
         settings["n_clusters"] = min(n_clusters, len(active) // 2)
     findings, probe = ({}, None)
     if calendar:
-        findings, probe = calendar_findings(run, inputs, labels, scores, W_dec, seed, progress)
+        findings, probe = calendar_findings(
+            run, inputs, labels, scores, W_dec, n_components, sample_limit, seed, progress
+        )
     tokenizer = inputs.loaded.tokenizer
     return build_result(
         settings, labels, scores, codes.tokens, tokenizer, findings, probe, top_clusters,
@@ -224,17 +226,19 @@ def multidim(
     )  # fmt: skip
 
 
-def cluster_transform(scores: ClusterScores, acts_csc, W_dec, latents, c, limit, seed):
+def cluster_transform(scores, acts_csc, W_dec, latents, c, n_components, limit, seed):
     """The PC map of cluster c: the one rank_clusters made, or the same fit made now."""
     if c not in scores.transforms:
         rows, F = cluster_tokens(acts_csc, latents, limit, np.random.default_rng([seed, int(c)]))
         if len(rows) < 3:
             return None
-        scores.transforms[c] = cluster_pca(F, W_dec[latents], PCS)[2]
+        scores.transforms[c] = cluster_pca(F, W_dec[latents], n_components)[2]
     return scores.transforms[c]
 
 
-def calendar_findings(run, inputs, labels, scores, W_dec, seed, progress) -> tuple[dict, dict]:
+def calendar_findings(
+    run, inputs, labels, scores, W_dec, n_components, sample_limit, seed, progress
+) -> tuple[dict, dict]:
     """Per calendar set: the cluster that carries it and the circle fit of its PCs at the probe
     tokens; and the pcs-table rows of those probe tokens."""
     from scipy.stats import spearmanr
@@ -255,7 +259,7 @@ def calendar_findings(run, inputs, labels, scores, W_dec, seed, progress) -> tup
         c, coverage, lift = carrying_cluster((pc.acts[here] @ member).toarray(), baseline)
         found = dict(cluster=c, coverage=coverage, lift=lift, n_probe_tokens=len(here))
         transform = None if c < 0 else cluster_transform(
-            scores, acts_csc, W_dec, groups[c], c, 20_000, seed
+            scores, acts_csc, W_dec, groups[c], c, n_components, sample_limit, seed
         )  # fmt: skip
         if transform is not None:
             F = pc.acts[here][:, groups[c]].toarray()  # (P, c)
