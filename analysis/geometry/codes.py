@@ -1,7 +1,9 @@
-"""The SAE's sparse codes of held-out tokens: the one activation pass that lobes, multi-dimensional
+"""The SAE's sparse codes of text tokens: the one activation pass that lobes, multi-dimensional
 features and dictionary comparison share, cached in RUN/geometry/codes.safetensors.
 
-A pass streams the run's held-out windows through the model (early exit at the site) and the SAE
+Geometry describes the dictionary, not how well it generalises, so the pass reads the whole text
+source (part "all"), held-out documents first: the built-in corpus's held-out twentieth is only
+about 41k tokens, too few for co-occurrence blocks. A pass streams the run's windows through the model (early exit at the site) and the SAE
 and keeps, per kept token, its k active latents and their values as one CSR matrix (tokens x
 latents), with each token's id, document and offset in the document (for co-occurrence blocks
 and for showing contexts). The cache is reused while the SAE weights are the same and it holds
@@ -10,6 +12,7 @@ enough tokens; a longer request makes it again.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +42,7 @@ class Codes:
     tokens: np.ndarray  # (N,) int64 token ids
     doc: np.ndarray  # (N,) int32 document of each token
     pos: np.ndarray  # (N,) int32 offset of each token in its document
-    window: np.ndarray  # (N,) int64 window index in the held-out stream
+    window: np.ndarray  # (N,) int64 index of the token's window in the pass's stream
     offset: np.ndarray  # (N,) int32 position of the token in its window
 
     @property
@@ -70,8 +73,9 @@ def _arrays(codes: Codes) -> dict[str, np.ndarray]:
     )  # fmt: skip
 
 
-def load_codes(path: Path, sha: str) -> Codes | None:
-    """The cached codes at path if they were made from the SAE with weights `sha`, else None."""
+def load_codes(path: Path, sha: str, part: str) -> Codes | None:
+    """The cached codes at path if they were made from the SAE with weights `sha` on the same
+    part of the text, else None."""
     if not path.exists():
         return None
     try:
@@ -81,12 +85,20 @@ def load_codes(path: Path, sha: str) -> Codes | None:
         n, n_latents = meta["n_tokens"], meta["n_latents"]
     except Exception:  # a foreign or torn file: the pass makes it again
         return None
-    if meta.get("sae_sha256") != sha:
+    if meta.get("sae_sha256") != sha or meta.get("part") != part:
         return None
     acts = sp.csr_matrix(
         (arrays["values"], arrays["latents"], arrays["indptr"]), shape=(n, n_latents)
     )
     return Codes(acts, *(arrays[k] for k in ("tokens", "doc", "pos", "window", "offset")))
+
+
+def _windows(run: Run, tokenizer, part: str):
+    if part != "all":
+        return run.selection.windows(tokenizer, part)
+    return itertools.chain(
+        run.selection.windows(tokenizer, "eval"), run.selection.windows(tokenizer, "train")
+    )
 
 
 @torch.no_grad()
@@ -98,14 +110,16 @@ def collect_codes(
     device: str = "cpu",
     cache: bool = True,
     progress: bool = True,
+    part: str = "all",
 ) -> Codes:
-    """The SAE's codes of the first `n_tokens` kept held-out tokens of the run's text source."""
+    """The SAE's codes of the first `n_tokens` kept tokens of the run's text source: the held-out
+    documents, then the rest (part "all"), or only one split (part "eval" or "train")."""
     if n_tokens <= 0:
         raise UserError(f"--tokens must be a positive number of tokens, got {n_tokens}.")
     weights = weights_file(run.path)
     sha = sha256_file(weights) if weights is not None else "none"
     path = run.path / "geometry" / CODES_FILE
-    saved = load_codes(path, sha) if cache else None
+    saved = load_codes(path, sha, part) if cache else None
     if saved is not None and saved.n_tokens >= n_tokens:
         return saved.head(n_tokens)
 
@@ -116,10 +130,10 @@ def collect_codes(
     T = run.selection.context_size
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "f", "v", "tok", "doc", "pos")}
     parts |= {"window": [], "offset": []}
-    kept = 0
+    kept = n_windows = 0
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="codes", disable=not progress)
     with bar, Capture(loaded.model, [site]) as capture:
-        for batch in batched(run.heldout_windows(loaded.tokenizer), batch_windows):
+        for batch in batched(_windows(run, loaded.tokenizer, part), batch_windows):
             tokens, doc, pos = stack(batch)  # (B, T)
             x = capture(tokens.to(device))[site]  # (B, T, d)
             keep = run.selection.capture.keep(tokens, special, [x]).cpu()  # (B, T)
@@ -129,12 +143,13 @@ def collect_codes(
             parts["b"].append((kept + torch.arange(len(rows)))[:, None].expand_as(on)[on.cpu()])
             parts["f"].append(idx[on].cpu())
             parts["v"].append(acts[on].cpu())
-            window_ids = torch.tensor([w.index for w in batch]).repeat_interleave(T)
+            window_ids = (n_windows + torch.arange(len(batch))).repeat_interleave(T)
             for key, value in (("tok", tokens), ("doc", doc), ("pos", pos)):
                 parts[key].append(value.reshape(-1)[rows])
             parts["window"].append(window_ids[rows])
             parts["offset"].append((rows % T).int())
             kept += len(rows)
+            n_windows += len(batch)
             bar.update(len(rows))
             if kept >= n_tokens:
                 break
@@ -155,6 +170,7 @@ def collect_codes(
     )  # fmt: skip
     if cache:
         meta = dict(sae_sha256=sha, n_tokens=kept, n_latents=sae.cfg.n_latents, site=run.site)
+        meta["part"] = part
         data = safetensors.numpy.save(_arrays(codes), metadata={"meta": json.dumps(meta)})
         atomic_write_bytes(path, data)
     return codes
