@@ -168,7 +168,7 @@ def clustering_negentropy(
     prepared cloud, with a 95% t-based error bar t.ppf(0.975, n_boot-1) * std/sqrt(n_boot).
 
     Resampling with replacement duplicates rows. bootstrap="paper" scores the resample as the
-    paper's notebook does, so each duplicate's rho is 0 (floored by th): over a third of the
+    paper's notebook does, so each duplicate's rho is 0 (floored by th): nearly two thirds of the
     points then add d log th whatever the cloud, which swamps the contrast between clustered and
     Gaussian clouds. bootstrap="distinct" (the default) takes rho among the distinct rows drawn
     and weighs each by its count. `negentropy_full` is the difference on the cloud itself."""
