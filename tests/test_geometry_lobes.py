@@ -203,3 +203,12 @@ def test_too_few_active_latents_get_the_sentence(tmp_path):
         lobes(_fake_run(tmp_path, W), SimpleNamespace(codes=codes), **OPTIONS)
     with pytest.raises(UserError, match="affinity"):
         lobes(_fake_run(tmp_path, W), SimpleNamespace(codes=codes), affinity="cosine")
+
+
+@pytest.mark.parametrize("name", ["phi", "matching"])
+def test_dense_and_sparse_block_products_agree_exactly(name):
+    codes, _, _ = planted(seed=2)
+    B = block_matrix(codes.acts, codes.blocks(16), 1.0)
+    a = cooccurrence_affinity(B, name, neighbours=12, dense_limit=0, dense_blocks=True)
+    b = cooccurrence_affinity(B, name, neighbours=12, dense_limit=0, dense_blocks=False)
+    assert a.nnz > 0 and (a != b).nnz == 0

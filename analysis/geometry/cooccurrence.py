@@ -17,7 +17,9 @@ from tqdm import tqdm
 from analysis.geometry.common import DENSE_LIMIT
 from hooks.errors import UserError
 
-CHUNK_ENTRIES = 1 << 23  # (chunk x n) scratch per step: 32 MiB of float32
+CHUNK_ENTRIES = 1 << 22  # (chunk x n) scratch per step: 16 MiB of float32 (x ~4 in temporaries)
+DENSE_SHARE = 0.01  # B denser than this: a dense BLAS product beats the sparse one
+DENSE_BLOCK_BYTES = 1 << 30  # ... if B's dense copy fits in 1 GiB
 
 
 def block_matrix(acts: sp.csr_matrix, blocks: np.ndarray, threshold: float) -> sp.csr_matrix:
@@ -88,6 +90,7 @@ def cooccurrence_affinity(
     affinity: str = "phi",
     neighbours: int = 64,
     dense_limit: int = DENSE_LIMIT,
+    dense_blocks: bool | None = None,
     progress: bool = False,
 ) -> sp.csr_matrix:
     """(n, n) symmetric co-occurrence affinity of the columns of B (T, n), no self loops.
@@ -95,7 +98,9 @@ def cooccurrence_affinity(
     Up to dense_limit latents: the whole matrix. Above: each latent's `neighbours` strongest
     affinities among the latents it shares a block with (pairs that never co-occur are 0; for
     phi and simple matching the dense matrix would give them a small positive value), the union
-    of both directions."""
+    of both directions. A chunk's counts come from a sparse product, or, where B is dense enough
+    that a BLAS product of its dense copy is cheaper and that copy is small (dense_blocks=None
+    decides), from that; both give the same counts."""
     f = affinity_function(affinity)
     T, n = B.shape
     counts = np.asarray(B.sum(0)).ravel()  # (n,) n_i, the diagonal of C
@@ -104,16 +109,24 @@ def cooccurrence_affinity(
         A = f(C, counts[:, None], counts[None, :], T)
         np.fill_diagonal(A, 0.0)
         return sp.csr_matrix(A.astype(np.float32))
+    if dense_blocks is None:
+        dense_blocks = B.nnz > DENSE_SHARE * T * n and T * n * 4 <= DENSE_BLOCK_BYTES
     m = min(neighbours, n - 1)
-    Bc = B.tocsc()
+    Bd = B.toarray() if dense_blocks else None  # (T, n) float32: counts exact below 2^24
+    Bc = None if dense_blocks else B.tocsc()
     chunk = max(1, CHUNK_ENTRIES // n)
     rows, cols, vals = [], [], []
     for lo in tqdm(range(0, n, chunk), desc="co-occurrence", disable=not progress, leave=False):
         hi = min(lo + chunk, n)
-        C = (Bc[:, lo:hi].T @ B).tocoo()  # (c, n): only the pairs that share a block
-        r, j = C.row, C.col
-        dense = np.zeros((hi - lo, n), np.float32)  # scratch: affinity where n11 > 0
-        dense[r, j] = f(C.data, counts[r + lo], counts[j], T)
+        if dense_blocks:
+            C = Bd[:, lo:hi].T @ Bd  # (c, n) shared-block counts
+            dense = np.where(C > 0, f(C, counts[lo:hi, None], counts[None, :], T), 0.0)
+            dense = dense.astype(np.float32)
+        else:
+            C = (Bc[:, lo:hi].T @ B).tocoo()  # (c, n): only the pairs that share a block
+            r, j = C.row, C.col
+            dense = np.zeros((hi - lo, n), np.float32)  # scratch: affinity where n11 > 0
+            dense[r, j] = f(C.data, counts[r + lo], counts[j], T)
         dense[np.arange(hi - lo), np.arange(lo, hi)] = 0.0  # no self loops
         top = np.argpartition(-dense, m - 1, axis=1)[:, :m]  # (c, m)
         val = np.take_along_axis(dense, top, 1)

@@ -38,6 +38,11 @@ def z_score(value: float, null: np.ndarray) -> float:
     return (value - float(np.mean(null))) / std if std > 0 else float("nan")
 
 
+def _entropy(labels: np.ndarray) -> float:
+    p = np.unique(labels, return_counts=True)[1] / len(labels)
+    return float(-(p * np.log(p)).sum())
+
+
 def ami_null(
     a: np.ndarray, b: np.ndarray, draws: int, seed: int, progress: bool = False
 ) -> tuple[float, np.ndarray]:
@@ -55,14 +60,13 @@ def ami_null(
         from sklearn.metrics.cluster._expected_mutual_info_fast import (
             expected_mutual_information,
         )
-        from sklearn.metrics.cluster._supervised import entropy
     except ImportError:  # sklearn moved its internals: the plain (slower) score per draw
         null = [adjusted_mutual_info_score(a, p) for p in tqdm(perms, disable=not progress)]
         return ami, np.asarray(null)
     if len(np.unique(a)) < 2 or len(np.unique(b)) < 2:
         return ami, np.asarray([adjusted_mutual_info_score(a, p) for p in perms])
     emi = expected_mutual_information(contingency_matrix(a, b, sparse=True), len(a))
-    norm = (entropy(a) + entropy(b)) / 2
+    norm = (_entropy(a) + _entropy(b)) / 2
     eps = np.finfo(np.float64).eps
     den = norm - emi
     den = min(den, -eps) if den < 0 else max(den, eps)  # sklearn's guard against 0/0
