@@ -26,7 +26,8 @@ LOBES, PER, D, SUB = 4, 50, 64, 3
 def planted(seed=0, n_blocks=240, block=16, k=3, lobes_=LOBES):
     """Codes where each block of `block` tokens draws its active latents (activation 1.5-3, plus
     sub-threshold noise anywhere) from one lobe, and decoder rows that lie near their lobe's own
-    random SUB-dim subspace (non-negative combinations: a cone in it). Returns (Codes, W (n, D), truth (n,))."""
+    random SUB-dim subspace (non-negative combinations: a cone in it).
+    Returns (Codes, W (n, D), truth (n,))."""
     rng = np.random.default_rng(seed)
     n = lobes_ * PER
     truth = np.repeat(np.arange(lobes_), PER)

@@ -23,7 +23,7 @@ DENSE_BLOCK_BYTES = 1 << 30  # ... if B's dense copy fits in 1 GiB
 
 
 def block_matrix(acts: sp.csr_matrix, blocks: np.ndarray, threshold: float) -> sp.csr_matrix:
-    """(T, n) float32 0/1: latent j is on in block b when some token of b has activation > threshold.
+    """(T, n) float32 0/1: latent j is on in block b when a token of b has activation > threshold.
 
     acts is (N, n) tokens x latents, blocks (N,) each token's block id in 0..T-1."""
     coo = acts.tocoo()
