@@ -160,7 +160,8 @@ def lobes(
     full logistic-regression fit on n x d random rows, so 10 give the null's mean and spread
     at a tenth of the paper's cost (regression_draws=100 for its count). Latents never on in a
     block are dropped (summary n_dropped). Without a feature store the lobes are still found and
-    scored; only their token labels are skipped, and labels_note says which command makes the store."""
+    scored; only their token labels are skipped, and labels_note names the command that makes
+    the store."""
     affinity_function(affinity)
     split_indices(10, test_share, split, seed)  # bad options fail before the passes
     if null_draws < 1 or regression_draws < 0:
