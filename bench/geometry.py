@@ -103,7 +103,7 @@ def child(args) -> dict:
         else:
             from analysis.geometry.pipeline import analyses
 
-            analyses()[args.step](run, inputs, progress=False)
+            analyses([args.step])[args.step](run, inputs, progress=False)
     return dict(seconds=time.perf_counter() - started, peak_mib=rss_mib())
 
 

@@ -36,7 +36,7 @@ def fakes(monkeypatch):
         return analysis
 
     funcs = {name: make(name) for name in pipeline.NAMES}
-    monkeypatch.setattr(pipeline, "analyses", lambda: funcs)
+    monkeypatch.setattr(pipeline, "analyses", lambda names=None: funcs)
     return calls
 
 

@@ -24,14 +24,30 @@ NAMES = ("galaxy", "lobes", "multidim", "crystals", "map")  # map last: it shows
 JOINED = "features.parquet"  # RUN/geometry/features.parquet: every per-feature label, one row each
 
 
-def analyses() -> dict[str, Callable[..., Result]]:
-    from analysis.geometry.crystals import crystals
-    from analysis.geometry.galaxy import galaxy
-    from analysis.geometry.lobes import lobes
-    from analysis.geometry.map import feature_map
-    from analysis.geometry.multidim import multidim
+def analyses(names: tuple[str, ...] | list[str] = NAMES) -> dict[str, Callable[..., Result]]:
+    """The analysis functions by name; only those asked for are imported."""
+    found: dict[str, Callable[..., Result]] = {}
+    if "galaxy" in names:
+        from analysis.geometry.galaxy import galaxy
 
-    return dict(galaxy=galaxy, lobes=lobes, multidim=multidim, crystals=crystals, map=feature_map)
+        found["galaxy"] = galaxy
+    if "lobes" in names:
+        from analysis.geometry.lobes import lobes
+
+        found["lobes"] = lobes
+    if "multidim" in names:
+        from analysis.geometry.multidim import multidim
+
+        found["multidim"] = multidim
+    if "crystals" in names:
+        from analysis.geometry.crystals import crystals
+
+        found["crystals"] = crystals
+    if "map" in names:
+        from analysis.geometry.map import feature_map
+
+        found["map"] = feature_map
+    return found
 
 
 def parse_only(text: str | None) -> list[str]:
@@ -103,7 +119,8 @@ def run_geometry(
     """Each run's analyses (their summaries, by run and name); several runs also get the slope by
     layer, in the first run's geometry/galaxy_by_layer/."""
     names = parse_only(only)
-    functions = analyses()
+    named = {pair.partition(".")[0] for pair in options or [] if "." in pair}
+    functions = analyses(names + sorted(named & set(NAMES)))
     chosen = parse_options(options or [], functions)
     runs = [open_run(p, device) for p in paths]
     done: dict[str, dict[str, dict]] = {}
