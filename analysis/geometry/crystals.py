@@ -187,19 +187,24 @@ def lda_projection(diffs, labels, test, n_lda: int, shrinkage: str):
     return lda.transform(diffs)
 
 
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    norm = np.sqrt((x**2).sum() * (y**2).sum())
+    return float((x * y).sum() / norm) if norm > 1e-12 else float("nan")
+
+
 def length_distractor(diffs: np.ndarray, length_diff: np.ndarray, n_pcs: int = 5) -> dict:
     """Pearson r of each top PC of the standardised differences with the length difference; the
-    paper found PC0 tracks word length."""
-    from scipy.stats import pearsonr
+    paper found PC0 tracks word length. A constant PC or length gives r = NaN (null)."""
     from sklearn.decomposition import PCA
 
     Z = (diffs - diffs.mean(0)) / np.maximum(diffs.std(0), 1e-12)
     pcs = PCA(n_components=min(n_pcs, *Z.shape), svd_solver="full").fit_transform(Z)
-    if np.ptp(length_diff) == 0:
-        return dict(r_pc0=float("nan"), best_pc=None, best_r=float("nan"))
-    r = [float(pearsonr(pcs[:, i], length_diff)[0]) for i in range(pcs.shape[1])]
+    r = np.array([_pearson(pcs[:, i], length_diff) for i in range(pcs.shape[1])])
+    if np.isnan(r).all():
+        return dict(r_pc0=float("nan"), best_pc=None, best_r=float("nan"), r_by_pc=r.tolist())
     best = int(np.nanargmax(np.abs(r)))
-    return dict(r_pc0=r[0], best_pc=best, best_r=r[best], r_by_pc=r)
+    return dict(r_pc0=float(r[0]), best_pc=best, best_r=float(r[best]), r_by_pc=r.tolist())
 
 
 def pair_quality(diffs, labels, test, length_diff, n_lda: int, shrinkage: str) -> dict:
