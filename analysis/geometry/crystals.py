@@ -270,20 +270,25 @@ def find_quadruples(
         members = order[bounds[c] : bounds[c + 1]]  # (s,)
         if len(members) < 2:
             continue
-        Dc = D[members].astype(np.float64)
-        if kind == "parallelogram":
-            sq = (Dc**2).sum(1)
-            dist = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * Dc @ Dc.T, 0))
-            quality = 1 - dist / np.maximum((np.sqrt(sq)[:, None] + np.sqrt(sq)[None]) / 2, 1e-12)
-        else:
-            quality = Dc @ Dc.T
-        a, b = np.nonzero(np.triu(quality >= min_quality, 1))
-        ea, eb = pairs[members[a]], pairs[members[b]]
-        disjoint = (ea[:, :, None] != eb[:, None, :]).all((1, 2))
-        found["a"].append(members[a][disjoint])
-        found["b"].append(members[b][disjoint])
-        found["cluster"].append(np.full(disjoint.sum(), c))
-        found["quality"].append(quality[a, b][disjoint])
+        Dc = D[members].astype(np.float64)  # (s, d)
+        norm = np.linalg.norm(Dc, axis=1)
+        for start in range(0, len(members), 1024):  # (1024, s) blocks: a big cluster stays small
+            top = Dc[start : start + 1024]
+            if kind == "parallelogram":
+                sq = norm[start : start + 1024, None] ** 2 + norm[None] ** 2 - 2 * top @ Dc.T
+                scale = np.maximum((norm[start : start + 1024, None] + norm[None]) / 2, 1e-12)
+                quality = 1 - np.sqrt(np.maximum(sq, 0)) / scale
+            else:
+                quality = top @ Dc.T
+            a, b = np.nonzero(quality >= min_quality)
+            a, keep = a + start, b > a + start  # each unordered pair of members once
+            a, b, q = members[a[keep]], members[b[keep]], quality[a[keep] - start, b[keep]]
+            ea, eb = pairs[a], pairs[b]
+            disjoint = (ea[:, :, None] != eb[:, None, :]).all((1, 2))
+            found["a"].append(a[disjoint])
+            found["b"].append(b[disjoint])
+            found["cluster"].append(np.full(disjoint.sum(), c))
+            found["quality"].append(q[disjoint])
     cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in found.items()}
     ea, eb = pairs[cat["a"].astype(int)], pairs[cat["b"].astype(int)]
     quads = np.concatenate([ea, eb], 1).reshape(-1, 4)  # (Q, 4): i, j, k, l
