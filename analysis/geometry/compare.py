@@ -23,27 +23,29 @@ CHUNK_ENTRIES = 1 << 23  # dense blocks of at most 8M entries (64 MB in float64)
 # -- decoder matching --------------------------------------------------------------------------
 
 
-def best_match(W_from: np.ndarray, W_to: np.ndarray, chunk: int = 1024):
-    """((n_from,) index, (n_from,) cosine) of each unit row's best match among W_to's unit rows,
-    in row chunks so the (chunk, n_to) block is all that is held."""
+def top_matches(W_from: np.ndarray, W_to: np.ndarray, k: int = 1, chunk: int = 1024):
+    """((n_from, k) indices, (n_from, k) cosines) of each unit row's k best matches among
+    W_to's unit rows, best first, in row chunks so only a (chunk, n_to) block is held."""
     A, B = torch.from_numpy(W_from), torch.from_numpy(W_to)
+    k = min(k, len(B))
     idx, cos = [], []
     for start in range(0, len(A), chunk):
-        best = (A[start : start + chunk] @ B.T).max(dim=1)  # over (chunk, n_to)
-        idx.append(best.indices)
-        cos.append(best.values)
+        top = (A[start : start + chunk] @ B.T).topk(k, dim=1)  # of (chunk, n_to)
+        idx.append(top.indices)
+        cos.append(top.values)
     return torch.cat(idx).numpy(), torch.cat(cos).numpy()
 
 
-def hungarian_match(W_a: np.ndarray, W_b: np.ndarray, neighbours: int = 32):
+def hungarian_match(W_a: np.ndarray, W_b: np.ndarray, neighbours: int = 32, tops=None):
     """((m,) rows of a, (m,) matched rows of b, (m,) cosines, method): the one-to-one matching
     of unit rows that maximises the summed cosine, m = min(n_a, n_b).
 
     Up to DENSE_MATCH pairs it is scipy's exact linear_sum_assignment on the full cosine matrix.
     Above, it is the exact matching restricted to a sparse bipartite graph holding each row's
     `neighbours` best partners in both directions (scipy's min_weight_full_bipartite_matching on
-    2 - cos > 0); a pair outside every such list is below 2 x neighbours better options and is
-    left out. If that graph has no full matching, the lists are doubled until it does."""
+    2 - cos > 0): a pair is left out only if both of its rows have `neighbours` better options.
+    If that graph has no full matching, the lists are doubled until it does. `tops`: the two
+    directions' top_matches with at least `neighbours` columns, if already computed."""
     from scipy.optimize import linear_sum_assignment
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
@@ -52,17 +54,13 @@ def hungarian_match(W_a: np.ndarray, W_b: np.ndarray, neighbours: int = 32):
         C = W_a.astype(np.float64) @ W_b.T.astype(np.float64)  # (n_a, n_b)
         rows, cols = linear_sum_assignment(C, maximize=True)
         return rows, cols, C[rows, cols], "dense"
-    A, B = torch.from_numpy(W_a), torch.from_numpy(W_b)
     while True:
-        edges = []
-        for X, Y, flip in ((A, B, False), (B, A, True)):
-            k = min(neighbours, len(Y))
-            for start in range(0, len(X), 1024):
-                top = (X[start : start + 1024] @ Y.T).topk(k, dim=1)  # (chunk, k)
-                r = np.repeat(np.arange(start, start + len(top.values)), k)
-                c = top.indices.numpy().ravel()
-                edges.append((c, r) if flip else (r, c))
-        r, c = (np.concatenate(e) for e in zip(*edges))
+        if tops is None or min(t[0].shape[1] for t in tops) < min(neighbours, n_a, n_b):
+            tops = (top_matches(W_a, W_b, neighbours), top_matches(W_b, W_a, neighbours))
+        (ab, _), (ba, _) = tops
+        ab, ba = ab[:, :neighbours], ba[:, :neighbours]
+        r = np.concatenate([np.repeat(np.arange(n_a), ab.shape[1]), ba.ravel()])
+        c = np.concatenate([ab.ravel(), np.repeat(np.arange(n_b), ba.shape[1])])
         key = np.unique(r.astype(np.int64) * n_b + c)  # a pair listed from both sides once
         r, c = key // n_b, key % n_b
         cos = np.einsum("ij,ij->i", W_a[r].astype(np.float64), W_b[c].astype(np.float64))
@@ -261,9 +259,11 @@ def compare(
         )
     bar = tqdm(total=3, desc="compare", disable=not progress)
     W_a, W_b = unit_decoder(run_a.sae), unit_decoder(run_b.sae)
-    idx_ab, cos_ab = best_match(W_a, W_b)
-    idx_ba, cos_ba = best_match(W_b, W_a)
-    rows, cols, cos, method = hungarian_match(W_a, W_b, neighbours)
+    sparse = len(W_a) * len(W_b) > DENSE_MATCH
+    tops = top_matches(W_a, W_b, neighbours if sparse else 1)  # one pass serves both uses
+    tops = (tops, top_matches(W_b, W_a, neighbours if sparse else 1))
+    (idx_ab, cos_ab), (idx_ba, cos_ba) = ((i[:, 0], c[:, 0]) for i, c in tops)
+    rows, cols, cos, method = hungarian_match(W_a, W_b, neighbours, tops)
     bar.update()
     wide = "a" if len(W_a) > len(W_b) else "b"
     summary = dict(
