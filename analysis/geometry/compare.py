@@ -36,6 +36,16 @@ def top_matches(W_from: np.ndarray, W_to: np.ndarray, k: int = 1, chunk: int = 1
     return torch.cat(idx).numpy(), torch.cat(cos).numpy()
 
 
+def _pair_cos(W_a: np.ndarray, W_b: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """(E,) cosines of the row pairs (r, c), 65k pairs at a time (never an (E, d) copy)."""
+    out = np.empty(len(r))
+    for s in range(0, len(r), 1 << 16):
+        out[s : s + (1 << 16)] = np.einsum(
+            "ij,ij->i", W_a[r[s : s + (1 << 16)]], W_b[c[s : s + (1 << 16)]], dtype=np.float64
+        )
+    return out
+
+
 def hungarian_match(W_a: np.ndarray, W_b: np.ndarray, neighbours: int = 32, tops=None):
     """((m,) rows of a, (m,) matched rows of b, (m,) cosines, method): the one-to-one matching
     of unit rows that maximises the summed cosine, m = min(n_a, n_b).
@@ -63,8 +73,7 @@ def hungarian_match(W_a: np.ndarray, W_b: np.ndarray, neighbours: int = 32, tops
         c = np.concatenate([ab.ravel(), np.repeat(np.arange(n_b), ba.shape[1])])
         key = np.unique(r.astype(np.int64) * n_b + c)  # a pair listed from both sides once
         r, c = key // n_b, key % n_b
-        cos = np.einsum("ij,ij->i", W_a[r].astype(np.float64), W_b[c].astype(np.float64))
-        G = sp.csr_matrix((2.0 - cos, (r, c)), shape=(n_a, n_b))
+        G = sp.csr_matrix((2.0 - _pair_cos(W_a, W_b, r, c), (r, c)), shape=(n_a, n_b))
         try:
             rows, cols = min_weight_full_bipartite_matching(G)
             break
@@ -72,8 +81,7 @@ def hungarian_match(W_a: np.ndarray, W_b: np.ndarray, neighbours: int = 32, tops
             if neighbours >= min(n_a, n_b):
                 raise
             neighbours *= 2
-    cos = np.einsum("ij,ij->i", W_a[rows].astype(np.float64), W_b[cols].astype(np.float64))
-    return rows, cols, cos, f"sparse kNN graph, {neighbours} neighbours"
+    return rows, cols, _pair_cos(W_a, W_b, rows, cols), f"sparse kNN graph, {neighbours} neighbours"
 
 
 # -- codes of shared tokens --------------------------------------------------------------------
