@@ -124,6 +124,7 @@ def collect_codes(
         return saved.head(n_tokens)
 
     sae = run.sae.to(device).eval()
+    loaded = loaded() if callable(loaded) else loaded  # a loader: the model only on a cache miss
     loaded = loaded or run.load_model(device, progress=progress)
     site = resolve_site(loaded.model, run.site).name
     special = special_token_ids(loaded.tokenizer)
@@ -203,7 +204,7 @@ class Inputs:
             self._codes = collect_codes(
                 self.run,
                 self.n_tokens,
-                loaded=self.loaded,
+                loaded=lambda: self.loaded,
                 device=self.device,
                 progress=self.progress,
             )
