@@ -33,7 +33,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare two dictionaries (seeds, widths or layers)")
     p.add_argument("run_a", metavar="RUN_A", help="the result goes to RUN_A/geometry/compare/")
     p.add_argument("run_b", metavar="RUN_B")
-    p.add_argument("--tokens", default="64k", help="shared held-out tokens for SVCCA/CKA")
+    p.add_argument("--tokens", default="32k", help="shared tokens for SVCCA, CKA and Procrustes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(handler=cmd_compare)
@@ -71,7 +71,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     inputs_b = Inputs(run_b, n_tokens, args.device)
     if run_b.model == run_a.model and run_b.selection.model_dtype == run_a.selection.model_dtype:
         inputs_b.share_model(inputs_a)  # one copy of the model for both runs
-    result = compare(run_a, run_b, inputs_a, inputs_b, seed=args.seed)
+    result = compare(run_a, run_b, inputs_a, inputs_b, n_tokens=n_tokens, seed=args.seed)
     folder = run_a.path / "geometry" / "compare"
     write_result(folder, result)
     print(json.dumps(result.summary, indent=1, default=str))
