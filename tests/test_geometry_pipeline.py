@@ -81,3 +81,17 @@ def test_bad_choices_get_one_sentence(planted_run, fakes, only, options, message
     with pytest.raises(UserError, match=message):
         pipeline.run_geometry([planted_run], only=only, options=options, progress=False)
     assert fakes == []
+
+
+def test_the_cli_runs_an_analysis_and_refuses_bad_input_in_one_sentence(planted_run, capsys):
+    from saewb_cli import main
+
+    argv = ["geometry", str(planted_run), "--only", "galaxy", "--option", "galaxy.rank_min=2",
+            "--option", "galaxy.rank_max=10", "--option", "galaxy.n_pca=8"]  # fmt: skip
+    assert main(argv) == 0
+    summary = read_summary(planted_run / "geometry" / "galaxy")
+    assert summary["rank_min"] == 2 and summary["rank_max"] == 10
+    assert main(["geometry", str(planted_run), "--only", "lobe"]) == 2
+    assert "unknown analysis 'lobe'" in capsys.readouterr().err
+    assert main(["compare", str(planted_run), str(planted_run.parent / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
