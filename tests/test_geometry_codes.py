@@ -33,7 +33,9 @@ def test_codes_match_a_dense_encoding_and_are_cached(planted_run):
     assert (codes.offset > 0).all() and (codes.doc >= 0).all()  # position 0 and BOS dropped
     again = collect_codes(run, 1000, progress=False)  # a shorter request reads the cache
     assert (run.path / "geometry" / CODES_FILE).exists()
-    assert (again.acts != codes.acts[:1000]).nnz == 0 and (again.tokens == codes.tokens[:1000]).all()
+    assert (again.acts != codes.acts[:1000]).nnz == 0 and (
+        again.tokens == codes.tokens[:1000]
+    ).all()
 
 
 def test_blocks_never_cross_documents(planted_run):
