@@ -185,6 +185,7 @@ class Inputs:
     ):
         self.run, self.n_tokens, self.device, self.progress = run, n_tokens, device, progress
         self._loaded = self._codes = None
+        self._model_from: Inputs | None = None
 
     def share_model(self, other: Inputs) -> None:
         """Use another run's model (loaded when first needed) rather than a second copy."""
@@ -192,7 +193,7 @@ class Inputs:
 
     @property
     def loaded(self):
-        if getattr(self, "_model_from", None) is not None:
+        if self._model_from is not None:
             return self._model_from.loaded
         if self._loaded is None:
             self._loaded = self.run.load_model(self.device, progress=self.progress)
