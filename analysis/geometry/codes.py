@@ -129,8 +129,8 @@ def collect_codes(
     site = resolve_site(loaded.model, run.site).name
     special = special_token_ids(loaded.tokenizer)
     T = run.selection.context_size
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "f", "v", "tok", "doc", "pos")}
-    parts |= {"window": [], "offset": []}
+    keys = ("b", "f", "v", "tok", "doc", "pos", "window", "offset")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     kept = n_windows = 0
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="codes", disable=not progress)
     with bar, Capture(loaded.model, [site]) as capture:
@@ -156,7 +156,7 @@ def collect_codes(
                 break
     if kept == 0:
         raise UserError(
-            f"The held-out text of {run.path} ({run.selection.dataset}) gave no tokens to encode; "
+            f"The text of {run.path} ({run.selection.dataset}, part '{part}') gave no tokens to encode; "
             "use a run trained on more text."
         )
     cat = {k: torch.cat(v).numpy() for k, v in parts.items()}
@@ -170,8 +170,9 @@ def collect_codes(
         cat["pos"].astype(np.int32), cat["window"].astype(np.int64), cat["offset"].astype(np.int32),
     )  # fmt: skip
     if cache:
-        meta = dict(sae_sha256=sha, n_tokens=kept, n_latents=sae.cfg.n_latents, site=run.site)
-        meta["part"] = part
+        meta = dict(
+            sae_sha256=sha, n_tokens=kept, n_latents=sae.cfg.n_latents, site=run.site, part=part
+        )
         data = safetensors.numpy.save(_arrays(codes), metadata={"meta": json.dumps(meta)})
         atomic_write_bytes(path, data)
     return codes
