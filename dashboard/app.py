@@ -26,7 +26,9 @@ from hooks.errors import UserError
 log = logging.getLogger("saewb.dashboard")
 
 PAGES = [runs, browser, feature]
-QUERY_KEYS = ("run", "q", "mode")  # the only query parameters pages receive
+NAV = (("/map", "Map"), ("/geometry", "Geometry"), ("/prompt", "Prompt"), ("/steer", "Steer"))
+# The only query parameters pages receive (each page takes the ones it knows as keywords).
+QUERY_KEYS = ("run", "q", "mode", "focus", "color", "a", "b", "feature", "vector")
 ASSETS = Path(__file__).parent / "assets"
 
 
@@ -101,9 +103,11 @@ def navigation(search: str | None) -> list:
     run = parse_qs((search or "").lstrip("?")).get("run", [None])[0]
     if not run:
         return []
-    return [
-        dcc.Link(f"Features of {run[:80]}", href=href(browser.PATH, run[:200]), id="nav-features")
-    ]
+    run = run[:200]
+    links = [dcc.Link(f"Features of {run[:80]}", href=href(browser.PATH, run), id="nav-features")]
+    for path, text in NAV:
+        links.append(dcc.Link(text, href=href(path, run), id=f"nav{path.replace('/', '-')}"))
+    return links
 
 
 def create_app(ws: Workspace | Path | str) -> Dash:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from analysis.geometry.results import SUMMARY, read_summary, read_table
 from analysis.store.read import FeatureStore
 from hooks.errors import UserError
 from sae.formats import weights_file
@@ -28,6 +29,10 @@ RESCAN_SECONDS = 2.0  # runs appear while training: look again, but not on every
 
 class NotFound(UserError):
     """A run or feature the served folder does not have."""
+
+
+class Cancelled(UserError):
+    """A background job stopped because its page asked it to."""
 
 
 def is_run_dir(path: Path) -> bool:
@@ -64,22 +69,45 @@ def read_train_log(path: Path) -> list[dict]:
 
 class Jobs:
     """Background work for callbacks: submit returns an id at once, the page polls for the
-    result. Threads, not processes, so a model loaded once stays loaded for every later call."""
+    result. Threads, not processes, so a model loaded once stays loaded for every later call.
+    At most `limit` jobs wait or run at once, so no page can queue unbounded work; a
+    cancellable job gets a threading.Event as its `cancel` keyword and should stop when set."""
 
-    def __init__(self, workers: int = 2, keep: int = 64):
+    def __init__(self, workers: int = 2, keep: int = 64, limit: int = 4):
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="saewb-job")
         self._jobs: OrderedDict[str, Future] = OrderedDict()
+        self._cancel: dict[str, threading.Event] = {}
         self._ids = itertools.count()
-        self._keep = keep
+        self._keep, self._limit = keep, limit
         self._lock = threading.Lock()
 
-    def submit(self, fn: Callable, *args) -> str:
+    def submit(self, fn: Callable, *args, cancellable: bool = False) -> str:
         with self._lock:
+            pending = sum(not f.done() for f in self._jobs.values())
+            if pending >= self._limit:
+                raise UserError(
+                    f"The server is busy with {pending} requests (the limit is {self._limit}); "
+                    "wait for one to finish or cancel it."
+                )
             job = f"job-{next(self._ids)}"
-            self._jobs[job] = self._pool.submit(fn, *args)
+            if cancellable:
+                event = self._cancel[job] = threading.Event()
+                self._jobs[job] = self._pool.submit(fn, *args, cancel=event)
+            else:
+                self._jobs[job] = self._pool.submit(fn, *args)
             while len(self._jobs) > self._keep:
-                self._jobs.popitem(last=False)
+                old, _ = self._jobs.popitem(last=False)
+                self._cancel.pop(old, None)
         return job
+
+    def cancel(self, job: str) -> bool:
+        """Ask a cancellable job to stop; False if it is unknown, finished or not cancellable."""
+        event = self._cancel.get(job) if isinstance(job, str) else None
+        future = self._jobs.get(job) if isinstance(job, str) else None
+        if event is None or future is None or future.done():
+            return False
+        event.set()
+        return True
 
     def poll(self, job: str) -> tuple[bool, object]:
         """(done, result). A failed job raises its exception here; an unknown id is NotFound."""
@@ -110,6 +138,7 @@ class Workspace:
         self._token_html: dict[str, tuple[FeatureStore, tuple[list[str], list[str]]]] = {}
         self._probes: dict[str, object] = {}
         self._models: dict[tuple[str, str], object] = {}  # (model, model dtype)
+        self._results: dict[str, tuple[float, GeometryResult]] = {}
         self._lock = threading.Lock()
         self._probe_lock = threading.Lock()
 
@@ -207,6 +236,70 @@ class Workspace:
                 self._token_html[str(store.path)] = cached
             return cached[1]
 
+    # -- geometry and steering outputs --------------------------------------------------------
+
+    def analyses(self, run: str | None) -> dict[str, Path]:
+        """{name: folder} of every finished analysis under RUN/geometry: 'galaxy', 'map', ...,
+        and variants written with options ('multidim-cutoff0.3'), each with its summary.json."""
+        folder = self.path(run) / "geometry"
+        if not folder.is_dir():
+            return {}
+        return {
+            p.name: p
+            for p in sorted(folder.iterdir())
+            if p.is_dir() and not p.name.startswith(".") and (p / SUMMARY).is_file()
+        }
+
+    def result(self, run: str | None, name: str) -> GeometryResult:
+        """One analysis's outputs, read once (and again when `saewb geometry` rewrites them).
+        A missing one is NotFound, naming the command that makes it."""
+        folder = self.analyses(run).get(name)
+        if folder is None:
+            base = name.split("-")[0]
+            made_by = (
+                f"saewb compare {self.name(run)} OTHER_RUN"
+                if base == "compare"
+                else f"saewb geometry {self.name(run)} --only {base}"
+            )
+            raise NotFound(f"Run {self.name(run)!r} has no {name} analysis yet; run `{made_by}`.")
+        stamp = (folder / SUMMARY).stat().st_mtime
+        with self._lock:
+            cached = self._results.get(str(folder))
+            if cached is None or cached[0] != stamp:
+                cached = stamp, GeometryResult(folder)
+                self._results[str(folder)] = cached
+            return cached[1]
+
+    def steering(self, run: str | None) -> dict[str, list[str]]:
+        """Names of the run's saved steering outputs: CAA vectors, frontiers (`saewb steer
+        --sweep`), single runs (`saewb steer`) and LF-Steering results (`saewb lf-steer`)."""
+        folder = self.path(run) / "steering"
+
+        def stems(sub: str, suffix: str = ".json") -> list[str]:
+            where = folder / sub
+            if not where.is_dir():
+                return []
+            return sorted(p.stem for p in where.iterdir() if p.name.endswith(suffix))
+
+        lf = [p.stem for p in sorted(folder.glob("lf_steering*.json"))] if folder.is_dir() else []
+        return dict(
+            vectors=stems("vectors", ".safetensors"),
+            frontiers=stems("frontiers"),
+            runs=stems("runs"),
+            lf=lf,
+        )
+
+    def steering_record(self, run: str | None, kind: str, name: str) -> dict:
+        """One saved steering JSON by kind ('frontiers', 'runs', 'lf') and name, as listed."""
+        if kind not in ("frontiers", "runs", "lf") or name not in self.steering(run)[kind]:
+            raise NotFound(f"Run {self.name(run)!r} has no saved steering {kind} named {name!r}.")
+        folder = self.path(run) / "steering"
+        path = folder / f"{name}.json" if kind == "lf" else folder / kind / f"{name}.json"
+        record = _read_json(path)
+        if record is None:
+            raise NotFound(f"{path.name} under {self.name(run)!r} is not a readable JSON object.")
+        return record
+
     # -- live text ----------------------------------------------------------------------------
 
     def probe(self, run: str):
@@ -225,6 +318,43 @@ class Workspace:
                     self._models[key] = loaded
                 self._probes[str(path)] = TextProbe(opened, loaded, self.device)
             return self._probes[str(path)]
+
+
+class GeometryResult:
+    """RUN/geometry/<name>/ as written by analysis.geometry.results: the summary, and its tables
+    and plotly figures read on first use and then kept."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.name = folder.name
+        self.summary = read_summary(folder)
+        self._tables: dict[str, dict] = {}
+        self._figures: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    def has(self, name: str) -> bool:
+        return (self.folder / f"{name}.parquet").is_file() or (
+            self.folder / f"{name}.json"
+        ).is_file()
+
+    def table(self, name: str) -> dict:
+        """{column: numpy array} of <name>.parquet."""
+        with self._lock:
+            if name not in self._tables:
+                if not (self.folder / f"{name}.parquet").is_file():
+                    raise NotFound(f"The {self.name} analysis has no table {name!r}.")
+                self._tables[name] = read_table(self.folder, name)
+            return self._tables[name]
+
+    def figure(self, name: str) -> dict:
+        """The plotly figure <name>.json as a plain dict (typed arrays kept base64-encoded)."""
+        with self._lock:
+            if name not in self._figures:
+                figure = _read_json(self.folder / f"{name}.json")
+                if figure is None:
+                    raise NotFound(f"The {self.name} analysis has no figure {name!r}.")
+                self._figures[name] = figure
+            return self._figures[name]
 
 
 def _saelens_site(cfg: dict) -> str | None:

@@ -94,6 +94,12 @@ def feature_view(ws: Workspace, run: str, feature: int) -> html.Div:
             dcc.Link("next →", href=feature_href(run, feature + 1), id="feature-next")
             if feature + 1 < store.n_latents
             else html.Span(""),
+            dcc.Link("on the map", href=href("/map", run, focus=feature), id="feature-on-map"),
+            dcc.Link(
+                "steer with this feature",
+                href=href("/steer", run, feature=feature),
+                id="feature-steer",
+            ),  # fmt: skip
         ],
         className="feature-nav",
     )
