@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +232,37 @@ def tiny_train_argv(model_dir, text, out, k: int = 4, tokens: int = 4096, log_ev
             "--k", str(k), "--tokens", str(tokens), "--batch", "512", "--dataset", str(text),
             "--context", "32", "--log-every", str(log_every), "--out", str(out),
             "--buffer-tokens", "2048"]  # fmt: skip
+
+
+# -- the dashboard in a real browser (Debian's chromium and chromium-driver; .ci/run installs
+# them): every dashboard test file's browser tests use these ----------------------------------
+
+_CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+browser_only = pytest.mark.skipif(
+    not (_CHROMIUM and shutil.which("chromedriver")),
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
+)
+SHOTS = Path(os.environ.get("SAEWB_SCREENSHOTS", Path(__file__).parent / "screenshots"))
+
+
+def serve_in_browser(dash_duo, ws):
+    """dash_duo serving the dashboard of a Workspace (or folder) at 1280 x 900."""
+    from dashboard.app import create_app
+
+    dash_duo.driver.set_window_size(1280, 900)
+    dash_duo.start_server(create_app(ws))
+    return dash_duo
+
+
+def screenshot_path(name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    return SHOTS / f"{name}.png"
+
+
+def screenshot(duo, name: str) -> None:
+    duo.driver.save_screenshot(str(screenshot_path(name)))
+
+
+def assert_no_console_errors(duo) -> None:
+    errors = [e for e in duo.get_logs() or [] if e.get("level") == "SEVERE"]
+    assert errors == [], errors

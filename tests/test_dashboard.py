@@ -11,6 +11,13 @@ from html import escape
 from pathlib import Path
 
 import pytest
+from conftest import (
+    assert_no_console_errors,
+    browser_only,
+    screenshot,
+    screenshot_path,
+    serve_in_browser,
+)
 from dash import no_update
 
 from analysis.evaluate import evaluate
@@ -284,29 +291,10 @@ def test_http_layer_answers_without_errors(ws):
 
 # -- a real browser ----------------------------------------------------------------------------
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-browser_only = pytest.mark.skipif(
-    not (CHROMIUM and shutil.which("chromedriver")),
-    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
-)
-SHOTS = Path(os.environ.get("SAEWB_SCREENSHOTS", Path(__file__).parent / "screenshots"))
-
-
-def _shot(duo, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    duo.driver.save_screenshot(str(SHOTS / f"{name}.png"))
-
-
-def _no_console_errors(duo) -> None:
-    errors = [e for e in duo.get_logs() or [] if e.get("level") == "SEVERE"]
-    assert errors == [], errors
-
 
 @pytest.fixture
 def duo(dash_duo, ws):
-    dash_duo.driver.set_window_size(1280, 900)
-    dash_duo.start_server(create_app(ws))
-    return dash_duo
+    return serve_in_browser(dash_duo, ws)
 
 
 @browser_only
@@ -319,8 +307,8 @@ def test_browser_runs_page(duo):
     boxes[2].click()  # overlay sweep/k8
     duo.wait_for_contains_text("#runs-curves", "sweep/k8")
     assert "sweep/k4" in duo.find_element("#runs-curves").text
-    _shot(duo, "runs")
-    _no_console_errors(duo)
+    screenshot(duo, "runs")
+    assert_no_console_errors(duo)
 
 
 @browser_only
@@ -333,20 +321,20 @@ def test_browser_search_open_feature_and_follow_a_neighbour(duo):
     duo.wait_for_contains_text(".ag-center-cols-container", "France · Paris")
     rows = duo.driver.find_elements("css selector", ".ag-center-cols-container .ag-row")
     assert len(rows) == 1
-    _shot(duo, "browser")
+    screenshot(duo, "browser")
     rows[0].find_element("css selector", "a").click()
     duo.wait_for_contains_text("h2", "Feature 0")
     marked = duo.driver.find_elements("css selector", "#top-examples .tok-mark")
     assert marked and marked[0].text == " Paris"
     assert marked[0].get_attribute("title") == "' Paris': 10"
     assert "rgb(52, 211, 153)" in marked[0].get_attribute("style")
-    _shot(duo, "feature")
+    screenshot(duo, "feature")
     duo.find_element("#feature-next").click()
     duo.wait_for_contains_text("h2", "Feature 1")
     duo.find_element("#neighbours a").click()  # latent 1's nearest neighbour is latent 3
     duo.wait_for_contains_text("h2", "Feature 3")
     assert duo.driver.current_url.endswith("/feature/3?run=planted%2Frun")
-    _no_console_errors(duo)
+    assert_no_console_errors(duo)
 
 
 @browser_only
@@ -362,9 +350,8 @@ def test_browser_try_your_own_text(duo):
     ]
     assert [s.text for s in lit] == [" Paris"]
     assert "top features: #0 10" in lit[0].get_attribute("title")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    duo.find_element(".probe").screenshot(str(SHOTS / "try-text.png"))
-    _no_console_errors(duo)
+    duo.find_element(".probe").screenshot(str(screenshot_path("try-text")))
+    assert_no_console_errors(duo)
 
 
 @browser_only
@@ -373,7 +360,7 @@ def test_browser_bad_url_is_a_friendly_page(duo):
     duo.wait_for_contains_text("#not-found", "is not a feature id")
     duo.driver.get(duo.server_url + "/runs/../../etc/passwd")
     duo.wait_for_element("#not-found")
-    _no_console_errors(duo)
+    assert_no_console_errors(duo)
 
 
 def test_a_saelens_folders_site_is_read_from_its_metadata():
