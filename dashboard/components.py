@@ -7,8 +7,10 @@ from html import escape
 from urllib.parse import urlencode
 
 import plotly.graph_objects as go
-from dash import dcc, html
+from dash import dcc, html, no_update
 from plotly.subplots import make_subplots
+
+from hooks.errors import UserError
 
 EMERALD = "52,211,153"
 CURVES = (("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_frac", "dead fraction"))
@@ -29,6 +31,20 @@ def note(text: str | list, kind: str = "info", id: str | None = None) -> html.Di
     """A boxed message: 'info' for parts that are missing, 'error' for bad input."""
     extra = {"id": id} if id else {}
     return html.Div(text, className=f"note note-{kind}", **extra)
+
+
+def poll_job(ws, job: str | None) -> tuple:
+    """A polled background job (Workspace.jobs) as (output, poll disabled?, status, button
+    disabled?): no_update while it runs, its result once done, a message if it failed."""
+    if not job:
+        return no_update, True, no_update, False
+    try:
+        done, result = ws.jobs.poll(job)
+    except UserError as exc:
+        return note(str(exc), "error"), True, "", False
+    if not done:
+        return no_update, False, no_update, True
+    return result, True, "", False
 
 
 def command(text: str) -> html.Code:

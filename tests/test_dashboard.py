@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from html import escape
@@ -25,9 +26,9 @@ from analysis.run import open_run
 from analysis.store.build import analyze
 from dashboard import app as dash_app
 from dashboard.app import create_app, guard, is_loopback, route
-from dashboard.components import opacity
+from dashboard.components import opacity, poll_job
 from dashboard.data import NotFound, Workspace
-from dashboard.pages import browser, feature, runs
+from dashboard.pages import browser, feature, prompt, runs
 from hooks.errors import UserError
 
 PLANTED = "planted/run"
@@ -245,7 +246,7 @@ def test_try_your_own_text_runs_in_the_background(ws):
     assert isinstance(job, str) and poll_disabled is False and button_disabled is True
     deadline = time.monotonic() + 120
     while True:
-        output, poll_disabled, _, _ = feature.poll(ws, job)
+        output, poll_disabled, _, _ = poll_job(ws, job)
         if output is not no_update or time.monotonic() > deadline:
             break
         assert poll_disabled is False
@@ -260,7 +261,7 @@ def test_try_your_own_text_runs_in_the_background(ws):
     assert codes.activation(1)[-1] == pytest.approx(4.0) and codes.activation(0)[-1] == 0.0
     empty = feature.submit(ws, {"run": PLANTED, "feature": 0}, "   ")
     assert empty[0] is no_update and "Type some text" in empty[2]
-    expired = feature.poll(ws, "job-does-not-exist")
+    expired = poll_job(ws, "job-does-not-exist")
     assert "expired" in _json(expired[0])
 
 
@@ -371,3 +372,57 @@ def test_a_saelens_folders_site_is_read_from_its_metadata():
     assert _saelens_site(ours) == "resid_post.2"
     assert _saelens_site({"hook_name": "model.layers.1"}) == "model.layers.1"
     assert _saelens_site({}) is None
+
+
+# -- the prompt view ---------------------------------------------------------------------------
+
+
+def _finish(ws, job):
+    deadline = time.monotonic() + 120
+    while True:
+        done, result = ws.jobs.poll(job)
+        if done:
+            return result
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_prompt_view_ranks_the_features_that_fire_by_their_max(ws):
+    job, poll_disabled, _, button_disabled = prompt.submit(ws, PLANTED, "We saw Paris, France, Monday")
+    assert poll_disabled is False and button_disabled is True
+    output, codes = _finish(ws, job)
+    text = _json(output)
+    # planted: latent 0 fires 10 on ' Paris' and 6 on ' France', latents 1 and 2 fire 4 on ' Monday'
+    order = [int(m) for m in re.findall(r'"children": "#(\d+)"', text)]
+    assert order[:3] in ([0, 1, 2], [0, 2, 1]) and 3 not in order[:3]
+    assert "/feature/0?run=planted%2Frun" in text and escape("' Paris': 10") in text
+    paris = codes["tokens"].index(" Paris")
+    assert codes["features"][paris][0] == [0, pytest.approx(10.0)]
+    clicked = _json(prompt.token_features(codes, paris))
+    assert "Features on token" in clicked and "/feature/0?run=planted%2Frun" in clicked
+    comma = codes["tokens"].index(",")
+    assert "No feature fires" in _json(prompt.token_features(codes, comma))
+    assert prompt.token_features(codes, 10_000) is no_update
+
+
+def test_prompt_view_refuses_bad_input_before_running(ws):
+    assert "Paste some text" in prompt.submit(ws, PLANTED, "  ")[2]
+    assert "too long" in prompt.submit(ws, PLANTED, "x" * 5000)[2]
+    with pytest.raises(NotFound):
+        prompt.submit(ws, "no-such-run", "Paris")
+    body, _ = route(ws, "/prompt", "?run=../../etc")
+    assert "There is no run named" in _json(body)
+
+
+@browser_only
+def test_browser_prompt_view_click_a_token_and_follow_a_feature(duo):
+    duo.driver.get(duo.server_url + "/prompt?run=planted/run")
+    duo.wait_for_element("#prompt-text").send_keys("We flew to Paris on Monday.")
+    duo.find_element("#prompt-go").click()
+    duo.wait_for_contains_text("#prompt-summary", "features fire", timeout=60)
+    tokens = duo.driver.find_elements("css selector", "#prompt-tokens .tok-click")
+    next(t for t in tokens if t.text == " Paris").click()
+    duo.wait_for_contains_text("#prompt-token-features", "' Paris'")
+    duo.find_element("#prompt-token-features a").click()
+    duo.wait_for_contains_text("h2", "Feature 0")
+    assert_no_console_errors(duo)

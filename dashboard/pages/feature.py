@@ -14,13 +14,13 @@ from dashboard.components import (
     href,
     not_found,
     note,
+    poll_job,
     raw_html,
     table,
     token_html,
     token_strip,
 )
 from dashboard.data import NotFound, Workspace
-from hooks.errors import UserError
 
 PATH_TEMPLATE = "/feature/<feature_id>"
 TITLE = "Feature"
@@ -254,19 +254,6 @@ def submit(ws: Workspace, target: dict, text: str | None):
     return job, False, "Running the model…", True
 
 
-def poll(ws: Workspace, job: str | None):
-    """(output, poll disabled?, status, button disabled?) once the job is done."""
-    if not job:
-        return no_update, True, no_update, False
-    try:
-        done, result = ws.jobs.poll(job)
-    except UserError as exc:
-        return note(str(exc), "error"), True, "", False
-    if not done:
-        return no_update, False, no_update, True
-    return result, True, "", False
-
-
 def register(app, ws: Workspace, guard) -> None:
     app.callback(
         Output("probe-job", "data"),
@@ -291,4 +278,4 @@ def register(app, ws: Workspace, guard) -> None:
         Input("probe-poll", "n_intervals"),
         State("probe-job", "data"),
         prevent_initial_call=True,
-    )(guard(lambda _n, job: poll(ws, job), fallback=(None, True, "", False)))
+    )(guard(lambda _n, job: poll_job(ws, job), fallback=(None, True, "", False)))
