@@ -8,6 +8,9 @@ building the page and serialising it.
                  10 x 5 interval samples: about 70 highlighted 32-token contexts)
   grid block     one 100-row block of the feature grid, sorted by density (descending)
   grid search    the same block filtered to latents whose top examples fire on one token
+With `--served FOLDER --run NAME` it also times the part-2 pages (the geometry, compare, prompt
+and steering pages' first loads through the router) on a real run that has `saewb geometry`,
+`saewb compare` and steering outputs; `--compare-with NAME` names the compare page's second run.
 Prints p50/p95 per request kind and the response sizes.
 """
 
@@ -81,7 +84,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--out", default=str(ROOT / "bench/out/dashboard.json"))
     parser.add_argument("--folder", help="keep the synthetic store here and reuse it next time")
+    parser.add_argument("--served", help="a folder of real runs for the part-2 pages")
+    parser.add_argument("--run", help="the run (its name below --served) with geometry outputs")
+    parser.add_argument("--compare-with", help="the run the compare page pairs with --run")
     args = parser.parse_args()
+    if args.served:
+        record = {"served": args.served, "run": args.run, "results": part2(args)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2))
+        report(record["results"])
+        return
 
     from analyze import synthetic_store
 
@@ -135,10 +147,33 @@ def main() -> None:
     record = {"latents": args.latents, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
-    print(f"{'request':<14}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}{'KiB':>9}")
+    report(results)
+
+
+def part2(args) -> dict:
+    """The part-2 pages' first loads on a real run (read only; nothing is written there)."""
+    from dashboard.app import create_app
+
+    client = create_app(Path(args.served)).server.test_client()
+    run, n = args.run, max(args.requests // 10, 10)
+    pages = {
+        "geometry page": ("/geometry", f"?run={run}", "Eigenvalue spectrum"),
+        "prompt page": ("/prompt", f"?run={run}", "prompt-text"),
+        "steering page": ("/steer", f"?run={run}", "steer-prompt"),
+    }
+    if args.compare_with:
+        pages["compare page"] = ("/compare", f"?a={run}&b={args.compare_with}", "compare-")
+    return {
+        name: timed(client, [router_payload(path, search)] * n, check)
+        for name, (path, search, check) in pages.items()
+    }
+
+
+def report(results: dict) -> None:
+    print(f"{'request':<16}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}{'KiB':>9}")
     for name, r in results.items():
         print(
-            f"{name:<14}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['max_ms']:>9.1f}"
+            f"{name:<16}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['max_ms']:>9.1f}"
             f"{r['response_kib']:>9.0f}"
         )
 
