@@ -9,7 +9,13 @@ from html import unescape
 
 import numpy as np
 import pytest
-from conftest import assert_no_console_errors, browser_only, screenshot, serve_in_browser
+from conftest import (
+    assert_no_console_errors,
+    browser_only,
+    screenshot,
+    screenshot_path,
+    serve_in_browser,
+)
 from dash._utils import to_json
 
 from analysis.geometry.galaxy import galaxy_by_layer, power_law_fit
@@ -133,8 +139,11 @@ def served(tmp_path_factory, tokenizer):
     write_result(geo / "multidim-cutoff0.3", multidim_result(rng, circle_r2=0.2))
     result, cos = compare_result(rng)
     write_result(geo / "compare", result)
-    layer = lambda a: dict(alpha=a, alpha_ci=0.01, logdet=-1.0, negentropy=0.5,  # noqa: E731
-                           negentropy_ci=0.1, baseline=dict(alpha=0.1, negentropy=0.1))
+
+    def layer(alpha: float) -> dict:
+        return dict(alpha=alpha, alpha_ci=0.01, logdet=-1.0, negentropy=0.5, negentropy_ci=0.1,
+                    baseline=dict(alpha=0.1, negentropy=0.1))  # fmt: skip
+
     by_layer = galaxy_by_layer([(str(root / B), 3, layer(0.9)), (str(root / A), 1, layer(ALPHA))])
     write_result(root / B / "geometry" / "galaxy_by_layer", by_layer)
     write_result(root / PARTIAL / "geometry" / "lobes", lobes_result())
@@ -192,7 +201,9 @@ def test_slope_by_layer_is_found_in_the_first_runs_folder(ws):
     fig = _graph(geometry.layout(ws, A), "galaxy-by-layer")  # written into twin/run's folder
     assert list(fig["data"][0]["x"]) == [1, 3] and list(fig["data"][0]["y"]) == [ALPHA, 0.9]
     partial = _json(geometry.layout(ws, PARTIAL))
-    assert "galaxy-by-layer" not in partial and "saewb geometry partial/run --only galaxy" in partial
+    assert (
+        "galaxy-by-layer" not in partial and "saewb geometry partial/run --only galaxy" in partial
+    )
 
 
 def test_lobes_against_their_nulls_with_labels(ws):
@@ -216,7 +227,9 @@ def test_crystals_before_and_after_per_relation(ws):
         assert [tr["name"] for tr in before] == [tr["name"] for tr in after] == list(RELATIONS)
         for b, a, relation in zip(before, after, RELATIONS):
             m = t["relation"] == relation
-            assert np.allclose(b["x"], t[f"{kind}_pc0"][m]) and np.allclose(b["y"], t[f"{kind}_pc1"][m])
+            assert np.allclose(b["x"], t[f"{kind}_pc0"][m]) and np.allclose(
+                b["y"], t[f"{kind}_pc1"][m]
+            )
             held = m & t["held_out"]  # the LDA is shown on the pairs it was not fitted on
             assert np.allclose(a["x"], t[f"{kind}_lda0"][held])
             assert np.allclose(a["y"], t[f"{kind}_lda1"][held])
@@ -228,7 +241,9 @@ def test_clusters_are_listed_by_rank_and_the_top_one_with_points_is_drawn(ws):
     order = [text.index(f'"cluster-{c}"') for c in range(5)]
     assert np.argsort(order).tolist() == [1, 3, 4, 0, 2]  # the planted ranks
     fig = _graph(page, "multidim-scatter")
-    assert fig["data"][0]["type"] == "scatter3d" and "weekday circle" in fig["layout"]["title"]["text"]
+    assert (
+        fig["data"][0]["type"] == "scatter3d" and "weekday circle" in fig["layout"]["title"]["text"]
+    )
     members = _raw(page, "multidim-members")  # cluster 1's members link to their pages
     assert "/feature/1?run=planted%2Frun" in members and "/feature/2?run=planted%2Frun" in members
     assert "/feature/3?run=planted%2Frun" not in members
@@ -245,7 +260,9 @@ def test_a_circle_cluster_is_3d_and_another_is_2d(ws):
     flat = _graph(geometry.layout(ws, A, focus="3"), "multidim-scatter")
     pcs = ws.result(A, "multidim").table("pcs")
     assert {tr["type"] for tr in flat["data"]} == {"scatter"} and "z" not in flat["data"][0]
-    assert sorted(np.concatenate([tr["x"] for tr in flat["data"]])) == sorted(pcs["pc1"][pcs["cluster"] == 3])
+    assert sorted(np.concatenate([tr["x"] for tr in flat["data"]])) == sorted(
+        pcs["pc1"][pcs["cluster"] == 3]
+    )
     assert {tr["name"] for tr in flat["data"]} == {"' cat'", "' dog'"}
     assert "' cat'" in str(flat["data"][0]["text"])  # hover shows the token text
     missing = _json(geometry.layout(ws, A, focus="0"))
@@ -367,6 +384,9 @@ def test_browser_geometry_page_spectrum_and_a_clusters_scatter(duo):
     duo.wait_for_contains_text("#multidim-detail h4", "Cluster 1")
     duo.wait_for_element("#multidim-scatter .gl-container, #multidim-scatter .main-svg")
     screenshot(duo, "geometry")
+    section = duo.find_element("#geometry-multidim")
+    duo.driver.execute_script("arguments[0].scrollIntoView()", section)
+    section.screenshot(str(screenshot_path("geometry-clusters")))
     duo.find_element("#cluster-3").click()
     duo.wait_for_contains_text("#multidim-detail h4", "Cluster 3")
     duo.wait_for_contains_text("#multidim-scatter", "PC2")
@@ -378,6 +398,8 @@ def test_browser_geometry_page_spectrum_and_a_clusters_scatter(duo):
 def test_browser_compare_follows_a_matched_pair(duo):
     duo.driver.get(duo.server_url + "/compare?a=planted/run&b=twin/run")
     duo.wait_for_element("#compare-histogram .main-svg")
+    duo.driver.execute_script("arguments[0].scrollIntoView()", duo.find_element("#compare-checked"))
+    screenshot(duo, "compare")
     link = duo.find_element("#compare-pairs a.pair-b")
     feature = link.text.lstrip("#")
     link.click()

@@ -40,7 +40,7 @@ def check_b(summary: dict, latents_a, latents_b, a: str, b: str) -> tuple[bool, 
             f"but {b} has {fmt(latents_b)}; it was made against another run."
         )
     return True, (
-        f"`saewb compare` does not record which run B was; only the latent counts "
+        f"saewb compare does not record which run B was; only the latent counts "
         f"({fmt(n[0])}, {fmt(n[1])}) were checked against {b}."
     )
 
@@ -89,7 +89,10 @@ def top_pairs(matches_a: dict, matches_b: dict | None, mode: str) -> list[dict]:
     """The MAX_PAIRS best matched pairs (a, b, cos, mutual) by cosine, best first."""
     feature = np.asarray(matches_a["feature"])
     if mode == "hungarian":
-        other, cos = np.asarray(matches_a["hungarian_match"]), np.asarray(matches_a["hungarian_cos"])
+        other, cos = (
+            np.asarray(matches_a["hungarian_match"]),
+            np.asarray(matches_a["hungarian_cos"]),
+        )
     else:
         other, cos = np.asarray(matches_a["best_match"]), np.asarray(matches_a["best_cos"])
     ok = np.flatnonzero((other >= 0) & np.isfinite(cos))
@@ -151,15 +154,27 @@ def matches_part(ws: Workspace, a: str, b: str, mode: str) -> list:
              for m, text in MODES.items()]  # fmt: skip
     return [
         note(checked, id="compare-checked"),
-        html.Div([dcc.Graph(id="compare-histogram", figure=match_histogram(matches_a),
-                            className="half"),
-                  dcc.Graph(id="compare-similarity", figure=similarity_figure(s.get("codes") or {}),
-                            className="half")], className="pair-row"),  # fmt: skip
+        html.Div(
+            [
+                dcc.Graph(
+                    id="compare-histogram", figure=match_histogram(matches_a), className="half"
+                ),
+                dcc.Graph(
+                    id="compare-similarity",
+                    figure=similarity_figure(s.get("codes") or {}),
+                    className="half",
+                ),
+            ],
+            className="pair-row",
+        ),  # fmt: skip
         shares_table(s),
         html.H4(f"Top {len(pairs)} matched pairs by cosine"),
         html.Div(["ranked by: ", *modes], className="variants"),
-        html_table(["#", f"feature of {a}", f"feature of {b}", "cosine", "mutual best"], rows,
-                   "compare-pairs"),  # fmt: skip
+        html_table(
+            ["#", f"feature of {a}", f"feature of {b}", "cosine", "mutual best"],
+            rows,
+            "compare-pairs",
+        ),  # fmt: skip
     ]
 
 
@@ -203,7 +218,9 @@ def picker(ws: Workspace, a, b) -> html.Div:
 
 
 def go_href(a, b) -> str:
-    return href(PATH, None, a=a if isinstance(a, str) else None, b=b if isinstance(b, str) else None)
+    return href(
+        PATH, None, a=a if isinstance(a, str) else None, b=b if isinstance(b, str) else None
+    )
 
 
 def layout(ws: Workspace, a=None, b=None, mode=None, **_query) -> html.Div:
@@ -220,7 +237,10 @@ def layout(ws: Workspace, a=None, b=None, mode=None, **_query) -> html.Div:
     if a is None or b is None:
         return html.Div(head + [note("Choose two runs, A and B.")], className="page")
     body = [html.H3("Training and evaluation"), *side_by_side(ws, a, b)]
-    body += [html.H3(f"Dictionaries: {a} against {b}"), *matches_part(ws, a, b, mode or "hungarian")]
+    body += [
+        html.H3(f"Dictionaries: {a} against {b}"),
+        *matches_part(ws, a, b, mode or "hungarian"),
+    ]
     return html.Div(head + body, className="page")
 
 

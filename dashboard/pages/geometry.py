@@ -12,8 +12,7 @@ from RUN/geometry/<name>/ as saved (nothing recomputed).
   analysis's default). The axes are then the circle's two PCs and the first other PC, so the
   ring shows in its plane with the leading remaining direction as depth. A circle cluster with
   only two PCs, and every other cluster, is drawn 2-D (the circle's pair, else PC1-PC2).
-
-Figures are plain dicts (see components.histogram_figure) and one cluster's points at a time."""
+Figures are plain dicts (see components.histogram_figure), one cluster's points at a time."""
 
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ MAX_CLUSTERS = 40  # rows of the ranked-cluster table
 MAX_MEMBERS = 60  # member feature links shown for the chosen cluster
 MAX_LOBES = 200
 ROW = "{:>5} {:>7} {:>5} {:>7} {:>8} {:>7} {:>16} {:>4}"  # the ranked-cluster columns
-TOKEN_COLOURS = 10  # the most frequent tokens of a scatter get a colour each; the rest are grey
+TOKEN_COLOURS = 16  # the most frequent tokens of a scatter get a colour each; the rest are grey
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04",
            "#db2777", "#4f46e5", "#65a30d", "#0d9488", "#b91c1c", "#7c3aed", "#c2410c",
            "#0284c7", "#a16207", "#be185d", "#15803d", "#6d28d9", "#475569")  # fmt: skip
@@ -47,9 +46,10 @@ AXIS = {"gridcolor": "#e5e7eb", "zeroline": False}
 def figure(data: list[dict], title: str, height: int = 380, **layout) -> dict:
     return {
         "data": data,
-        "layout": {"title": {"text": title, "font": {"size": 14}}, "height": height,
-                   "margin": {"l": 50, "r": 10, "t": 40, "b": 45}, "plot_bgcolor": "white",
-                   "xaxis": AXIS, "yaxis": AXIS, **layout},
+        "layout": {"title": {"text": title, "font": {"size": 14}, "x": 0.01, "xanchor": "left"},
+                   "height": height, "margin": {"l": 50, "r": 10, "t": 40, "b": 45},
+                   "plot_bgcolor": "white", "xaxis": AXIS, "yaxis": AXIS,
+                   "legend": {"orientation": "h", "y": -0.3, "yanchor": "top"}, **layout},
     }  # fmt: skip
 
 
@@ -61,11 +61,6 @@ def _floats(values) -> np.ndarray:
     """A float array for a figure: Dash's orjson encoder writes numeric arrays whole (NaN as
     null, which plotly leaves out) where it walks a Python list element by element, ~50x slower."""
     return np.ascontiguousarray(values, dtype=np.float64)
-
-
-def _texts(values) -> np.ndarray:
-    """Hover texts as a str array, which the encoder also takes whole."""
-    return np.asarray(list(values), dtype=str)
 
 
 _BUILT: OrderedDict = OrderedDict()  # (id(result), key) -> (result, figure)
@@ -83,10 +78,13 @@ def cached(result, key, build):
     return hit[1]
 
 
-def html_table(header: list[str], rows: list[list], id: str, cls: str = "grid small") -> dcc.Markdown:
+def html_table(
+    header: list[str], rows: list[list], id: str, cls: str = "grid small"
+) -> dcc.Markdown:
     """A table as one block of escaped HTML: each Dash component costs ~30 us to build and
     serialise, and these tables would take hundreds. A cell is text, or (text, href, class) for
     a plain link (a full page load, which is fine for leaving the page)."""
+
     def cell(value) -> str:
         if isinstance(value, tuple):
             text, url, kind = value
@@ -133,9 +131,9 @@ def spectrum_figure(spectrum: dict, s: dict) -> dict:
                 "line": {"color": "#111827" if name == "decoder" else colour, "dash": "dash",
                          "width": 2.5},
             })  # fmt: skip
-    title = (f"Decoder covariance spectrum: α = {s['alpha']:.3f} ± {s['alpha_ci']:.3f} "
-             f"(95% CI, ranks {s['rank_min']}–{s['rank_max']})")  # fmt: skip
-    return figure(data, title, 400, xaxis=axis("rank", type="log"),
+    title = (f"Spectrum: α = {s['alpha']:.3f} ± {s['alpha_ci']:.3f} (95% CI, ranks "
+             f"{s['rank_min']}–{s['rank_max']})")  # fmt: skip
+    return figure(data, title, 440, xaxis=axis("rank", type="log"),
                   yaxis=axis("eigenvalue", type="log"))  # fmt: skip
 
 
@@ -144,13 +142,13 @@ def by_layer_figure(t: dict) -> dict:
     data = [
         {"type": "scatter", "mode": "lines+markers", "name": "decoder α", "x": layer,
          "y": _floats(t["alpha"]), "error_y": {"type": "data", "array": _floats(t["alpha_ci"])},
-         "text": _texts(map(str, t["name"])), "line": {"color": PALETTE[0]}},
+         "text": np.asarray(t["name"]).astype(str), "line": {"color": PALETTE[0]}},
     ]  # fmt: skip
     if "baseline_alpha" in t:
         data.append({"type": "scatter", "mode": "lines", "name": "Gaussian α", "x": layer,
                      "y": _floats(t["baseline_alpha"]),
                      "line": {"color": "#9ca3af", "dash": "dot"}})  # fmt: skip
-    return figure(data, "Power-law slope by layer (95% CIs)", 320, xaxis=axis("layer"),
+    return figure(data, "Power-law slope by layer (95% CIs)", 440, xaxis=axis("layer", tickvals=layer),
                   yaxis=axis("α"))  # fmt: skip
 
 
@@ -165,7 +163,8 @@ def by_layer_result(ws: Workspace, run: str):
             result = ws.result(other, "galaxy_by_layer")
             for listed in map(Path, result.summary.get("runs", [])):
                 # the same folder, or (the served folder moved) one of the same name below it
-                if (ws.path(other) / listed).resolve() == mine or listed.parts[-len(tail):] == tail:
+                same = (ws.path(other) / listed).resolve() == mine
+                if same or listed.parts[-len(tail) :] == tail:
                     return result
     return None
 
@@ -181,17 +180,18 @@ def galaxy_section(ws: Workspace, run: str, result) -> list:
         ["clustering negentropy", f"{fmt(s.get('negentropy'))} ± {fmt(s.get('negentropy_ci'))}",
          f"{fmt(b.get('negentropy'))} ± {fmt(b.get('negentropy_ci'))}"],
     ]  # fmt: skip
-    out = [
-        dcc.Graph(id="galaxy-spectrum", figure=spectrum_figure(result.table("spectrum"), s)),
-        table(["", "decoder", "Gaussian"], [[html.Td(c) for c in r] for r in rows], "grid small"),
-    ]
+    graphs = [dcc.Graph(id="galaxy-spectrum", className="half",
+                        figure=spectrum_figure(result.table("spectrum"), s))]  # fmt: skip
+    numbers = table(["", "decoder", "Gaussian"], [[html.Td(c) for c in r] for r in rows],
+                    "grid small")  # fmt: skip
     layers = by_layer_result(ws, run)
     if layers is None:
-        out.append(note(["Slope by layer: run ", command("saewb geometry RUN_A RUN_B … --only "
-                         "galaxy"), " on several layers' runs of one model."]))  # fmt: skip
-    else:
-        out.append(dcc.Graph(id="galaxy-by-layer", figure=by_layer_figure(layers.table("by_layer"))))
-    return out
+        return [html.Div(graphs, className="pair-row"), numbers, note([
+            "Slope by layer: run ", command("saewb geometry RUN_A RUN_B … --only galaxy"),
+            " on several layers' runs of one model."])]  # fmt: skip
+    graphs.append(dcc.Graph(id="galaxy-by-layer", className="half",
+                            figure=by_layer_figure(layers.table("by_layer"))))  # fmt: skip
+    return [html.Div(graphs, className="pair-row"), numbers]
 
 
 # -- lobes --------------------------------------------------------------------------------------
@@ -224,10 +224,10 @@ def lobes_section(ws: Workspace, run: str, result) -> list:
     ]  # fmt: skip
     out = [
         dcc.Graph(id="lobes-null", figure=null_figure(s)),
-        table(["", "observed", "null", "z"], [[html.Td(c) for c in r] for r in numbers], "grid small"),
+        table(["", "observed", "null", "z"], [[html.Td(c) for c in r] for r in numbers]),
         html.P(f"chance {fmt(s.get('chance'))}; {fmt(s.get('n_used'))} latents in "
-               f"{len(s.get('lobe_sizes') or [])} lobes", className="muted"),  # fmt: skip
-    ]
+               f"{len(s.get('lobe_sizes') or [])} lobes", className="muted"),
+    ]  # fmt: skip
     if s.get("labels_note"):
         out.append(note(f"No labels: {s['labels_note']}"))
     t = result.table("lobes")
@@ -254,18 +254,17 @@ def pairs_figure(t: dict, kind: str, stage: str) -> dict:
         data.append({
             "type": "scatter", "mode": "markers", "name": name, "legendgroup": name,
             "showlegend": stage == "before", "x": _floats(x[m]), "y": _floats(y[m]),
-            "text": _texts(f"{a} − {b}" for a, b in zip(t["a"][m], t["b"][m])),
+            "text": np.char.add(np.char.add(t["a"][m].astype(str), " − "), t["b"][m].astype(str)),
             "hovertemplate": "%{text}<extra>" + name + "</extra>",
             "marker": {"color": PALETTE[r % len(PALETTE)], "size": 6},
         })  # fmt: skip
-    title = f"{kind}: before (PCA, all pairs)" if stage == "before" else (
-        f"{kind}: after LDA (held-out pairs)")  # fmt: skip
-    return figure(data, title, 420, xaxis=axis(f"{axes.upper()} 1"), yaxis=axis(f"{axes.upper()} 2"))
+    title = f"{kind}: " + ("before (PCA, all pairs)" if stage == "before" else "after LDA (held-out pairs)")  # fmt: skip
+    names = [axis(f"{axes.upper()} {j}") for j in (1, 2)]
+    return figure(data, title, 420, xaxis=names[0], yaxis=names[1])
 
 
 def crystals_section(ws: Workspace, run: str, result) -> list:
-    s = result.summary
-    t = result.table("pairs")
+    s, t = result.summary, result.table("pairs")
     kinds = [k for k in ("activation", "reconstruction") if f"{k}_pc0" in t and k in s]
     keys = ("same_cos", "cross_cos", "spread_ratio", "silhouette")
     rows = [
@@ -275,24 +274,19 @@ def crystals_section(ws: Workspace, run: str, result) -> list:
     ]
     out = [
         html.P(f"{fmt(s.get('n_pairs'))} word pairs in {len(s.get('relations') or [])} relations, "
-               f"{fmt(s.get('n_held_out'))} held out", className="muted"),  # fmt: skip
-        table(["", "same-relation cos", "cross-relation cos", "spread ratio", "silhouette"], rows,
-              "grid small"),  # fmt: skip
-    ]
+               f"{fmt(s.get('n_held_out'))} held out", className="muted"),
+        table(["", "same-relation cos", "cross-relation cos", "spread ratio", "silhouette"], rows),
+    ]  # fmt: skip
     for k in kinds:
-        out.append(html.Div([
-            dcc.Graph(id=f"crystals-{k}-{stage}", figure=cached(result, (k, stage), lambda: pairs_figure(t, k, stage)),
-                      className="half") for stage in ("before", "after")
-        ], className="pair-row"))  # fmt: skip
+        graphs = []
+        for stage in ("before", "after"):
+            fig = cached(result, (k, stage), lambda k=k, stage=stage: pairs_figure(t, k, stage))
+            graphs.append(dcc.Graph(id=f"crystals-{k}-{stage}", figure=fig, className="half"))
+        out.append(html.Div(graphs, className="pair-row"))
     return out
 
 
 # -- multidim -----------------------------------------------------------------------------------
-
-
-def ranked(scores: dict) -> np.ndarray:
-    """Row indices of the scores table by rank (1 = most irreducible)."""
-    return np.argsort(np.asarray(scores["rank"]), kind="stable")
 
 
 def circle_axes(result, cluster: int, n_pcs: int) -> tuple[str, tuple[int, ...]] | None:
@@ -377,7 +371,7 @@ def parse_cluster(focus, scores: dict) -> int | None:
     try:
         c = int(str(focus))
     except ValueError:
-        raise UserError(f"focus {str(focus)[:40]!r} is not a cluster id (a whole number).") from None
+        raise UserError(f"focus {str(focus)[:40]!r} is not a cluster id (a whole number).") from None  # fmt: skip
     if c not in set(np.asarray(scores["cluster"]).tolist()):
         raise UserError(
             f"There is no cluster {c} in this multidim analysis; ids run from 0 to "
@@ -389,7 +383,7 @@ def parse_cluster(focus, scores: dict) -> int | None:
 def multidim_section(ws, run: str, variant: str, variants: list[str], focus, result) -> list:
     s, scores = result.summary, result.table("scores")
     pcs_clusters = set(np.unique(np.asarray(result.table("pcs")["cluster"])).tolist())
-    order = ranked(scores)
+    order = np.argsort(np.asarray(scores["rank"]), kind="stable")  # rank 0: most irreducible
     cluster_ids = np.asarray(scores["cluster"])
     chosen = parse_cluster(focus, scores)
     if chosen is None:
@@ -489,8 +483,10 @@ def layout(ws: Workspace, run: str | None = None, mode=None, focus=None, **_quer
     return html.Div(
         [
             html.H2(f"Geometry of {name}"),
-            html.P(["analyses: ", listed, ". Make them with ", command(f"saewb geometry {name}"),
-                    "."], className="muted"),  # fmt: skip
+            html.P(
+                ["analyses: ", listed, ". Make them with ", command(f"saewb geometry {name}"), "."],
+                className="muted",
+            ),  # fmt: skip
             *sections,
         ],
         className="page geometry",
