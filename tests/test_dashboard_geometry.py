@@ -343,6 +343,7 @@ def test_compare_checks_b_and_names_the_command(ws):
     assert not ok and "32 latents" in sentence
     assert compare.check_b({"run_b": "/x/twin/run"}, 16, 16, A, B)[0]
     assert not compare.check_b({"run_b": "/x/other"}, 16, 16, A, B)[0]
+    assert not compare.check_b({"run_b": "/x/mytwin/run"}, 16, 16, A, B)[0]
     missing = _json(compare.layout(ws, a=B, b=A))
     assert "saewb compare twin/run planted/run" in missing and "runs-curves" in missing
 

@@ -10,6 +10,7 @@ against B and says that this is all it could check."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 from dash import Input, Output, dcc, html
@@ -30,7 +31,7 @@ def check_b(summary: dict, latents_a, latents_b, a: str, b: str) -> tuple[bool, 
     """(usable, sentence): whether the saved comparison can be against b, and what was checked."""
     recorded = summary.get("run_b")
     if recorded is not None:
-        if str(recorded).rstrip("/").endswith(b):
+        if Path(str(recorded)).parts[-len(Path(b).parts) :] == Path(b).parts:
             return True, f"Compared against {b}, as recorded."
         return False, f"{a}'s saved comparison is against {recorded}, not {b}."
     n = summary.get("n_latents") or [None, None]
