@@ -129,6 +129,11 @@ def compare(ws: Workspace, selected: list[str] | None) -> list:
         except NotFound as exc:
             return [note(str(exc), "error")]
     out = []
+    if len(selected) == 2:
+        link = href("/compare", None, a=selected[0], b=selected[1])
+        out.append(
+            dcc.Link("Compare these two runs' dictionaries", href=link, id="runs-to-compare")
+        )
     logs = {s["name"]: s["log"] for s in summaries if s["log"]}
     if logs:
         out.append(dcc.Graph(id="runs-curves", figure=curves_figure(logs)))
