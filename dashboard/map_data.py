@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import base64
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from dashboard.data import NotFound, Workspace
+from dashboard.data import Workspace
 from hooks.errors import UserError
 
 JOINED = "features.parquet"  # RUN/geometry/features.parquet: per-latent cluster ids
@@ -33,7 +34,7 @@ class MapData:
     y: np.ndarray  # (N,) float32
     density: np.ndarray | None  # (N,)
     clusters: dict[str, np.ndarray]  # colour key -> (N,) cluster id, -1 for none
-    store: object | None  # the FeatureStore for labels and search, if the run has one
+    open_store: Callable[[], object] | None  # the run's FeatureStore (labels, search), if any
     encoded: dict = field(default_factory=dict)  # the typed arrays, encoded once
     y_order: np.ndarray | None = None  # (N,) points by y, for lasso tests
 
@@ -42,8 +43,17 @@ class MapData:
         """The colourings this run offers, in dropdown order."""
         keys = [k for k in CATEGORIES if k in self.clusters]
         keys += ["density"] if self.density is not None else []
-        keys += [SEARCH] if self.store is not None else []
+        keys += [SEARCH] if self.has_store else []
         return keys or ["plain"]
+
+    @property
+    def has_store(self) -> bool:
+        return self.open_store is not None
+
+    @property
+    def store(self):
+        """The FeatureStore, opened on first use (the map draws without it), or None."""
+        return None if self.open_store is None else self.open_store()
 
     def index(self, feature: int) -> int | None:
         """The point of a latent, or None where the map leaves it out (a dead latent)."""
@@ -67,16 +77,14 @@ def load_map(ws: Workspace, run: str) -> MapData:
     """The run's map, read once (and again when `saewb geometry` or `saewb analyze` rewrites
     its parts). No map raises NotFound naming `saewb geometry RUN --only map`."""
     result = ws.result(run, "map")
-    try:
-        store = ws.store(run)
-    except NotFound:
-        store = None
+    manifest = ws.path(run) / "features" / "manifest.json"
     joined = ws.path(run) / "geometry" / JOINED
-    key = (result, store, _stamp(joined))
+    key = (result, _stamp(manifest), _stamp(joined))
     with _lock:
         cached = _maps.get(str(result.folder))
-        if cached is not None and all(a is b or a == b for a, b in zip(cached[0], key)):
+        if cached is not None and cached[0][0] is result and cached[0][1:] == key[1:]:
             return cached[1]
+    open_store = (lambda: ws.store(run)) if key[1] is not None else None
     coords = result.table("coords")
     feature = coords["feature"].astype(np.int64)
     x, y = coords["x"].astype(np.float32), coords["y"].astype(np.float32)
@@ -85,8 +93,8 @@ def load_map(ws: Workspace, run: str) -> MapData:
     density = coords.get("density")
     if density is not None:
         density = density[keep].astype(np.float64)
-    elif store is not None:
-        density = store.features.column("density").to_numpy()[feature]
+    elif open_store is not None:
+        density = open_store().features.column("density").to_numpy()[feature]
     clusters = {}
     if key[2] is not None:
         table = pq.read_table(joined)
@@ -97,12 +105,21 @@ def load_map(ws: Workspace, run: str) -> MapData:
             full = np.full(max(int(feature.max(initial=0)), int(ids.max(initial=0))) + 1, -1)
             full[ids] = table.column(name).to_numpy(zero_copy_only=False)
             clusters[name] = full[feature].astype(np.int64)
-    data = MapData(feature, x, y, density, clusters, store)
+    data = MapData(feature, x, y, density, clusters, open_store)
     data.encoded = dict(x=typed(x), y=typed(y))
     data.y_order = np.argsort(y, kind="stable")
     with _lock:
         _maps[str(result.folder)] = key, data
+    if open_store is not None:  # open the store while the browser draws (seconds at 65k)
+        threading.Thread(target=_warm, args=(open_store,), daemon=True).start()
     return data
+
+
+def _warm(open_store: Callable) -> None:
+    try:
+        open_store()
+    except UserError:  # e.g. a store of another SAE: the hover that needs it says so
+        pass
 
 
 def typed(values: np.ndarray) -> dict:
@@ -209,9 +226,10 @@ def inside(data: MapData, selection: dict | None) -> np.ndarray:
 def labels(data: MapData, features) -> list[str]:
     """The store's labels of some latents ('' where the run has no store)."""
     features = np.asarray(features, dtype=np.int64)
-    if data.store is None:
+    store = data.store
+    if store is None:
         return [""] * len(features)
-    return [s or "" for s in data.store.features.column("label").take(features).to_pylist()]
+    return [s or "" for s in store.features.column("label").take(features).to_pylist()]
 
 
 def point_feature(data: MapData, event: dict | None) -> int | None:

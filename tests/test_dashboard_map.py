@@ -254,13 +254,18 @@ def _mouse(duo):
 
 
 @browser_only
-def test_browser_click_a_point_opens_its_feature(duo, folder):
+def test_browser_hover_and_click_a_point_opens_its_feature(duo, ws, folder):
     coords = folder[1]
     _open_map(duo)
     i = list(coords["feature"]).index(3)
     px, py = _pixel(duo, float(coords["x"][i]), float(coords["y"][i]))
     actions = _mouse(duo)
-    actions.pointer_action.move_to_location(int(px), int(py)).pause(0.3).click()
+    actions.pointer_action.move_to_location(int(px), int(py))
+    actions.perform()
+    label = ws.store(PLANTED).feature(3)["label"]
+    duo.wait_for_contains_text("#map-tooltip", f"#3 {label}".strip())  # hover: id and label
+    actions = _mouse(duo)
+    actions.pointer_action.click()
     actions.perform()
     duo.wait_for_contains_text("h2", "Feature 3")
     assert "/feature/3?run=planted%2Frun" in duo.driver.current_url

@@ -213,8 +213,9 @@ def _focus(ws: Workspace, data: MapData, focus) -> tuple[int | None, list]:
     except ValueError:
         return None, [f"{str(focus)[:40]!r} is not a feature id (a whole number)."]
     if data.index(feature) is None:
-        if data.store is not None and not 0 <= feature < data.store.n_latents:
-            rule = f"this SAE has features 0..{data.store.n_latents - 1}"
+        store = data.store
+        if store is not None and not 0 <= feature < store.n_latents:
+            rule = f"this SAE has features 0..{store.n_latents - 1}"
         else:
             rule = "the map leaves out latents that never fired"
         return None, [f"Feature {feature} is not on this map; {rule}."]
@@ -247,7 +248,8 @@ def layout(
             ],
             className="page",
         )
-    data = load_map(ws, name)
+    method = ws.result(name, "map").summary.get("method", "map")
+    data = load_map(ws, name)  # last of the Workspace calls: it starts opening the store
     feature, problems = _focus(ws, data, focus)
     key = color or data.keys[0]
     if key not in data.keys:
@@ -256,8 +258,6 @@ def layout(
         )
         key = data.keys[0]
     figure, caption = map_figure(data, key, q, feature)
-    summary = ws.result(name, "map").summary
-    method = summary.get("method", "map")
     options = [{"label": CATEGORIES.get(k, k), "value": k} for k in data.keys]
     parts = [
         _header(name),
@@ -297,12 +297,14 @@ def layout(
                     type="text",
                     value=q or "",
                     debounce=True,
-                    disabled=data.store is None,
-                    placeholder="label or token, e.g. Paris" if data.store else "no feature store",
+                    disabled=not data.has_store,
+                    placeholder="label or token, e.g. Paris"
+                    if data.has_store
+                    else "no feature store",
                 ),
                 html.Span(caption, id="map-caption", className="muted"),
             ],
-            className="search-row",
+            className="search-row map-controls",
         ),
         dcc.Store(id="map-run", data=name),
         dcc.Store(id="map-selection"),
