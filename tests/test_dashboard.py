@@ -423,6 +423,7 @@ def test_browser_prompt_view_click_a_token_and_follow_a_feature(duo):
     tokens = duo.driver.find_elements("css selector", "#prompt-tokens .tok-click")
     next(t for t in tokens if t.text == " Paris").click()
     duo.wait_for_contains_text("#prompt-token-features", "' Paris'")
+    screenshot(duo, "prompt")
     duo.find_element("#prompt-token-features a").click()
     duo.wait_for_contains_text("h2", "Feature 0")
     assert_no_console_errors(duo)

@@ -177,6 +177,7 @@ def test_compare_a_run_with_itself_is_identical_and_seeded(tmp_path_factory, tok
     inputs = Inputs(run, 500, progress=False)  # one model load for both sides and both calls
     first = cmp.compare(run, run, inputs, inputs, n_tokens=500, anchors=20, progress=False)
     s = first.summary
+    assert s["run_a"] == s["run_b"] == str(path)  # the dashboard's compare page checks them
     assert s["hungarian"]["above_0.9"] == 1.0 and s["many_to_one"]["above_0.9"] == 1.0
     assert s["codes"]["cka"] == pytest.approx(1.0) and s["codes"]["svcca"] == pytest.approx(1.0)
     assert s["codes"]["relative"]["mean_cos"] == pytest.approx(1.0)

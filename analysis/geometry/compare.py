@@ -275,6 +275,7 @@ def compare(
     bar.update()
     wide = "a" if len(W_a) > len(W_b) else "b"
     summary = dict(
+        run_a=str(run_a.path), run_b=str(run_b.path),  # the page checks which runs these were
         n_latents=[len(W_a), len(W_b)], hungarian=dict(_shares(cos), method=method,
         mean_cos=float(cos.mean())), many_to_one=dict(_shares(cos_ab if wide == "a" else cos_ba),
         wider=wide), best_match_a=_shares(cos_ab), best_match_b=_shares(cos_ba),
