@@ -166,22 +166,6 @@ def _methods(args, run) -> dict[str, tuple[list, list[dict]]]:
     return methods
 
 
-def _neutral(args, run, tokenizer):
-    """(B, T) ids of neutral text: --neutral, else 4 held-out windows, else the built-in text."""
-    import itertools
-
-    from analysis.steering.frontier import NEUTRAL_TEXT
-    from hooks.windows import stack
-
-    if args.neutral is None:
-        windows = list(itertools.islice(run.heldout_windows(tokenizer), 4))
-        if windows:
-            return stack(windows)[0].to(args.device), f"{len(windows)} held-out windows"
-    text = args.neutral or NEUTRAL_TEXT
-    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(args.device)
-    return ids, "the given neutral text" if args.neutral else "the built-in neutral text"
-
-
 def cmd_steer(args: argparse.Namespace) -> dict:
     from analysis.run import open_run
     from hooks.paths import atomic_write_json
@@ -195,8 +179,10 @@ def cmd_steer(args: argparse.Namespace) -> dict:
     methods = _methods(args, run)
     loaded = run.load_model(args.device, progress=False)
     model, tokenizer, sae = loaded.model.eval(), loaded.tokenizer, run.sae.eval()
-    neutral, neutral_from = _neutral(args, run, tokenizer)
     from analysis.steering.interventions import Steering
+    from analysis.steering.steer_prompt import neutral_ids
+
+    neutral, neutral_from = neutral_ids(run, tokenizer, args.device, args.neutral)
 
     for raw, _ in methods.values():  # every method's bad input is refused before any work
         Steering(model, run.site, raw, sae)
@@ -219,34 +205,23 @@ def cmd_steer(args: argparse.Namespace) -> dict:
 
 def _single(args, model, tokenizer, sae, site, methods, neutral, neutral_from) -> dict:
     """Baseline and steered generation with every method's edits at once, and the metrics."""
-    from analysis.steering.frontier import target_ids
-    from analysis.steering.interventions import Steering
-    from analysis.steering.metrics import generate, next_token_kl, perplexity, target_shift
+    from analysis.steering.steer_prompt import steer_prompt
 
     edits = [edit for raw, _ in methods.values() for edit in raw]
-    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(args.device)  # (1, T)
-    steering = Steering(model, site, edits, sae, args.positions, ids.shape[1])
-    kw = dict(max_new=args.max_new, sample=args.sample, seed=args.seed)
-    result = {}
-    for name, steer in (("baseline", None), ("steered", steering)):
-        out = generate(model, ids, steer, **kw)
-        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        result[name] = dict(text=text, perplexity=perplexity(model, out, ids.shape[1]))
-    metrics = dict(kl=next_token_kl(model, neutral, Steering(model, site, edits, sae)))
-    if args.target:
-        wanted = target_ids(tokenizer, args.target)
-        every = Steering(model, site, edits, sae)
-        metrics.update(targets=args.target, target_ids=wanted)
-        metrics["target_shift"] = target_shift(model, ids, every, wanted)
+    out = steer_prompt(
+        model, tokenizer, sae, site, edits, args.prompt, neutral, args.target or None,
+        positions=args.positions, max_new=args.max_new, sample=args.sample, seed=args.seed,
+    )  # fmt: skip
+    metrics = out["metrics"]
     print(f"prompt    {args.prompt}")
     for name in ("baseline", "steered"):
-        print(f"{name:9s} {result[name]['text'].strip()}")
-    print(f"perplexity (fluency, unsteered model): baseline {result['baseline']['perplexity']:.2f}, "
-          f"steered {result['steered']['perplexity']:.2f}")  # fmt: skip
+        print(f"{name:9s} {out[name]['text'].strip()}")
+    print(f"perplexity (fluency, unsteered model): baseline {out['baseline']['perplexity']:.2f}, "
+          f"steered {out['steered']['perplexity']:.2f}")  # fmt: skip
     print(f"KL on {neutral_from}: {metrics['kl']:.4f}")
     if args.target:
         print(f"target probability shift {metrics['target_shift']:+.4f}")
-    return dict(**result, metrics=metrics)
+    return out
 
 
 def _sweep(args, run, model, tokenizer, sae, methods, strengths, neutral, common) -> dict:

@@ -12,6 +12,8 @@ At each strength s the interventions `edits_at(s)` are applied and three numbers
   kl            mean KL(unsteered || steered) of the next-token distribution over every position
                 of the neutral ids: the side effect
 The probability shift and the KL steer every position; `positions` applies to the generations.
+A set `cancel` event (threading.Event) stops the sweep with Cancelled, between strengths and
+during each generation; `report(done, total)` hears the strengths finished so far.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from analysis.steering.interventions import Intervention, Steering
-from analysis.steering.metrics import contains, generate, log_probs
+from analysis.steering.metrics import check_cancel, contains, generate, log_probs
 from hooks.errors import UserError
 
 # Plain prose with no one topic: the side effect is measured where nothing should change.
@@ -76,6 +78,8 @@ def frontier(
     samples: int = 1,
     seed: int = 0,
     progress: bool = False,
+    cancel=None,
+    report: Callable[[int, int], None] | None = None,
 ) -> dict:
     """The curve of one steering method over `strengths` (see the module's docstring). `neutral`
     is (B, T) token ids. Greedy decoding makes one generation a prompt; sampling makes
@@ -101,7 +105,7 @@ def frontier(
         texts = []
         for ids in encoded:
             for s in seeds:
-                out = generate(model, ids, make_steering(ids), max_new, sample, s)
+                out = generate(model, ids, make_steering(ids), max_new, sample, s, cancel=cancel)
                 texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
         return texts
 
@@ -110,7 +114,10 @@ def frontier(
     base_texts = generations(lambda ids: None)
     curve = dict(strengths=strengths, target_prob=[], target_shift=[], contains=[], kl=[])
     curve["examples"] = []
-    for s in tqdm(strengths, desc="sweep", disable=not progress):
+    for i, s in enumerate(tqdm(strengths, desc="sweep", disable=not progress)):
+        check_cancel(cancel)
+        if report is not None:
+            report(i, len(strengths))
         edits = edits_at(s)
         steering = Steering(model, site, edits, sae)
         prob = target_prob(steering)
@@ -124,6 +131,8 @@ def frontier(
         curve["contains"].append(float(np.mean([contains(t, targets) for t in texts])))
         curve["kl"].append(float(kl))
         curve["examples"].append(texts[0])
+    if report is not None:
+        report(len(strengths), len(strengths))
     curve["baseline"] = dict(
         target_prob=base_prob,
         contains=float(np.mean([contains(t, targets) for t in base_texts])),

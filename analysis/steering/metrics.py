@@ -4,6 +4,9 @@ kl          mean KL(unsteered || steered) of the next-token distribution on neut
 target      the shift of the target tokens' total probability at the prompt's last position
 perplexity  of a generation under the unsteered model: a fluency proxy
 contains    whether a generated text holds any of the target words
+
+Long steps take an optional `cancel` (a threading.Event): generation checks it after every
+token and a set event raises Cancelled.
 """
 
 from __future__ import annotations
@@ -13,6 +16,39 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from hooks.errors import UserError
+
+
+class Cancelled(UserError):
+    """Steering work stopped because its caller set the cancel event."""
+
+
+def check_cancel(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("The steering run was cancelled.")
+
+
+def _watch(cancel, on_token):
+    """A transformers StoppingCriteria, called after every generated token: it stops the
+    generation once `cancel` is set, and reports the count of new tokens to `on_token`."""
+    from transformers import StoppingCriteria
+
+    class Watch(StoppingCriteria):
+        def __init__(self):
+            self.start = None
+
+        def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
+            if self.start is None:  # the first call follows the first new token
+                self.start = input_ids.shape[1] - 1
+            if on_token is not None:
+                on_token(input_ids.shape[1] - self.start)
+            stop = cancel is not None and cancel.is_set()
+            return torch.full(
+                (input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device
+            )
+
+    return Watch()
 
 
 @torch.no_grad()
@@ -24,11 +60,19 @@ def generate(
     sample: bool = False,
     seed: int = 0,
     temperature: float = 1.0,
+    cancel=None,
+    on_token=None,
 ) -> Tensor:
-    """(1, T + new) greedy or seeded sampled continuation of (1, T) ids, steered if given."""
+    """(1, T + new) greedy or seeded sampled continuation of (1, T) ids, steered if given.
+    A set `cancel` event raises Cancelled (checked after every token); `on_token(n)` hears the
+    number of new tokens so far."""
+    check_cancel(cancel)
+    watch = {}
+    if cancel is not None or on_token is not None:
+        watch = dict(stopping_criteria=[_watch(cancel, on_token)])
     torch.manual_seed(seed)
     with steering if steering is not None else contextlib.nullcontext():
-        return model.generate(
+        out = model.generate(
             ids,
             max_new_tokens=max_new,
             do_sample=sample,
@@ -36,7 +80,10 @@ def generate(
             top_p=None,
             top_k=None,
             pad_token_id=getattr(model.config, "pad_token_id", None) or 0,
+            **watch,
         )
+    check_cancel(cancel)
+    return out
 
 
 @torch.no_grad()
