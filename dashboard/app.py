@@ -20,13 +20,13 @@ from dash import Dash, Input, Output, dcc, html
 
 from dashboard.components import href, not_found, note
 from dashboard.data import NotFound, Workspace
-from dashboard.pages import browser, compare, feature, geometry, prompt, runs
+from dashboard.pages import browser, compare, feature, geometry, prompt, runs, steer
 from dashboard.pages import map as map_page  # not the builtin
 from hooks.errors import UserError
 
 log = logging.getLogger("saewb.dashboard")
 
-PAGES = [runs, browser, feature, map_page, geometry, prompt, compare]
+PAGES = [runs, browser, feature, map_page, geometry, prompt, compare, steer]
 NAV = (("/map", "Map"), ("/geometry", "Geometry"), ("/prompt", "Prompt"), ("/steer", "Steer"))
 # The only query parameters pages receive (each page takes the ones it knows as keywords).
 QUERY_KEYS = ("run", "q", "mode", "focus", "color", "a", "b", "feature", "vector")
