@@ -39,28 +39,32 @@ STATUS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # -- the page ------------------------------------------------------------------------------------
 
 
-def _row(i: int, feature, value: str, units: str) -> html.Tr:
-    return html.Tr(
-        [
-            html.Td(
-                dcc.Input(
-                    id=f"steer-feature-{i}", type="text", value=feature, placeholder="id", size="6"
-                )
-            ),
-            html.Td(
-                dcc.Input(
-                    id=f"steer-value-{i}",
-                    type="text",
-                    value=value,
-                    placeholder="strength",
-                    size="8",
-                )
-            ),
-            html.Td(dcc.Dropdown(MODES, "add", id=f"steer-mode-{i}", clearable=False)),
-            html.Td(dcc.Dropdown(UNITS, units, id=f"steer-units-{i}", clearable=False)),
-        ],
-        id=f"steer-row-{i}",
-    )
+def _row(i: int, feature, value: str, units: str) -> list:
+    """The cells of feature row i (components.table wraps them in their <tr>)."""
+    return [
+        html.Td(
+            dcc.Input(
+                id=f"steer-feature-{i}",
+                type="text",
+                value=feature,
+                placeholder="id",
+                size="6",
+                className="steer-short",
+            )
+        ),
+        html.Td(
+            dcc.Input(
+                id=f"steer-value-{i}",
+                type="text",
+                value=value,
+                placeholder="strength",
+                size="8",
+                className="steer-short",
+            )
+        ),
+        html.Td(dcc.Dropdown(MODES, "add", id=f"steer-mode-{i}", clearable=False)),
+        html.Td(dcc.Dropdown(UNITS, units, id=f"steer-units-{i}", clearable=False)),
+    ]
 
 
 def _saved(ws: Workspace, run: str, saved: dict) -> html.Div:
@@ -135,7 +139,15 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
                 placeholder="none saved" if none else "none",
             )
         ),
-        html.Td(dcc.Input(id="steer-vector-value", type="text", placeholder="its norm", size="8")),
+        html.Td(
+            dcc.Input(
+                id="steer-vector-value",
+                type="text",
+                placeholder="its norm",
+                size="8",
+                className="steer-short",
+            )
+        ),
         html.Td(dcc.Dropdown(VECTOR_MODES, "add", id="steer-vector-mode", clearable=False)),
     ]
     if none:
@@ -195,7 +207,12 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
             html.Label(
                 [
                     "target words ",
-                    dcc.Input(id="steer-targets", type="text", placeholder="dog, cat", size="24"),
+                    dcc.Input(
+                        id="steer-targets",
+                        type="text",
+                        placeholder="dog, cat",
+                        className="steer-mid",
+                    ),
                     html.Span(
                         " comma-separated; each gets a leading space unless quoted: 'dog'",
                         className="muted",
@@ -211,7 +228,10 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
                         inline=True,
                     ),
                     dcc.Input(
-                        id="steer-strengths", type="text", value=DEFAULT_STRENGTHS, size="18"
+                        id="steer-strengths",
+                        type="text",
+                        value=DEFAULT_STRENGTHS,
+                        className="steer-mid",
                     ),
                     html.Span("multipliers of each strength", className="muted"),
                 ],
@@ -255,10 +275,10 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
 # -- callbacks -----------------------------------------------------------------------------------
 
 
-def submit(ws: Workspace, target: dict, prompt, rows, *options):
+def submit(ws: Workspace, target: dict, prompt, rows, *options, **named):
     """Check the input and start the job: (job, poll disabled?, status, run disabled?, cancel
     disabled?). Bad input raises UserError, which the guard shows as a message."""
-    request = check_request(ws, target["run"], prompt, rows, *options)
+    request = check_request(ws, target["run"], prompt, rows, *options, **named)
     status = {"text": "queued…"}
     job = ws.jobs.submit(steer_job, ws, request, status, cancellable=True)
     jobs = STATUS.setdefault(ws, OrderedDict())
@@ -351,4 +371,3 @@ def register(app, ws: Workspace, guard) -> None:
             Input(f"steer-saved-{kind}", "value"),
             State("steer-target", "data"),
         )(guard(lambda name, target, kind=kind: saved_view(ws, target["run"], kind, name)))
-
