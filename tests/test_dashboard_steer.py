@@ -288,6 +288,25 @@ def test_cancel_through_the_jobs_stops_a_slow_generation(ws, forwards):
     assert forwards.n < 150  # stopped well before its 200 tokens
 
 
+def test_the_jobs_limit_caps_concurrent_requests(ws, forwards):
+    gate = threading.Event()
+    forwards.action = lambda n: gate.wait(30)  # every job holds until the gate opens
+    submit = guard(lambda: steer.submit(ws, {"run": PLANTED}, PROMPT, [DOWN], max_new=200),
+                   fallback=(no_update, True, None, False, True))  # fmt: skip
+    jobs = [submit()[0] for _ in range(4)]
+    assert all(isinstance(job, str) for job in jobs)
+    refused = submit()
+    assert refused[0] is no_update and "busy with 4 requests (the limit is 4)" in _json(refused[2])
+    for job in jobs:
+        assert steer.cancel(ws, job) == "Cancelling…"
+    gate.set()
+    deadline = time.monotonic() + 60
+    for job in jobs:
+        with pytest.raises(Cancelled):
+            while not ws.jobs.poll(job)[0] and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+
 # -- sweeps and saved outputs --------------------------------------------------------------------
 
 
