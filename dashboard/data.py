@@ -135,6 +135,7 @@ class Workspace:
         self._runs: dict[str, Path] = {}
         self._scanned = -1e9
         self._stores: dict[str, tuple[float, FeatureStore]] = {}
+        self._opening: dict[str, threading.Lock] = {}  # per store: opening one takes seconds
         self._token_html: dict[str, tuple[FeatureStore, tuple[list[str], list[str]]]] = {}
         self._probes: dict[str, object] = {}
         self._models: dict[tuple[str, str], object] = {}  # (model, model dtype)
@@ -218,6 +219,8 @@ class Workspace:
             )
         stamp = manifest.stat().st_mtime
         with self._lock:
+            opening = self._opening.setdefault(str(path), threading.Lock())
+        with opening:  # one open per store, and requests for other runs need not wait for it
             cached = self._stores.get(str(path))
             if cached is None or cached[0] != stamp:
                 cached = stamp, FeatureStore(path / "features")

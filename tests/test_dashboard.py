@@ -388,7 +388,9 @@ def _finish(ws, job):
 
 
 def test_prompt_view_ranks_the_features_that_fire_by_their_max(ws):
-    job, poll_disabled, _, button_disabled = prompt.submit(ws, PLANTED, "We saw Paris, France, Monday")
+    job, poll_disabled, _, button_disabled = prompt.submit(
+        ws, PLANTED, "We saw Paris, France, Monday"
+    )
     assert poll_disabled is False and button_disabled is True
     output, codes = _finish(ws, job)
     text = _json(output)
@@ -427,3 +429,35 @@ def test_browser_prompt_view_click_a_token_and_follow_a_feature(duo):
     duo.find_element("#prompt-token-features a").click()
     duo.wait_for_contains_text("h2", "Feature 0")
     assert_no_console_errors(duo)
+
+
+def test_opening_a_store_does_not_hold_up_other_requests(folder, monkeypatch):
+    """Opening a big store takes seconds; meanwhile other requests (the run list) still answer."""
+    import threading
+
+    from dashboard import data
+
+    ws = Workspace(folder[0])
+    opened, release = threading.Event(), threading.Event()
+    real = data.FeatureStore
+
+    def slow_store(path):
+        opened.set()
+        release.wait(10)
+        return real(path)
+
+    monkeypatch.setattr(data, "FeatureStore", slow_store)
+    opener = threading.Thread(target=ws.store, args=(PLANTED,))
+    opener.start()
+    assert opened.wait(10)
+    answered = threading.Event()
+    other = threading.Thread(target=lambda: (ws._scan(), ws.runs(), answered.set()))
+    ws._scanned = -1e9
+    other.start()
+    try:
+        assert answered.wait(5), "the run list waited for a store to open"
+    finally:
+        release.set()
+        opener.join()
+        other.join()
+    assert ws.store(PLANTED) is ws.store(PLANTED)
