@@ -8,8 +8,8 @@ building the page and serialising it.
                  10 x 5 interval samples: about 70 highlighted 32-token contexts)
   grid block     one 100-row block of the feature grid, sorted by density (descending)
   grid search    the same block filtered to latents whose top examples fire on one token
-With `--served FOLDER --run NAME` it also times the part-2 pages (the geometry, compare, prompt
-and steering pages' first loads through the router) on a real run that has `saewb geometry`,
+With `--served FOLDER --run NAME` it times the part-2 pages instead (the map, geometry,
+compare, prompt and steering pages' loads through the router) on a real run that has `saewb geometry`,
 `saewb compare` and steering outputs; `--compare-with NAME` names the compare page's second run.
 Prints p50/p95 per request kind and the response sizes.
 """
@@ -157,12 +157,13 @@ def part2(args) -> dict:
     client = create_app(Path(args.served)).server.test_client()
     run, n = args.run, max(args.requests // 10, 10)
     pages = {
-        "geometry page": ("/geometry", f"?run={run}", "Eigenvalue spectrum"),
+        "map page": ("/map", f"?run={run}", "map-graph"),
+        "geometry page": ("/geometry", f"?run={run}", "galaxy-spectrum"),
         "prompt page": ("/prompt", f"?run={run}", "prompt-text"),
         "steering page": ("/steer", f"?run={run}", "steer-prompt"),
     }
     if args.compare_with:
-        pages["compare page"] = ("/compare", f"?a={run}&b={args.compare_with}", "compare-")
+        pages["compare page"] = ("/compare", f"?a={run}&b={args.compare_with}", "compare-histogram")
     return {
         name: timed(client, [router_payload(path, search)] * n, check)
         for name, (path, search, check) in pages.items()
