@@ -294,8 +294,10 @@ def test_http_layer_answers_without_errors(ws):
 
 
 @pytest.fixture
-def duo(dash_duo, ws):
-    return serve_in_browser(dash_duo, ws)
+def duo(dash_duo, folder):
+    """A Workspace of its own per browser test: dash_duo's teardown kills every thread started
+    while it served, the Jobs pool's workers included, which would leave later jobs queued."""
+    return serve_in_browser(dash_duo, Workspace(folder[0]))
 
 
 @browser_only
