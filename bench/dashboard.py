@@ -78,6 +78,19 @@ def timed(client, payloads: list[dict], check: str) -> dict:
     )
 
 
+def synthetic_run(run: Path, latents: int, examples: int, intervals: bool) -> None:
+    """A run folder with a synthetic store (bench/analyze.py), kept if it is already there."""
+    from analyze import synthetic_store
+
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "run.json").write_text(json.dumps({"model": "smollm2-135m", "site": "resid_post.3"}))
+    manifest = run / "features" / "manifest.json"
+    if not manifest.exists() or json.loads(manifest.read_text())["n_latents"] != latents:
+        start = time.perf_counter()
+        synthetic_store(run / "features", latents, examples, intervals=intervals)
+        print(f"store of {latents:,} latents written in {time.perf_counter() - start:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latents", type=int, default=32768)
@@ -95,22 +108,11 @@ def main() -> None:
         report(record["results"])
         return
 
-    from analyze import synthetic_store
-
     from dashboard.app import create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = args.folder or tmp
-        run = Path(tmp) / "bench"
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "run.json").write_text(json.dumps({"model": "smollm2-135m", "site": "resid_post.3"}))
-        manifest = run / "features" / "manifest.json"
-        if not manifest.exists() or json.loads(manifest.read_text())["n_latents"] != args.latents:
-            start = time.perf_counter()
-            synthetic_store(run / "features", args.latents, 20, intervals=True)
-            print(
-                f"store of {args.latents:,} latents written in {time.perf_counter() - start:.0f} s"
-            )
+        synthetic_run(Path(tmp) / "bench", args.latents, 20, intervals=True)
         client = create_app(Path(tmp)).server.test_client()
         rng = np.random.default_rng(0)
         ids = rng.integers(0, args.latents, args.requests)

@@ -130,8 +130,6 @@ def main() -> None:
     parser.add_argument("--folder", help="keep the synthetic run here and reuse it next time")
     args = parser.parse_args()
 
-    from analyze import synthetic_store
-
     from dashboard import map_data
     from dashboard.app import create_app
 
@@ -143,15 +141,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = args.folder or tmp
         run = Path(tmp) / "bench"
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "run.json").write_text(json.dumps({"model": "smollm2-135m", "site": "resid_post.3"}))
-        manifest = run / "features" / "manifest.json"
-        if not manifest.exists() or json.loads(manifest.read_text())["n_latents"] != args.latents:
-            start = time.perf_counter()
-            synthetic_store(run / "features", args.latents, 10, intervals=False)
-            print(
-                f"store of {args.latents:,} latents written in {time.perf_counter() - start:.0f} s"
-            )
+        bench_dashboard.synthetic_run(run, args.latents, 10, intervals=False)
         plant_geometry(run, args.latents)
         load = router_payload("/map", "?run=bench")
 

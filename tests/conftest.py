@@ -263,6 +263,16 @@ def screenshot(duo, name: str) -> None:
     duo.driver.save_screenshot(str(screenshot_path(name)))
 
 
+def component_json(component) -> str:
+    """A Dash component tree as the JSON the browser gets (Dash's own encoder, numpy arrays
+    included), with non-ASCII text and '/' left readable, for asserting on what a page shows."""
+    import json
+
+    from dash._utils import to_json
+
+    return json.dumps(json.loads(to_json(component)), ensure_ascii=False)
+
+
 def assert_no_console_errors(duo) -> None:
     errors = [e for e in duo.get_logs() or [] if e.get("level") == "SEVERE"]
     assert errors == [], errors

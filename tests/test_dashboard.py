@@ -15,6 +15,7 @@ import pytest
 from conftest import (
     assert_no_console_errors,
     browser_only,
+    component_json,
     screenshot,
     screenshot_path,
     serve_in_browser,
@@ -66,8 +67,7 @@ def ws(folder):
     return Workspace(folder[0])
 
 
-def _json(component) -> str:
-    return json.dumps(component.to_plotly_json(), default=lambda o: o.to_plotly_json())
+_json = component_json
 
 
 # -- data access -----------------------------------------------------------------------------

@@ -12,11 +12,11 @@ import pytest
 from conftest import (
     assert_no_console_errors,
     browser_only,
+    component_json,
     screenshot,
     screenshot_path,
     serve_in_browser,
 )
-from dash._utils import to_json
 
 from analysis.geometry.galaxy import galaxy_by_layer, power_law_fit
 from analysis.geometry.results import Result, write_result
@@ -155,9 +155,7 @@ def ws(served):
     return Workspace(served[0])
 
 
-def _json(component) -> str:
-    """The component as the browser gets it (Dash's encoder), with '/' left unescaped."""
-    return json.dumps(json.loads(to_json(component)), ensure_ascii=False)
+_json = component_json
 
 
 def _find(component, id: str):

@@ -9,7 +9,13 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import assert_no_console_errors, browser_only, screenshot, serve_in_browser
+from conftest import (
+    assert_no_console_errors,
+    browser_only,
+    component_json,
+    screenshot,
+    serve_in_browser,
+)
 
 from analysis.geometry.pipeline import join_features
 from analysis.geometry.results import Result, write_result
@@ -74,8 +80,7 @@ def ws(folder):
     return Workspace(folder[0])
 
 
-def _json(component) -> str:
-    return json.dumps(component.to_plotly_json(), default=lambda o: o.to_plotly_json())
+_json = component_json
 
 
 def _colours(figure: dict) -> np.ndarray:

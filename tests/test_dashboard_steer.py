@@ -5,7 +5,6 @@ cancellation, sweeps, saved outputs, and the page in a real browser."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -13,7 +12,13 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import assert_no_console_errors, browser_only, screenshot, serve_in_browser
+from conftest import (
+    assert_no_console_errors,
+    browser_only,
+    component_json,
+    screenshot,
+    serve_in_browser,
+)
 from dash import no_update
 
 from analysis.run import open_run
@@ -86,8 +91,7 @@ def ws(folder):
     return Workspace(folder[0])
 
 
-def _json(component) -> str:
-    return json.dumps(component.to_plotly_json(), default=lambda o: o.to_plotly_json())
+_json = component_json
 
 
 def _find(component, id: str):
