@@ -33,6 +33,20 @@ def note(text: str | list, kind: str = "info", id: str | None = None) -> html.Di
     return html.Div(text, className=f"note note-{kind}", **extra)
 
 
+MAX_TEXT_CHARS = 4000  # the longest text a page sends to the model
+
+
+def start_text_job(ws, run: str, text: str | None, empty: str, fn, *args) -> tuple:
+    """Check a user's text and start fn(*args, text) in the background, as (job, poll
+    disabled?, status, button disabled?); `empty` is the status when there is no text."""
+    if not text or not text.strip():
+        return no_update, True, empty, False
+    if len(text) > MAX_TEXT_CHARS:
+        return no_update, True, f"That text is too long; keep it under {MAX_TEXT_CHARS:,} characters.", False  # fmt: skip
+    ws.path(run)  # an unknown run is refused before any work starts
+    return ws.jobs.submit(fn, *args, text), False, "Running the model…", True
+
+
 def poll_job(ws, job: str | None) -> tuple:
     """A polled background job (Workspace.jobs) as (output, poll disabled?, status, button
     disabled?): no_update while it runs, its result once done, a message if it failed."""

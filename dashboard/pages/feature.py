@@ -16,6 +16,7 @@ from dashboard.components import (
     note,
     poll_job,
     raw_html,
+    start_text_job,
     table,
     token_html,
     token_strip,
@@ -244,14 +245,8 @@ def probe_result(ws: Workspace, run: str, feature: int, text: str) -> html.Div:
 
 def submit(ws: Workspace, target: dict, text: str | None):
     """Start the model run in the background: (job, poll disabled?, status, button disabled?)."""
-    if not text or not text.strip():
-        return no_update, True, "Type some text first.", False
-    if len(text) > 4000:
-        return no_update, True, "That text is too long; keep it under 4,000 characters.", False
     run, feature = target["run"], int(target["feature"])
-    ws.path(run)  # an unknown run is refused before any work starts
-    job = ws.jobs.submit(probe_result, ws, run, feature, text)
-    return job, False, "Running the model…", True
+    return start_text_job(ws, run, text, "Type some text first.", probe_result, ws, run, feature)
 
 
 def register(app, ws: Workspace, guard) -> None:

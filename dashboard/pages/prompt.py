@@ -13,6 +13,7 @@ from dashboard.components import (
     note,
     poll_job,
     raw_html,
+    start_text_job,
     table,
     token_html,
     token_strip,
@@ -22,7 +23,6 @@ from dashboard.data import NotFound, Workspace
 PATH = "/prompt"
 TITLE = "Prompt"
 POLL_MS = 300
-MAX_CHARS = 4000
 MAX_LISTED = 100  # features listed on the page; the count says how many fired in all
 
 
@@ -142,13 +142,7 @@ def token_features(data: dict | None, index) -> html.Div:
 
 def submit(ws: Workspace, run: str, text: str | None):
     """(job, poll disabled?, status, button disabled?): start the model run in the background."""
-    if not text or not text.strip():
-        return no_update, True, "Paste some text first.", False
-    if len(text) > MAX_CHARS:
-        return no_update, True, f"That text is too long; keep it under {MAX_CHARS:,} characters.", False  # fmt: skip
-    ws.path(run)  # an unknown run is refused before any work starts
-    job = ws.jobs.submit(prompt_result, ws, run, text)
-    return job, False, "Running the model…", True
+    return start_text_job(ws, run, text, "Paste some text first.", prompt_result, ws, run)
 
 
 def register(app, ws: Workspace, guard) -> None:
