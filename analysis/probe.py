@@ -44,7 +44,7 @@ class TextCodes:
 class TextProbe:
     """One run's model and SAE in memory; `encode` may be called from several threads."""
 
-    def __init__(self, run: Run, loaded=None, device: str = "cpu"):
+    def __init__(self, run: Run, loaded=None, device: str = "cpu", lock=None):
         from hooks.sites import Capture, resolve_site, special_token_ids
 
         self.run, self.device = run, device
@@ -53,7 +53,9 @@ class TextProbe:
         self.site = resolve_site(self.loaded.model, run.site).name
         self.special = special_token_ids(self.loaded.tokenizer)
         self._capture = Capture(self.loaded.model, [self.site])
-        self._lock = threading.Lock()  # one forward at a time through the shared hooks
+        # One forward at a time through the model's hooks; runs that share one loaded model
+        # share this lock (pass it), and anything else that hooks the model takes it too.
+        self.lock = lock or threading.Lock()
 
     def encode(self, text: str, max_tokens: int = MAX_TEXT_TOKENS) -> TextCodes:
         """Tokenise as the training windows do (BOS first, if they had it) and encode every
@@ -70,7 +72,7 @@ class TextProbe:
                 f"The text is {len(ids)} tokens long; the limit here is {max_tokens} tokens."
             )
         tokens = torch.tensor([ids], device=self.device)  # (1, T)
-        with self._lock, torch.no_grad(), self._capture as capture:
+        with self.lock, torch.no_grad(), self._capture as capture:
             x = capture(tokens)[self.site][0].float()  # (T, d)
         acts, idx = encode_codes(self.sae, x)  # (T, k) each
         keep = selection.capture.keep(tokens.cpu(), self.special, [x[None].cpu()])[0]  # (T,)

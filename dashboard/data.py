@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from analysis.geometry.results import SUMMARY, read_summary, read_table
+from analysis.steering.metrics import Cancelled  # what a cancelled job raises
 from analysis.store.read import FeatureStore
 from hooks.errors import UserError
 from sae.formats import weights_file
@@ -29,10 +30,6 @@ RESCAN_SECONDS = 2.0  # runs appear while training: look again, but not on every
 
 class NotFound(UserError):
     """A run or feature the served folder does not have."""
-
-
-class Cancelled(UserError):
-    """A background job stopped because its page asked it to."""
 
 
 def is_run_dir(path: Path) -> bool:
@@ -107,6 +104,7 @@ class Jobs:
         if event is None or future is None or future.done():
             return False
         event.set()
+        future.cancel()  # a job still queued never starts
         return True
 
     def poll(self, job: str) -> tuple[bool, object]:
@@ -116,6 +114,8 @@ class Jobs:
             raise NotFound("That request expired; run it again.")
         if not future.done():
             return False, None
+        if future.cancelled():
+            raise Cancelled("Cancelled before it started.")
         return True, future.result()
 
 
@@ -315,11 +315,11 @@ class Workspace:
             if str(path) not in self._probes:
                 opened = open_run(path, device=self.device)
                 key = (opened.model, opened.selection.model_dtype)  # one copy per dtype
-                loaded = self._models.get(key)
-                if loaded is None:
+                if key not in self._models:  # (the model, the lock for every hook on it)
                     loaded = opened.load_model(self.device, progress=False)
-                    self._models[key] = loaded
-                self._probes[str(path)] = TextProbe(opened, loaded, self.device)
+                    self._models[key] = loaded, threading.Lock()
+                loaded, lock = self._models[key]
+                self._probes[str(path)] = TextProbe(opened, loaded, self.device, lock)
             return self._probes[str(path)]
 
 

@@ -9,13 +9,12 @@ import math
 import weakref
 from dataclasses import dataclass, replace
 
-from dashboard.data import Cancelled, Workspace
+from analysis.steering.interventions import MODES, POSITIONS, UNITS
+from analysis.steering.metrics import Cancelled, check_cancel
+from dashboard.data import Workspace
 from hooks.errors import UserError
 
-MODES = ("add", "clamp", "ablate", "cap", "replace")  # analysis.steering.interventions.MODES
 VECTOR_MODES = ("add", "cap", "replace")  # clamp and ablate act on an SAE latent
-UNITS = ("raw", "max")
-POSITIONS = ("all", "prompt", "generated")
 MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS = 2000, 256
 MAX_NEW, MAX_SWEEP, MAX_TARGETS = 200, 12, 8
 
@@ -194,9 +193,9 @@ _NEUTRAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # probe -> (i
 
 @contextlib.contextmanager
 def _model_turn(probe, cancel):
-    """The probe's lock while steering: its hooks would otherwise change the feature page's live
-    text (which holds the same lock) and other steering jobs on the shared model."""
-    lock = probe._lock
+    """The model's lock while steering: its hooks would otherwise change the live text of every
+    run sharing the model (which holds the same lock) and other steering jobs on it."""
+    lock = probe.lock
     while not lock.acquire(timeout=0.1):
         if cancel is not None and cancel.is_set():
             raise Cancelled("Cancelled before the model was free.")
@@ -253,14 +252,15 @@ def _edits(ws: Workspace, request: Request, probe) -> dict[str, tuple[list, list
 
 def steer_job(ws: Workspace, request: Request, status: dict, cancel=None) -> dict:
     """Generate (or sweep) as the request says; a set `cancel` raises Cancelled promptly."""
-    from analysis.steering.metrics import Cancelled as Stopped
 
-    probe = ws.probe(request.run)
+    check_cancel(cancel)
+    probe = ws.probe(request.run)  # a first load can take a while: look again after it
+    check_cancel(cancel)
     status["text"] = "waiting for the model…"
     with _model_turn(probe, cancel):
         try:
             return _steer(ws, request, probe, status, cancel)
-        except Stopped:
+        except Cancelled:
             raise Cancelled("Cancelled: the generation stopped.") from None
 
 

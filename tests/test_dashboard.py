@@ -463,3 +463,30 @@ def test_opening_a_store_does_not_hold_up_other_requests(folder, monkeypatch):
         opener.join()
         other.join()
     assert ws.store(PLANTED) is ws.store(PLANTED)
+
+
+def test_runs_that_share_a_model_share_its_lock(folder):
+    """Steering hooks the shared model: every run on it must take the one lock its live text
+    takes, or a steering job on one run would steer another run's live text."""
+    ws = Workspace(folder[0])
+    k4, k8, planted = ws.probe("sweep/k4"), ws.probe("sweep/k8"), ws.probe(PLANTED)
+    assert k4.loaded is k8.loaded and k4.lock is k8.lock
+    assert planted.lock is not k4.lock
+
+
+def test_cancelling_a_queued_job_means_it_never_starts():
+    import threading
+
+    from dashboard.data import Cancelled, Jobs
+
+    jobs, gate, ran = Jobs(workers=1), threading.Event(), []
+    first = jobs.submit(gate.wait, 10)
+    queued = jobs.submit(lambda cancel: ran.append(1), cancellable=True)
+    assert jobs.cancel(queued)
+    gate.set()
+    with pytest.raises(Cancelled, match="before it started"):
+        jobs.poll(queued)
+    deadline = time.monotonic() + 10
+    while not jobs.poll(first)[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ran == [] and jobs.poll(first) == (True, True)

@@ -305,3 +305,21 @@ def test_browser_lasso_lists_the_selected_blob(duo, folder):
     duo.driver.execute_script("window.scrollTo(0, 0)")
     screenshot(duo, "map")
     assert_no_console_errors(duo)
+
+
+def test_a_malformed_click_gets_no_500(ws):
+    from dashboard.app import create_app
+
+    app = create_app(ws)
+    client = app.server.test_client()
+    (output,) = [k for k, v in app.callback_map.items()
+                 if {"id": "map-graph", "property": "clickData"} in v["inputs"]]  # fmt: skip
+    payload = {
+        "output": output,
+        "outputs": [{"id": "url", "property": "href@" + output.split("@")[1].rstrip(".")}],
+        "inputs": [{"id": "map-graph", "property": "clickData", "value": {"points": 7}}],
+        "changedPropIds": ["map-graph.clickData"],
+        "state": [{"id": "map-run", "property": "data", "value": PLANTED}],
+    }
+    response = client.post("/_dash-update-component", json=payload)
+    assert response.status_code in (200, 204), response.data[:300]

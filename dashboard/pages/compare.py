@@ -9,6 +9,7 @@ against B and says that this is all it could check."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -180,6 +181,7 @@ def matches_part(ws: Workspace, a: str, b: str, mode: str) -> list:
 
 
 _SIDE: OrderedDict = OrderedDict()  # (folder, log stamp, eval stamp) per run -> components
+_SIDE_LOCK = threading.Lock()
 
 
 def _stamp(path) -> float | None:
@@ -196,15 +198,17 @@ def side_by_side(ws: Workspace, a: str, b: str) -> list:
     names = list(dict.fromkeys([a, b]))
     key = tuple((str(ws.path(n)), _stamp(ws.path(n) / "train_log.jsonl"),
                  _stamp(ws.path(n) / "eval.json")) for n in names)  # fmt: skip
-    if key not in _SIDE:
+    out = _SIDE.get(key)
+    if out is None:
         out = [c for c in runs.compare(ws, names) if getattr(c, "id", None) != "runs-to-compare"]
         for c in out:  # this page is where that link goes
             if isinstance(c, dcc.Graph) and hasattr(c.figure, "to_plotly_json"):
                 c.figure = c.figure.to_plotly_json()
-        _SIDE[key] = out
-        while len(_SIDE) > 16:
-            _SIDE.popitem(last=False)
-    return _SIDE[key]
+        with _SIDE_LOCK:  # requests come from several threads
+            _SIDE[key] = out
+            while len(_SIDE) > 16:
+                _SIDE.popitem(last=False)
+    return out
 
 
 def picker(ws: Workspace, a, b) -> html.Div:

@@ -399,11 +399,11 @@ def register(app, ws: Workspace, guard) -> None:
         prevent_initial_call=True,
     )
     app.callback(
-        Output("url", "href", allow_duplicate=True),
+        [Output("url", "href", allow_duplicate=True)],  # a list: guard's fallback is a tuple
         Input("map-graph", "clickData"),
         State("map-run", "data"),
         prevent_initial_call=True,
-    )(lambda event, run: click(ws, run, event))
+    )(guard(lambda event, run: (click(ws, run, event),), fallback=(no_update,)))
     app.clientside_callback(
         URL_JS,
         Output("map-url-sink", "children"),

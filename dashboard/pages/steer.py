@@ -101,7 +101,7 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
         )
     if feature is not None:
         try:
-            whole(feature, "The feature id in the URL", 0, int(summary["latents"]) - 1)
+            whole(feature, "The feature id in the URL", 0, int(summary["latents"] or 0) - 1)
         except UserError as exc:
             notes.append(note(str(exc), "error", id="steer-preset-error"))
             feature = None
