@@ -62,7 +62,6 @@ class MapData:
 
 
 _maps: dict[str, tuple[tuple, MapData]] = {}
-_search: dict[int, tuple[object, dict]] = {}
 _lock = threading.Lock()
 
 
@@ -152,41 +151,13 @@ def decode(array: dict) -> np.ndarray:
 # -- search -------------------------------------------------------------------------------------
 
 
-def _search_index(store) -> dict:
-    """Lower-cased labels and vocabulary and the flattened top-example tokens of a store."""
-    with _lock:
-        cached = _search.get(id(store))
-        if cached is not None and cached[0] is store:
-            return cached[1]
-    col = store.features.column("top_tokens").combine_chunks()
-    offsets = col.offsets.to_numpy()
-    index = dict(
-        labels=[str(s or "").lower() for s in store.features.column("label").to_pylist()],
-        vocab=[s.strip().lower() for s in store.vocab],
-        rows=np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)),  # row of each element
-        tokens=col.flatten().to_numpy(),
-    )
-    with _lock:
-        _search[id(store)] = store, index
-    return index
-
-
 def matches(store, text: str) -> np.ndarray:
     """(n_latents,) bool: latents whose label contains `text`, or whose top examples fire on a
     token that is `text` (ignoring case and spaces; else tokens that contain it, as the
     feature browser's search does)."""
-    q = (text or "").strip().lower()
-    if not q:
+    if not (text or "").strip():
         raise UserError("The search text is empty; type a word, e.g. Paris.")
-    index = _search_index(store)
-    hit = np.fromiter((q in s for s in index["labels"]), dtype=bool, count=len(index["labels"]))
-    vocab = index["vocab"]
-    tokens = [i for i, s in enumerate(vocab) if s == q] or [
-        i for i, s in enumerate(vocab) if q in s
-    ]
-    if tokens:
-        hit[index["rows"][np.isin(index["tokens"], tokens)]] = True
-    return hit
+    return store.label_contains(text) | store.fires_on(text)
 
 
 def inside(data: MapData, selection: dict | None) -> np.ndarray:
@@ -229,7 +200,7 @@ def labels(data: MapData, features) -> list[str]:
     store = data.store
     if store is None:
         return [""] * len(features)
-    return [s or "" for s in store.features.column("label").take(features).to_pylist()]
+    return store.labels(features)
 
 
 def point_feature(data: MapData, event: dict | None) -> int | None:

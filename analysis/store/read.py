@@ -248,6 +248,26 @@ class FeatureStore:
             self._flat[column] = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)), values
         return self._flat[column]
 
+    def labels(self, ids) -> list[str]:
+        """The labels of some latents ('' where a latent has none)."""
+        return [self._labels[int(i)] or "" for i in ids]
+
+    def label_contains(self, text: str) -> np.ndarray:
+        """(n_latents,) bool: latents whose label contains `text`, ignoring case."""
+        q = text.strip().lower()
+        if "lower_labels" not in self._flat:  # lower-cased once a store
+            self._flat["lower_labels"] = [str(s or "").lower() for s in self._labels]
+        lower = self._flat["lower_labels"]
+        return np.fromiter((q in s for s in lower), dtype=bool, count=len(lower))
+
+    def fires_on(self, text: str) -> np.ndarray:
+        """(n_latents,) bool: latents whose top examples fire on a token matching `text` (see
+        _matching_tokens)."""
+        rows, values = self._flat_list("top_tokens")
+        hit = np.zeros(self.n_latents, dtype=bool)
+        hit[rows[np.isin(values, self._matching_tokens(text))]] = True
+        return hit
+
     def search_tokens(self, text: str, limit: int = 50) -> list[dict]:
         """Latents whose top examples fire on tokens matching `text`, most such examples first."""
         tokens = self._matching_tokens(text)

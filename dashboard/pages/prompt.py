@@ -59,7 +59,8 @@ def _labels(ws: Workspace, run: str, features: list[int]) -> dict[int, str]:
         store = ws.store(run)
     except NotFound:
         return {}
-    return {f: store.feature(f)["label"] for f in features if f < store.n_latents}
+    shown = [f for f in features if f < store.n_latents]
+    return dict(zip(shown, store.labels(shown)))
 
 
 def prompt_result(ws: Workspace, run: str, text: str) -> tuple[html.Div, dict]:
