@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +26,7 @@ log = logging.getLogger("saewb.dashboard")
 
 MAX_DEPTH = 4  # run folders are found this many levels below the served folder at most
 SKIP = {"state", "features", "__pycache__", "node_modules"}
+ANALYSIS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # galaxy, multidim-cutoff0.3
 RESCAN_SECONDS = 2.0  # runs appear while training: look again, but not on every request
 
 
@@ -37,6 +39,13 @@ def is_run_dir(path: Path) -> bool:
     if (path / "run.json").is_file():
         return True
     return (path / "cfg.json").is_file() and weights_file(path) is not None
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -140,6 +149,7 @@ class Workspace:
         self._probes: dict[str, object] = {}
         self._models: dict[tuple[str, str], object] = {}  # (model, model dtype)
         self._results: dict[str, tuple[float, GeometryResult]] = {}
+        self._summaries: dict[str, tuple[tuple, dict]] = {}
         self._lock = threading.Lock()
         self._probe_lock = threading.Lock()
 
@@ -183,8 +193,20 @@ class Workspace:
         return next(name for name, p in self.runs().items() if p == path)
 
     def summary(self, run: str) -> dict:
-        """Model, site, shape, tokens and which parts (log, eval, store) the run has so far."""
+        """Model, site, shape, tokens and which parts (log, eval, store) the run has so far,
+        read again only when one of its files changes (training appends to the log)."""
         path = self.path(run)
+        files = ("run.json", "cfg.json", "train_log.jsonl", "eval.json", "features/manifest.json")
+        stamp = tuple(_mtime(path / f) for f in files) + (weights_file(path),)
+        with self._lock:
+            cached = self._summaries.get(str(path))
+        if cached is None or cached[0] != stamp:
+            cached = stamp, self._read_summary(run, path)
+            with self._lock:
+                self._summaries[str(path)] = cached
+        return cached[1]
+
+    def _read_summary(self, run: str, path: Path) -> dict:
         info = _read_json(path / "run.json") or {}
         cfg = _read_json(path / "cfg.json") or {}
         log_records = read_train_log(path / "train_log.jsonl")
@@ -256,8 +278,10 @@ class Workspace:
     def result(self, run: str | None, name: str) -> GeometryResult:
         """One analysis's outputs, read once (and again when `saewb geometry` rewrites them).
         A missing one is NotFound, naming the command that makes it."""
-        folder = self.analyses(run).get(name)
-        if folder is None:
+        name = str(name)
+        folder = self.path(run) / "geometry" / name
+        # A plain folder name (never a path from the URL) whose summary marks it done.
+        if not ANALYSIS_NAME.fullmatch(name) or not (folder / SUMMARY).is_file():
             base = name.split("-")[0]
             made_by = (
                 f"saewb compare {self.name(run)} OTHER_RUN"

@@ -490,3 +490,26 @@ def test_cancelling_a_queued_job_means_it_never_starts():
     while not jobs.poll(first)[0] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert ran == [] and jobs.poll(first) == (True, True)
+
+
+def test_a_runs_summary_is_read_again_only_when_its_files_change(folder, monkeypatch):
+    from dashboard import data
+
+    ws, reads = Workspace(folder[0]), []
+    real = data.read_train_log
+    monkeypatch.setattr(data, "read_train_log", lambda path: reads.append(path) or real(path))
+    first = ws.summary("sweep/k4")
+    assert ws.summary("sweep/k4") is first and len(reads) == 1  # pages ask for it per request
+    log = folder[0] / "sweep/k4/train_log.jsonl"
+    saved = log.read_text()
+    try:
+        log.write_text(saved + json.dumps({"tokens": 99_999}) + "\n")  # training goes on
+        assert ws.summary("sweep/k4")["tokens"] == 99_999 and len(reads) == 2
+    finally:
+        log.write_text(saved)
+
+
+def test_an_analysis_name_is_a_folder_name_not_a_path(ws):
+    for bad in ("../../planted", "/etc", ".hidden", "galaxy/../lobes"):
+        with pytest.raises(NotFound, match="has no"):
+            ws.result(PLANTED, bad)
