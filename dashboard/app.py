@@ -29,7 +29,21 @@ log = logging.getLogger("saewb.dashboard")
 PAGES = [runs, browser, feature, map_page, geometry, prompt, compare, steer]
 NAV = (("/map", "Map"), ("/geometry", "Geometry"), ("/prompt", "Prompt"), ("/steer", "Steer"))
 # The only query parameters pages receive (each page takes the ones it knows as keywords).
-QUERY_KEYS = ("run", "q", "mode", "focus", "color", "a", "b", "feature", "vector")
+QUERY_KEYS = (
+    "run",
+    "q",
+    "mode",
+    "focus",
+    "color",
+    "a",
+    "b",
+    "feature",
+    "vector",
+    "features",
+    "targets",
+    "strengths",
+    "max_new",
+)
 ASSETS = Path(__file__).parent / "assets"
 
 

@@ -405,8 +405,14 @@ def test_browser_steer_from_the_feature_page(dash_duo, browser_ws):
     steered = duo.find_element("#steer-steered").text
     assert steered != baseline and steered.split() == ["cat"] * 8
     assert "probability shift of ' cat'" in duo.find_element("#steer-result").text
+    url = duo.driver.current_url  # Run wrote the form into the URL, which reopens it
+    assert "features=0%3A-1%3Aadd%3Amax" in url and "targets=cat" in url and "max_new=8" in url
     duo.driver.execute_script("window.scrollTo(0, 0)")
     screenshot(duo, "steer")
+    duo.driver.get(url)
+    duo.wait_for_text_to_equal("h2", "Steering playground")
+    assert duo.find_element("#steer-value-0").get_attribute("value") == "-1"
+    assert duo.find_element("#steer-targets").get_attribute("value") == "cat"
     assert_no_console_errors(duo)
 
 
@@ -425,3 +431,27 @@ def test_browser_cancel_a_running_generation(dash_duo, browser_ws):
     assert forwards.n < 150
     assert duo.find_element("#steer-run").is_enabled()
     assert_no_console_errors(duo)
+
+
+def test_the_url_presets_the_whole_form(ws):
+    search = ("?run=planted/run&q=Hello there&features=0:-1:add:max,3:2.5:clamp:raw"
+              "&targets=cat&strengths=0,1&max_new=12&mode=sweep&vector=paris")  # fmt: skip
+    body = route(ws, "/steer", search)[0]
+    assert _find(body, "steer-prompt").value == "Hello there"
+    assert [_find(body, f"steer-feature-{i}").value for i in range(3)] == ["0", "3", ""]
+    assert [_find(body, f"steer-value-{i}").value for i in range(2)] == ["-1", "2.5"]
+    assert (
+        _find(body, "steer-mode-1").value == "clamp" and _find(body, "steer-units-1").value == "raw"
+    )
+    assert (
+        _find(body, "steer-targets").value == "cat"
+        and _find(body, "steer-strengths").value == "0,1"
+    )
+    assert _find(body, "steer-max-new").value == 12 and _find(body, "steer-sweep").value == [
+        "sweep"
+    ]
+    assert _find(body, "steer-vector").value == "paris"
+    bad = route(ws, "/steer", "?run=planted/run&features=0:1:explode,7")[0]
+    text = _json(bad)
+    assert "'0:1:explode' in the URL is not ID:VALUE" in text and "'7' in the URL" in text
+    assert _find(bad, "steer-feature-0").value == ""  # nothing half-parsed reaches the form

@@ -1,5 +1,6 @@
 """The steering playground, /steer?run=NAME (&feature=ID presets a feature, &vector=NAME a saved
-CAA vector): a prompt generated with and without steering side by side, with KL and fluency; a
+CAA vector; Run writes the whole form into the URL as q=PROMPT, features=ID:VALUE:MODE:UNITS,...,
+vector, targets, strengths, max_new and mode=sweep, so a steering setup can be shared): a prompt generated with and without steering side by side, with KL and fluency; a
 sweep that draws the steering frontier of the SAE features beside the CAA vector; and the run's
 saved frontiers, steering runs and LF-Steering results. Every input is checked before the model
 runs, and the work runs as a cancellable background job on the model the page loads once."""
@@ -39,7 +40,7 @@ STATUS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # -- the page ------------------------------------------------------------------------------------
 
 
-def _row(i: int, feature, value: str, units: str) -> list:
+def _row(i: int, feature, value: str, units: str, mode: str = "add") -> list:
     """The cells of feature row i (components.table wraps them in their <tr>)."""
     return [
         html.Td(
@@ -62,7 +63,7 @@ def _row(i: int, feature, value: str, units: str) -> list:
                 className="steer-short",
             )
         ),
-        html.Td(dcc.Dropdown(MODES, "add", id=f"steer-mode-{i}", clearable=False)),
+        html.Td(dcc.Dropdown(MODES, mode, id=f"steer-mode-{i}", clearable=False)),
         html.Td(dcc.Dropdown(UNITS, units, id=f"steer-units-{i}", clearable=False)),
     ]
 
@@ -90,7 +91,53 @@ def _saved(ws: Workspace, run: str, saved: dict) -> html.Div:
     return html.Div(parts, className="steer-saved")
 
 
-def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_query) -> html.Div:
+def parse_features(text: str | None) -> tuple[list[dict], list[str]]:
+    """The URL's features=ID:VALUE:MODE:UNITS,... as form rows (mode and units optional), and a
+    sentence for each part that is not one. The Run button checks the values themselves."""
+    rows, bad = [], []
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        fields = part.strip().split(":")
+        mode = fields[2] if len(fields) > 2 else "add"
+        units = fields[3] if len(fields) > 3 else None
+        if len(fields) < 2 or len(fields) > 4 or mode not in MODES or units not in (None, *UNITS):
+            bad.append(f"{part.strip()[:40]!r} in the URL is not ID:VALUE[:MODE[:UNITS]].")
+            continue
+        rows.append(dict(feature=fields[0], value=fields[1], mode=mode, units=units))
+    return rows[:ROWS], bad
+
+
+URL_JS = """function(_n, prompt, vector, targets, strengths, maxNew, sweep) {
+    const rows = Array.from(arguments).slice(7);
+    const params = new URLSearchParams(window.location.search);
+    const features = [];
+    for (let i = 0; i + 3 < rows.length; i += 4) {
+        if (rows[i] && rows[i + 1]) { features.push(rows.slice(i, i + 4).join(':')); }
+    }
+    const set = (key, value) => value ? params.set(key, value) : params.delete(key);
+    set('q', (prompt || '').slice(0, 200)); set('features', features.join(','));
+    set('vector', vector); set('targets', targets); set('strengths', strengths);
+    set('max_new', maxNew); set('mode', (sweep || []).length ? 'sweep' : '');
+    params.delete('feature');
+    window.history.replaceState(null, '', window.location.pathname + '?' + params.toString());
+    return '';
+}"""
+
+
+def layout(
+    ws: Workspace,
+    run: str | None = None,
+    feature=None,
+    vector=None,
+    q=None,
+    features=None,
+    targets=None,
+    strengths=None,
+    max_new=None,
+    mode=None,
+    **_query,
+) -> html.Div:
     run = ws.name(run)
     summary, saved = ws.summary(run), ws.steering(run)
     notes = []
@@ -109,6 +156,8 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
         notes.append(note(f"Run {run!r} has no saved vector named {vector[:80]!r}.", "error"))
         vector = None
     units = "max" if summary["has_store"] else "raw"
+    given, bad = parse_features(features)
+    notes += [note(text, "error", id=f"steer-url-error-{i}") for i, text in enumerate(bad)]
     if not summary["has_store"]:
         notes.append(
             note(
@@ -119,14 +168,12 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
                 ]
             )
         )
+    if feature is not None and not given:
+        given = [dict(feature=str(feature), value="1" if units == "max" else "10", mode="add")]
+    given += [dict(feature="", value="", mode="add")] * (ROWS - len(given))
     rows = [
-        _row(
-            i,
-            str(feature) if i == 0 and feature is not None else "",
-            ("1" if units == "max" else "10") if i == 0 and feature is not None else "",
-            units,
-        )
-        for i in range(ROWS)
+        _row(i, g["feature"], g["value"], g.get("units") or units, g["mode"])
+        for i, g in enumerate(given)
     ]
     none = not saved["vectors"]  # the inputs stay on the page: the Run callback reads them
     vectors = [
@@ -165,7 +212,7 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
             html.Label("Prompt"),
             dcc.Textarea(
                 id="steer-prompt",
-                value=DEFAULT_PROMPT,
+                value=q or DEFAULT_PROMPT,
                 maxLength=MAX_PROMPT_CHARS,
                 style={"width": "100%", "height": "60px"},
             ),
@@ -179,7 +226,7 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
                             dcc.Input(
                                 id="steer-max-new",
                                 type="number",
-                                value=30,
+                                value=_number(max_new, 30),
                                 min=1,
                                 max=MAX_NEW,
                                 size="5",
@@ -210,6 +257,7 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
                     dcc.Input(
                         id="steer-targets",
                         type="text",
+                        value=targets or "",
                         placeholder="dog, cat",
                         className="steer-mid",
                     ),
@@ -223,14 +271,14 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
                 [
                     dcc.Checklist(
                         [{"label": " sweep the strength (frontier)", "value": "sweep"}],
-                        [],
+                        ["sweep"] if mode == "sweep" else [],
                         id="steer-sweep",
                         inline=True,
                     ),
                     dcc.Input(
                         id="steer-strengths",
                         type="text",
-                        value=DEFAULT_STRENGTHS,
+                        value=strengths or DEFAULT_STRENGTHS,
                         className="steer-mid",
                     ),
                     html.Span("multipliers of each strength", className="muted"),
@@ -245,6 +293,7 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
                 ]
             ),
             dcc.Store(id="steer-target", data={"run": run}),
+            html.Div(id="steer-url-sink", style={"display": "none"}),
             dcc.Store(id="steer-job"),
             dcc.Interval(id="steer-poll", interval=POLL_MS, disabled=True),
         ],
@@ -270,6 +319,14 @@ def layout(ws: Workspace, run: str | None = None, feature=None, vector=None, **_
         ],
         className="page",
     )
+
+
+def _number(value, default: int) -> int:
+    """A whole number from the URL for a number box, else the default (Run checks the range)."""
+    try:
+        return int(str(value))
+    except ValueError:
+        return default
 
 
 # -- callbacks -----------------------------------------------------------------------------------
@@ -365,6 +422,16 @@ def register(app, ws: Workspace, guard) -> None:
         State("steer-job", "data"),
         prevent_initial_call=True,
     )(guard(lambda _n, job: cancel(ws, job)))
+    app.clientside_callback(  # the form into the URL, without reloading the page
+        URL_JS,
+        Output("steer-url-sink", "children"),
+        Input("steer-run", "n_clicks"),
+        State("steer-prompt", "value"),
+        *[State(f"steer-{key}", "value") for key in ("vector", "targets", "strengths", "max-new")],
+        State("steer-sweep", "value"),
+        *row_states,
+        prevent_initial_call=True,
+    )
     for kind in ("frontiers", "lf", "runs"):
         app.callback(
             Output(f"steer-saved-{kind}-view", "children"),
