@@ -41,7 +41,8 @@ def is_run_dir(path: Path) -> bool:
     return (path / "cfg.json").is_file() and weights_file(path) is not None
 
 
-def _mtime(path: Path) -> float | None:
+def mtime(path: Path) -> int | None:
+    """The file's modification time in ns, None where it is missing: a cache key part."""
     try:
         return path.stat().st_mtime_ns
     except OSError:
@@ -197,7 +198,7 @@ class Workspace:
         read again only when one of its files changes (training appends to the log)."""
         path = self.path(run)
         files = ("run.json", "cfg.json", "train_log.jsonl", "eval.json", "features/manifest.json")
-        stamp = tuple(_mtime(path / f) for f in files) + (weights_file(path),)
+        stamp = tuple(mtime(path / f) for f in files) + (weights_file(path),)
         with self._lock:
             cached = self._summaries.get(str(path))
         if cached is None or cached[0] != stamp:
@@ -357,7 +358,18 @@ class GeometryResult:
         self.summary = read_summary(folder)
         self._tables: dict[str, dict] = {}
         self._figures: dict[str, dict] = {}
+        self._built: dict = {}
         self._lock = threading.Lock()
+
+    def memo(self, key, build: Callable):
+        """What a page builds from this result (a figure, the map's arrays), built once per read
+        of it: `saewb geometry` rewriting the analysis makes a new result, which misses here."""
+        with self._lock:
+            if key in self._built:
+                return self._built[key]
+        value = build()  # outside the lock: building reads this result's tables
+        with self._lock:
+            return self._built.setdefault(key, value)
 
     def has(self, name: str) -> bool:
         return (self.folder / f"{name}.parquet").is_file() or (

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from dashboard.data import Workspace
+from dashboard.data import Workspace, mtime
 from hooks.errors import UserError
 
 JOINED = "features.parquet"  # RUN/geometry/features.parquet: per-latent cluster ids
@@ -61,29 +61,18 @@ class MapData:
         return int(hit[0]) if len(hit) else None
 
 
-_maps: dict[str, tuple[tuple, MapData]] = {}
-_lock = threading.Lock()
-
-
-def _stamp(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
-
-
 def load_map(ws: Workspace, run: str) -> MapData:
     """The run's map, read once (and again when `saewb geometry` or `saewb analyze` rewrites
     its parts). No map raises NotFound naming `saewb geometry RUN --only map`."""
     result = ws.result(run, "map")
     manifest = ws.path(run) / "features" / "manifest.json"
     joined = ws.path(run) / "geometry" / JOINED
-    key = (result, _stamp(manifest), _stamp(joined))
-    with _lock:
-        cached = _maps.get(str(result.folder))
-        if cached is not None and cached[0][0] is result and cached[0][1:] == key[1:]:
-            return cached[1]
-    open_store = (lambda: ws.store(run)) if key[1] is not None else None
+    key = ("map", mtime(manifest), mtime(joined))  # the store and the joined clusters too
+    return result.memo(key, lambda: _read_map(ws, run, result, key[1] is not None, joined))
+
+
+def _read_map(ws: Workspace, run: str, result, has_store: bool, joined: Path) -> MapData:
+    open_store = (lambda: ws.store(run)) if has_store else None
     coords = result.table("coords")
     feature = coords["feature"].astype(np.int64)
     x, y = coords["x"].astype(np.float32), coords["y"].astype(np.float32)
@@ -95,7 +84,7 @@ def load_map(ws: Workspace, run: str) -> MapData:
     elif open_store is not None:
         density = open_store().features.column("density").to_numpy()[feature]
     clusters = {}
-    if key[2] is not None:
+    if joined.is_file():
         table = pq.read_table(joined)
         ids = table.column("feature").to_numpy() if "feature" in table.column_names else None
         for name in CATEGORIES:
@@ -107,8 +96,6 @@ def load_map(ws: Workspace, run: str) -> MapData:
     data = MapData(feature, x, y, density, clusters, open_store)
     data.encoded = dict(x=typed(x), y=typed(y))
     data.y_order = np.argsort(y, kind="stable")
-    with _lock:
-        _maps[str(result.folder)] = key, data
     if open_store is not None:  # open the store while the browser draws (seconds at 65k)
         threading.Thread(target=_warm, args=(open_store,), daemon=True).start()
     return data

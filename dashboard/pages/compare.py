@@ -17,7 +17,7 @@ import numpy as np
 from dash import Input, Output, dcc, html
 
 from dashboard.components import command, feature_href, fmt, href, note, table
-from dashboard.data import NotFound, Workspace
+from dashboard.data import NotFound, Workspace, mtime
 from dashboard.pages import runs
 from dashboard.pages.geometry import axis, figure, html_table
 
@@ -184,20 +184,13 @@ _SIDE: OrderedDict = OrderedDict()  # (folder, log stamp, eval stamp) per run ->
 _SIDE_LOCK = threading.Lock()
 
 
-def _stamp(path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
-
-
 def side_by_side(ws: Workspace, a: str, b: str) -> list:
     """The runs page's curves and eval table for a and b, built once per state of their logs
     and evals: curves_figure makes plotly graph objects (~0.3 s to build and serialise at 30
     log records), so the figure is kept as a plain dict."""
     names = list(dict.fromkeys([a, b]))
-    key = tuple((str(ws.path(n)), _stamp(ws.path(n) / "train_log.jsonl"),
-                 _stamp(ws.path(n) / "eval.json")) for n in names)  # fmt: skip
+    key = tuple((str(ws.path(n)), mtime(ws.path(n) / "train_log.jsonl"),
+                 mtime(ws.path(n) / "eval.json")) for n in names)  # fmt: skip
     out = _SIDE.get(key)
     if out is None:
         out = [c for c in runs.compare(ws, names) if getattr(c, "id", None) != "runs-to-compare"]

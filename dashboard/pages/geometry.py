@@ -16,7 +16,7 @@ Figures are plain dicts (see components.histogram_figure), one cluster's points 
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from html import escape
 from pathlib import Path
 
@@ -61,21 +61,6 @@ def _floats(values) -> np.ndarray:
     """A float array for a figure: Dash's orjson encoder writes numeric arrays whole (NaN as
     null, which plotly leaves out) where it walks a Python list element by element, ~50x slower."""
     return np.ascontiguousarray(values, dtype=np.float64)
-
-
-_BUILT: OrderedDict = OrderedDict()  # (id(result), key) -> (result, figure)
-
-
-def cached(result, key, build):
-    """A figure of one analysis result, built once per read of it (ws.result reads an analysis
-    again when `saewb geometry` rewrites it, and a new result misses here)."""
-    hit = _BUILT.get((id(result), key))
-    if hit is None or hit[0] is not result:
-        hit = result, build()
-        _BUILT[(id(result), key)] = hit
-        while len(_BUILT) > 64:
-            _BUILT.popitem(last=False)
-    return hit[1]
 
 
 def html_table(
@@ -280,7 +265,7 @@ def crystals_section(ws: Workspace, run: str, result) -> list:
     for k in kinds:
         graphs = []
         for stage in ("before", "after"):
-            fig = cached(result, (k, stage), lambda k=k, stage=stage: pairs_figure(t, k, stage))
+            fig = result.memo((k, stage), lambda k=k, stage=stage: pairs_figure(t, k, stage))
             graphs.append(dcc.Graph(id=f"crystals-{k}-{stage}", figure=fig, className="half"))
         out.append(html.Div(graphs, className="pair-row"))
     return out
@@ -453,7 +438,7 @@ def cluster_detail(ws, run: str, result, cluster: int | None) -> list:
              for f in features[:MAX_MEMBERS]]  # fmt: skip
     more = f" and {len(features) - MAX_MEMBERS} more" if len(features) > MAX_MEMBERS else ""
     members = raw_html(["members: ", " ".join(links), more], id="multidim-members")
-    fig = cached(result, ("cluster", cluster), lambda: cluster_figure(result, cluster))
+    fig = result.memo(("cluster", cluster), lambda: cluster_figure(result, cluster))
     plot = (dcc.Graph(id="multidim-scatter", figure=fig) if fig is not None else note(
         f"No PCA points were saved for cluster {cluster}: the analysis keeps them for its top "
         "clusters and the calendar clusters only.", id="multidim-scatter-missing"))  # fmt: skip
