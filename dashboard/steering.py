@@ -220,33 +220,21 @@ def _neutral(probe):
 
 def _edits(ws: Workspace, request: Request, probe) -> dict[str, tuple[list, list[dict]]]:
     """method name -> (raw interventions, their settings): "sae" and "caa:NAME"."""
-    from analysis.steering.caa import load_vector
-    from analysis.steering.interventions import Intervention, in_units, max_activations
+    from analysis.steering.interventions import feature_edits, vector_edit
 
-    methods = {}
+    methods, path = {}, ws.path(request.run)
     if request.features:
-        units = {e.units for e in request.features}
-        max_act = max_activations(ws.path(request.run)) if "max" in units else None
-        raw, settings = [], []
-        for e in request.features:
-            given = Intervention(e.mode, feature=e.feature, value=e.value)
-            (edit,) = in_units([given], e.units, probe.sae, max_act)
-            raw.append(edit)
-            settings.append(
-                dict(
-                    feature=e.feature,
-                    mode=e.mode,
-                    value=e.value,
-                    units=e.units,
-                    raw_value=edit.value,
-                )
-            )
+        specs = [(e.feature, e.mode, e.value, e.units) for e in request.features]
+        raw = feature_edits(path, probe.sae, specs)
+        settings = [
+            dict(feature=e.feature, mode=e.mode, value=e.value, units=e.units, raw_value=r.value)
+            for e, r in zip(request.features, raw)
+        ]
         methods["sae"] = raw, settings
     if request.vector is not None:
-        vector, _ = load_vector(ws.path(request.run), request.vector, probe.site)
-        value = float(vector.norm()) if request.vector_value is None else request.vector_value
-        edit = Intervention(request.vector_mode, vector=vector, value=value)
-        methods[f"caa:{request.vector}"] = [edit], [dict(vector=request.vector, value=value)]
+        edit, _ = vector_edit(path, request.vector, probe.site, request.vector_mode,
+                              request.vector_value)  # fmt: skip
+        methods[f"caa:{request.vector}"] = [edit], [dict(vector=request.vector, value=edit.value)]
     return methods
 
 

@@ -142,24 +142,19 @@ def _target(folder, name: str | None, kind: str):
 def _methods(args, run) -> dict[str, tuple[list, list[dict]]]:
     """name -> (interventions at strength 1, their settings as recorded): "sae" for the
     features, "caa:NAME" for each vector."""
-    from analysis.steering.caa import load_vector
-    from analysis.steering.interventions import Intervention, in_units, max_activations
+    from analysis.steering.interventions import feature_edits, vector_edit
 
     methods = {}
     if args.feature:
-        given = [Intervention(args.mode, feature=f, value=v) for f, v in map(parse_feature, args.feature)]  # fmt: skip
-        max_act = max_activations(run.path) if args.units == "max" else None
-        raw = in_units(given, args.units, run.sae, max_act)
-        settings = [
-            dict(feature=g.feature, value=g.value, raw_value=r.value) for g, r in zip(given, raw)
-        ]
+        given = [parse_feature(text) for text in args.feature]  # (feature, value) each
+        specs = [(f, args.mode, v, args.units) for f, v in given]
+        raw = feature_edits(run.path, run.sae, specs)
+        settings = [dict(feature=f, value=v, raw_value=r.value) for (f, v), r in zip(given, raw)]
         methods["sae"] = (raw, settings)
     for text in args.vector:
         spec, value = parse_vector(text)
-        vector, meta = load_vector(run.path, spec, run.site)
-        value = float(vector.norm()) if value is None else value
-        edit = Intervention(args.mode, vector=vector, value=value)
-        settings = [dict(vector=spec, value=value, provenance=meta)]
+        edit, meta = vector_edit(run.path, spec, run.site, args.mode, value)
+        settings = [dict(vector=spec, value=edit.value, provenance=meta)]
         methods[f"caa:{meta.get('name', spec)}"] = ([edit], settings)
     if not methods:
         raise UserError("Give at least one --feature ID:VALUE or --vector NAME[:VALUE].")

@@ -126,6 +126,30 @@ def in_units(
     return out
 
 
+def feature_edits(
+    run_path: Path | str, sae: TopKSAE, specs: list[tuple[int, str, float, str]]
+) -> list[Intervention]:
+    """The raw interventions of (feature, mode, value, units) specs: strengths in units of max
+    activation are turned into site units, reading the run's feature store once."""
+    max_act = max_activations(run_path) if any(spec[3] == "max" for spec in specs) else None
+    return [
+        in_units([Intervention(mode, feature=feature, value=value)], units, sae, max_act)[0]
+        for feature, mode, value, units in specs
+    ]
+
+
+def vector_edit(
+    run_path: Path | str, name: str, site: str, mode: str, value: float | None
+) -> tuple[Intervention, dict]:
+    """(the intervention, the vector's provenance) for a saved CAA vector by name; a missing
+    strength is the vector's own norm."""
+    from analysis.steering.caa import load_vector
+
+    vector, meta = load_vector(run_path, name, site)
+    value = float(vector.norm()) if value is None else value
+    return Intervention(mode, vector=vector, value=value), meta
+
+
 class Steering:
     """Apply interventions at `site` while the block is open. `positions` picks where: every
     position, the prompt's (the first `prompt_len`) or the generated ones (the rest)."""
