@@ -52,7 +52,7 @@ from analysis.run import Run
 from hooks.errors import UserError
 from hooks.sites import Capture, Splice, resolve_site, special_token_ids
 from hooks.windows import batched, stack
-from sae.model import TopKSAE
+from sae.model import SAE
 
 EVAL_FILE = "eval.json"
 SCORED = (
@@ -210,7 +210,7 @@ def _ratio(num: float, den: float) -> float | None:
 # splicing
 
 
-def sae_reconstruction(sae: TopKSAE, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def sae_reconstruction(sae: SAE, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(x_hat (N, d) in x's units and the SAE's dtype, top_acts (N, k), top_idx (N, k))."""
     enc = sae.encode(x)
     return sae.decode(enc.top_acts, enc.top_idx), enc.top_acts, enc.top_idx
@@ -227,7 +227,7 @@ def with_error_term(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 def sae_splice(
-    sae: TopKSAE,
+    sae: SAE,
     keep: Tensor,
     stats: ReconstructionStats | None = None,
     use_error_term: bool = False,

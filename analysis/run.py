@@ -13,13 +13,13 @@ from hooks.errors import UserError
 from hooks.selection import Selection
 from hooks.windows import Window
 from sae.formats import load_sae, weights_file
-from sae.model import TopKSAE
+from sae.model import SAE
 
 
 @dataclass
 class Run:
     path: Path
-    sae: TopKSAE
+    sae: SAE
     model: str  # model name as given to load_model
     site: str
     selection: Selection  # which tokens the SAE was trained on, read back from the run

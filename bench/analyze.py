@@ -46,9 +46,9 @@ def make_run(
     """A run directory with a random TopK SAE (the pass's cost does not depend on training)."""
     from hooks.selection import Selection
     from sae.formats import save_sae
-    from sae.model import SAEConfig, TopKSAE
+    from sae.model import SAEConfig, SAE
 
-    sae = TopKSAE(SAEConfig(d_in=d, n_latents=n_latents, k=k, model="smollm2-135m", site=site))
+    sae = SAE(SAEConfig(d_in=d, n_latents=n_latents, k=k, model="smollm2-135m", site=site))
     sae.reset_parameters(torch.Generator().manual_seed(0))
     if b_dec is not None:
         sae.b_dec.data.copy_(b_dec)

@@ -39,7 +39,7 @@ def make_run(folder: Path, site: str, n_latents: int, k: int, seed: int, noise: 
     from hooks.selection import Selection
     from hooks.sites import Capture, resolve_site
     from sae.formats import save_sae
-    from sae.model import SAEConfig, TopKSAE
+    from sae.model import SAEConfig, SAE
 
     if (folder / "run.json").exists():
         return
@@ -54,7 +54,7 @@ def make_run(folder: Path, site: str, n_latents: int, k: int, seed: int, noise: 
     centres = torch.randn(2048, d, generator=torch.Generator().manual_seed(0))
     rows = centres[torch.arange(n_latents) % 2048] + 0.9 * torch.randn(n_latents, d, generator=g)
     rows = rows + noise * torch.randn(n_latents, d, generator=g)
-    sae = TopKSAE(SAEConfig(d_in=d, n_latents=n_latents, k=k, site=site, model="smollm2-135m"))
+    sae = SAE(SAEConfig(d_in=d, n_latents=n_latents, k=k, site=site, model="smollm2-135m"))
     with torch.no_grad():
         sae.W_dec.copy_(rows / rows.norm(dim=1, keepdim=True))
         sae.W_enc.copy_(sae.W_dec.T)

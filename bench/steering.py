@@ -120,7 +120,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tick = clock(args.clock)
 
-    from sae.model import SAEConfig, TopKSAE
+    from sae.model import SAEConfig, SAE
 
     if args.model == "tiny":
         model, site = tiny_model(), args.site or "resid_post.1"
@@ -133,7 +133,7 @@ def main() -> None:
         )
     d = model.config.hidden_size
     args.latents = args.latents or 16 * d
-    sae = TopKSAE(SAEConfig(d_in=d, n_latents=args.latents, k=32, site=site))
+    sae = SAE(SAEConfig(d_in=d, n_latents=args.latents, k=32, site=site))
     sae.reset_parameters(torch.Generator().manual_seed(0))
     sae.eval().requires_grad_(False)
     prompts = prompts_for(args, model)

@@ -1,6 +1,6 @@
 """The SAE itself: model, fused kernels, trainer and checkpoint formats.
 
-    from sae import load_sae, TopKSAE
+    from sae import load_sae, SAE
     sae = load_sae("checkpoints/l3")        # ours, SAELens's or sparsify's folder
     acts, idx = sae.encode(x)[:2]           # (N, k) each
 
@@ -12,7 +12,7 @@ from hooks.lazy import lazy_exports
 __version__ = "0.1.0"
 
 _LAZY = {
-    "TopKSAE": "sae.model",
+    "SAE": "sae.model",
     "SAEConfig": "sae.model",
     "load_sae": "sae.formats",
     "save_sae": "sae.formats",

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from hooks.errors import UserError
 from hooks.paths import atomic_write_bytes, atomic_write_json
 from hooks.sites import canonical_site, resolve_site
-from sae.model import SAEConfig, TopKSAE
+from sae.model import BATCH_KINDS, SAE, SAEConfig
 
 NATIVE, NATIVE_VERSION = "saewb", 1
 CFG = "cfg.json"
@@ -46,10 +46,13 @@ def log10_density(density: Tensor) -> Tensor:
 
 
 def _shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
-    """Our folded tensors and their shapes (BatchTopK adds its threshold, one per latent)."""
-    d, n = cfg.d_in, cfg.n_latents
-    shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
-    return shapes | ({"threshold": (n,)} if cfg.architecture == "batchtopk" else {})
+    """Our folded tensors and their shapes: the batch kinds and JumpReLU add a threshold per
+    latent, a transcoder with a skip connection its W_skip."""
+    d, n, d_out = cfg.d_in, cfg.n_latents, cfg.d_out
+    shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d_out), "b_dec": (d_out,)}
+    if cfg.architecture in (*BATCH_KINDS, "jumprelu"):
+        shapes["threshold"] = (n,)
+    return shapes | ({"W_skip": (d, d_out)} if cfg.skip else {})
 
 
 def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
@@ -60,7 +63,7 @@ def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
 # -- writers -----------------------------------------------------------------------------------
 
 
-def save_sae(sae: TopKSAE, run_dir: Path, extra_cfg: dict | None = None) -> None:
+def save_sae(sae: SAE, run_dir: Path, extra_cfg: dict | None = None) -> None:
     """Native checkpoint. Each file is replaced atomically; the weights go first, so a crash
     between the two leaves the old cfg.json, and load_sae reports any shape mismatch."""
     run_dir = Path(run_dir)
@@ -70,7 +73,7 @@ def save_sae(sae: TopKSAE, run_dir: Path, extra_cfg: dict | None = None) -> None
 
 
 def export_saelens(
-    sae: TopKSAE,
+    sae: SAE,
     out_dir: Path,
     sparsity: Tensor | None = None,
     metadata: dict | None = None,
@@ -173,7 +176,7 @@ def _loadable_name(name: str, model: nn.Module | None) -> str:
     return resolve_model_path(name, progress=False) if name else name
 
 
-def export_sparsify(sae: TopKSAE, out_dir: Path) -> None:
+def export_sparsify(sae: SAE, out_dir: Path) -> None:
     """sparsify hookpoint folder (load it with SparseCoder.load_from_disk).
 
     sparsify encodes ReLU(linear(x - b_dec)) then top-k; we take the top-k, then ReLU. Whenever at
@@ -347,11 +350,11 @@ def _load_sparsify(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     return cfg, state | {"W_enc": state["W_enc"].T}
 
 
-def load_sae(path: Path, device: str | torch.device = "cpu") -> TopKSAE:
-    """An eval-mode TopKSAE (input scale 1) from a folder in any of the three formats."""
+def load_sae(path: Path, device: str | torch.device = "cpu") -> SAE:
+    """An eval-mode SAE (input scale 1) from a folder in any of the three formats."""
     folder, fmt = _resolve(path)
     loader = {NATIVE: _load_native, "saelens": _load_saelens, "sparsify": _load_sparsify}[fmt]
     cfg, state = loader(folder)
-    sae = TopKSAE(cfg, device=device)
+    sae = SAE(cfg, device=device)
     sae.load_folded(state)
     return sae.eval()

@@ -1,11 +1,21 @@
-"""The TopK sparse autoencoder (and its BatchTopK variant).
+"""The sparse autoencoders and transcoders the trainer learns, one module for every kind.
 
-    z      = ReLU(TopK(((x * s) - b_dec) @ W_enc + b_enc))       (N, k) values + indices
+    pre    = ((x * s) - b_dec) @ W_enc + b_enc                              (N, n), chunk by chunk
+    z      = topk       ReLU(TopK_k(pre))                                   (N, k) values + indices
+             batchtopk  ReLU of the k * N largest of the batch (inference: > one threshold)
+             matryoshka batchtopk, with every prefix of the dictionary reconstructing on its own
+             jumprelu   pre * H(pre - theta), theta (n,) trained by a straight-through estimator
+             relu       ReLU(pre), with an L1 penalty weighted by the decoder rows' norms
     x_hat  = (z @ W_dec + b_dec) / s
 
 `s` is one input scale, estimated from the first batches so that E||x * s||^2 = d_in, which makes
 the learning rate independent of the site's norm. At save time it is folded into the weights
 (W_enc * s, W_dec / s, b_dec / s), so a saved SAE takes raw activations like any other.
+
+A transcoder reads one site and predicts another (`target`): its input is not centred by b_dec,
+the output has its own scale s_out and width d_out, and an optional linear skip connection adds
+(x * s) @ W_skip. For jumprelu and relu, k is the target L0, which a coefficient controller on
+the sparsity penalty reaches (see `update_sparsity_coefficient`).
 """
 
 from __future__ import annotations
@@ -20,38 +30,92 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hooks.errors import UserError
-from sae.kernels import normalize_rows_, project_out_rows_, sparse_decode, topk_encode
+from sae.kernels import (
+    EncodeResult,
+    normalize_rows_,
+    project_out_rows_,
+    sparse_decode,
+    threshold_encode,
+    topk_encode,
+)
 
-ARCHITECTURES = ("topk", "batchtopk")
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")
+BATCH_KINDS = ("batchtopk", "matryoshka")  # a cutoff over the batch; one threshold at inference
+THRESHOLD_KINDS = ("jumprelu", "relu")  # L0 varies by token; k is the target L0
+# The sparsity controller: log lambda moves by at most this much per step, in proportion to
+# (L0 - target) / target: lambda can change e-fold in 20 steps, and batch-to-batch noise in L0
+# of a few percent moves it by a fraction of a percent.
+L0_CONTROL_RATE = 0.05
+INITIAL_SPARSITY = 0.1  # lambda * k at the start (sign descent reads only its sign anyway)
+
+
+def default_prefixes(n: int) -> list[int]:
+    """Bussmann et al.'s group sizes n/16, n/16, n/8, n/4, n/2 + n/16 as prefix sizes."""
+    sizes = [n // 16, n // 8, n // 4, n // 2, n]
+    return sorted({s for s in sizes if s > 0})
 
 
 @dataclass
 class SAEConfig:
     d_in: int
     n_latents: int
-    k: int
+    k: int  # active latents per token; the target L0 for jumprelu and relu
     architecture: str = "topk"
     k_aux: int | None = None  # latents in the AuxK loss; None: d_in // 2, as in Gao et al.
     aux_alpha: float = 1 / 32
     multi_topk: bool = False  # add FVU(4k) / 8 to the loss
     model: str = ""  # where the activations came from
     site: str = ""
+    target: str = ""  # a transcoder's output site; "" for an SAE, which reconstructs its input
+    d_out: int | None = None  # the target's width; None: d_in
+    skip: bool = False  # a transcoder's linear skip connection
+    prefixes: list[int] | None = None  # matryoshka's nested dictionary sizes; None: the default
+    bandwidth: float = 0.05  # jumprelu's STE kernel width, in the scaled pre-activation's units
+    pre_act_loss: float = 0.0  # jumprelu: coefficient on relu(theta - pre) of dead latents
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
+        arch, n = self.architecture, self.n_latents
+        if arch not in ARCHITECTURES:
+            raise UserError(f"Unknown SAE architecture '{arch}'; use one of {ARCHITECTURES}.")
+        if self.d_in <= 0 or n <= 0:
+            raise UserError(f"d_in and n_latents must be positive, got {self.d_in} and {n}.")
+        if arch in THRESHOLD_KINDS and self.k <= 0:
             raise UserError(
-                f"Unknown SAE architecture '{self.architecture}'; use one of {ARCHITECTURES}."
+                f"The target L0 (--k) of a {arch} SAE must be positive, got {self.k}."
             )
-        if self.d_in <= 0 or self.n_latents <= 0:
-            raise UserError(
-                f"d_in and n_latents must be positive, got {self.d_in} and {self.n_latents}."
-            )
-        if not 0 < self.k <= self.n_latents:
-            raise UserError(
-                f"k must be between 1 and the number of latents ({self.n_latents}), got {self.k}."
-            )
+        if not 0 < self.k <= n:
+            raise UserError(f"k must be between 1 and the number of latents ({n}), got {self.k}.")
         if self.k_aux is None:
-            self.k_aux = min(self.d_in // 2, self.n_latents)
+            self.k_aux = min(self.d_in // 2, n)
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if self.skip and not self.target:
+            raise UserError("A skip connection belongs to a transcoder; give --target SITE too.")
+        if arch == "jumprelu" and not self.bandwidth > 0:
+            raise UserError(f"The JumpReLU bandwidth must be positive, got {self.bandwidth}.")
+        if arch == "matryoshka":
+            sizes = default_prefixes(n) if self.prefixes is None else list(self.prefixes)
+            if not sizes or sizes[0] <= 0 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+                raise UserError(
+                    f"Matryoshka prefix sizes must be positive and increasing, got {sizes}."
+                )
+            if sizes[-1] > n:
+                raise UserError(
+                    f"Matryoshka prefix size {sizes[-1]} exceeds the {n} latents; every prefix "
+                    "must be at most the dictionary's width."
+                )
+            self.prefixes = sizes if sizes[-1] == n else [*sizes, n]
+        elif self.prefixes is not None:
+            raise UserError(f"Prefix sizes belong to a matryoshka SAE, not a {arch} one.")
+
+    @property
+    def is_transcoder(self) -> bool:
+        return bool(self.target)
+
+    @property
+    def inference_width(self) -> int:
+        """Latents per token in the (N, width) code at inference: k, or at most 4k."""
+        return self.k if self.architecture == "topk" else min(4 * self.k, self.n_latents)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,40 +151,88 @@ def variance(x: Tensor, reduce: Reduce | None = None) -> Tensor:
 
 
 class ForwardOutput(NamedTuple):
-    recon: Tensor  # (N, d_in), in the input's units
-    fvu: Tensor  # scalar: sum ||x - x_hat||^2 / sum ||x - mean x||^2
-    aux_loss: Tensor  # scalar, AuxK (0 when no latent is dead)
+    recon: Tensor  # (N, d_out), in the target's units
+    fvu: Tensor  # scalar: sum ||y - y_hat||^2 / sum ||y - mean y||^2 (y = x for an SAE)
+    loss: Tensor  # scalar: what the trainer minimises (fvu plus the kind's terms below)
+    aux_loss: Tensor  # scalar, AuxK (0 when no latent is dead), or JumpReLU's pre-act loss
     multi_topk_fvu: Tensor  # scalar (0 unless multi_topk)
-    top_acts: Tensor  # (N, k)
-    top_idx: Tensor  # (N, k)
+    prefix_fvu: Tensor  # scalar: matryoshka's summed FVU of the prefixes short of the full one
+    sparsity_loss: Tensor  # scalar: lambda * L0 (jumprelu) or lambda * weighted L1 (relu)
+    top_acts: Tensor  # (N, K): K = k for topk, 4k candidates for the batch kinds, varies else
+    top_idx: Tensor  # (N, K)
 
 
-class TopKSAE(nn.Module):
+class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu"):
         super().__init__()
         self.cfg = cfg
-        d, n = cfg.d_in, cfg.n_latents
+        d, n, d_out = cfg.d_in, cfg.n_latents, cfg.d_out
         self.W_enc = nn.Parameter(torch.empty(d, n, device=device))
         self.b_enc = nn.Parameter(torch.zeros(n, device=device))
-        self.W_dec = nn.Parameter(torch.empty(n, d, device=device))
-        self.b_dec = nn.Parameter(torch.zeros(d, device=device))
+        self.W_dec = nn.Parameter(torch.empty(n, d_out, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, device=device))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d, d_out, device=device))
+        if cfg.architecture == "jumprelu":
+            # fp32 whatever the training dtype: theta's small steps would vanish in bf16
+            self.log_threshold = nn.Parameter(torch.zeros(n, device=device, dtype=torch.float32))
         self.register_buffer("input_scale", torch.ones((), device=device))
-        # BatchTopK's inference threshold: an EMA of the smallest activation kept in training.
-        self.register_buffer("threshold", torch.zeros((), device=device))
+        if cfg.is_transcoder:
+            self.register_buffer("output_scale", torch.ones((), device=device))
+        if cfg.architecture in BATCH_KINDS:
+            # the inference threshold: an EMA of the smallest activation kept in training
+            self.register_buffer("threshold", torch.zeros((), device=device))
+        if cfg.architecture in THRESHOLD_KINDS:
+            # lambda, moved by update_sparsity_coefficient; a buffer, so checkpoints keep it
+            coefficient = torch.full((), INITIAL_SPARSITY / cfg.k, device=device)
+            self.register_buffer("sparsity_coefficient", coefficient)
         self.threshold_lr = 0.01  # the EMA rate; the trainer shortens it for short runs
         self.reset_parameters()
 
+    @property
+    def unit_decoder(self) -> bool:
+        """Decoder rows are kept at unit norm, except ReLU's (its L1 weighs their norms)."""
+        return self.cfg.architecture != "relu"
+
+    @property
+    def out_scale(self) -> Tensor:
+        return self.output_scale if self.cfg.is_transcoder else self.input_scale
+
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Tied init: unit-norm random decoder rows, W_enc = W_dec^T."""
+        """Unit-norm random decoder rows, W_enc = W_dec^T (tied) where the widths match."""
         W = torch.randn(self.W_dec.shape, generator=generator, device="cpu")
         W /= W.norm(dim=1, keepdim=True)
         self.W_dec.copy_(W)
-        self.W_enc.copy_(W.T)
+        if self.cfg.d_out == self.cfg.d_in:
+            self.W_enc.copy_(W.T)
+        else:
+            V = torch.randn(self.W_enc.shape[::-1], generator=generator, device="cpu")
+            self.W_enc.copy_((V / V.norm(dim=1, keepdim=True)).T)
         self.b_enc.zero_()
         self.b_dec.zero_()
+        if self.cfg.skip:
+            self.W_skip.zero_()
+        if self.cfg.architecture == "jumprelu":
+            self.log_threshold.fill_(math.log(0.1))  # init_from_sample sets it from data
+
+    def latent_threshold(self) -> Tensor:
+        """Each latent's inference threshold (n,) on the pre-activation (0 for topk and relu)."""
+        arch, n = self.cfg.architecture, self.cfg.n_latents
+        if arch == "jumprelu":
+            return self.log_threshold.exp()
+        if arch in BATCH_KINDS:
+            return self.threshold.expand(n)
+        return self.b_enc.new_zeros(n)
 
     # -- the forward pass ------------------------------------------------------------------
+
+    def _scaled(self, x: Tensor) -> Tensor:
+        return x.to(self.W_enc.dtype) * self.input_scale  # (N, d)
+
+    def _centre(self) -> Tensor | None:
+        """What the encoder subtracts from its scaled input: b_dec, or nothing for a transcoder."""
+        return None if self.cfg.is_transcoder else self.b_dec
 
     def encode(
         self,
@@ -129,30 +241,43 @@ class TopKSAE(nn.Module):
         k_aux: int = 0,
         k: int | None = None,
         encode_dtype: torch.dtype | None = None,
-    ):
+    ) -> EncodeResult:
         """(top_acts, top_indices, aux...) for raw x (N, d_in). `encode_dtype` (bf16) runs the matmul
         and top-k search in that dtype; the activations come back in the weights' dtype.
 
-        A trained BatchTopK SAE encodes at inference like the JumpReLU it exports as: the
-        activations above its threshold, at most 4k per token.
+        At inference every kind but topk gives the latents above its threshold, at most 4k per
+        token (cfg.inference_width), as the JumpReLU SAE BatchTopK and Matryoshka export as.
         """
-        xs = x.to(self.W_enc.dtype) * self.input_scale  # (N, d); the kernel subtracts b_dec
-        return self._encode_scaled(xs, dead_mask, k_aux, k, encode_dtype)
+        return self._encode_scaled(self._scaled(x), dead_mask, k_aux, k, encode_dtype)
 
     def _encode_scaled(self, xs, dead_mask=None, k_aux=0, k=None, encode_dtype=None):
-        jumprelu = self.cfg.architecture == "batchtopk" and not self.training and k is None
-        params = dict(b_dec=self.b_dec, encode_dtype=encode_dtype)
+        arch, width = self.cfg.architecture, self.cfg.inference_width
+        params = dict(b_dec=self._centre(), encode_dtype=encode_dtype)
+        if arch in THRESHOLD_KINDS:
+            theta = self.latent_threshold().detach()
+            enc = threshold_encode(xs, self.W_enc, self.b_enc, theta, **params)
+            return EncodeResult(*_fixed_width(enc.acts, enc.idx, width), None, None)
+        jumprelu = arch in BATCH_KINDS and not self.training and k is None
         if jumprelu and float(self.threshold) > 0:
-            k_max = min(4 * self.cfg.k, self.cfg.n_latents)
-            enc = topk_encode(xs, self.W_enc, self.b_enc, k_max, **params)
+            enc = topk_encode(xs, self.W_enc, self.b_enc, width, **params)
             acts = enc.top_acts * (enc.top_acts > self.threshold)  # (N, 4k), zeros below
             return enc._replace(top_acts=acts)
         k = k or self.cfg.k
         return topk_encode(xs, self.W_enc, self.b_enc, k, dead_mask, k_aux, **params)
 
-    def decode(self, top_acts: Tensor, top_idx: Tensor) -> Tensor:
-        """Reconstruction in the input's units, (N, d_in)."""
-        return (self._decode_scaled(top_acts, top_idx) + self.b_dec) / self.input_scale
+    def decode(self, top_acts: Tensor, top_idx: Tensor, x: Tensor | None = None) -> Tensor:
+        """Output in the target's units, (N, d_out). A skip connection needs the input x."""
+        out = self._decode_scaled(top_acts, top_idx) + self.b_dec
+        if self.cfg.skip:
+            if x is None:
+                raise ValueError("this transcoder has a skip connection: decode needs x")
+            out = out + self._scaled(x) @ self.W_skip
+        return out / self.out_scale
+
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(y_hat (N, d_out) in the target's units, top_acts, top_idx) for raw x (N, d_in)."""
+        enc = self.encode(x)
+        return self.decode(enc.top_acts, enc.top_idx, x), enc.top_acts, enc.top_idx
 
     def _decode_scaled(self, top_acts: Tensor, top_idx: Tensor) -> Tensor:
         return sparse_decode(top_acts.to(self.W_dec.dtype), top_idx, self.W_dec)
@@ -165,8 +290,9 @@ class TopKSAE(nn.Module):
         reduce: Reduce | None = None,
         n_dead: int | None = None,
         gather: Reduce | None = None,
+        target: Tensor | None = None,
     ) -> ForwardOutput:
-        """Reconstruction and losses for raw x (N, d_in).
+        """Reconstruction and losses for raw x (N, d_in), and a transcoder's raw target (N, d_out).
 
         `encode_dtype` (bf16) runs the encoder's matmul and top-k search in that dtype, as autocast
         would; the decoder, the losses and every gradient stay in the weights' precision.
@@ -177,58 +303,146 @@ class TopKSAE(nn.Module):
         `n_dead`, when the caller already knows it, is dead_mask.sum(): reading it here would
         wait for the GPU.
         """
-        cfg = self.cfg
-        xs = x.to(self.W_enc.dtype) * self.input_scale  # (N, d)
-        total_variance = variance(xs, reduce)
+        cfg, arch = self.cfg, self.cfg.architecture
+        xs = self._scaled(x)  # (N, d)
+        if cfg.is_transcoder:
+            if target is None:
+                raise ValueError("a transcoder's forward needs its target activations")
+            ys = target.to(self.W_dec.dtype) * self.output_scale  # (N, d_out)
+        else:
+            ys = xs
+        total_variance = variance(ys, reduce)
         if dead_mask is not None and n_dead is None:
             n_dead = int(dead_mask.sum())  # a host sync on CUDA
-        use_aux = dead_mask is not None and n_dead > 0
-        batch_topk = cfg.architecture == "batchtopk" and self.training
-        # Multi-TopK and BatchTopK both start from each token's 4k largest candidates.
-        k_cand = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk or batch_topk else cfg.k
-        if cfg.architecture == "batchtopk" and not self.training:
-            k_cand = None  # inference: the JumpReLU threshold (see encode)
-        n_dead = n_dead if use_aux else 0
-        # With no more dead latents than k_aux, AuxK selects all of them: two small dense GEMMs
-        # over the dead columns beat sparse bookkeeping of k_aux entries per token.
-        sparse_aux = use_aux and n_dead > cfg.k_aux
-        aux = (dead_mask, cfg.k_aux) if sparse_aux else (None, 0)
-        enc = self._encode_scaled(xs, *aux, k=k_cand, encode_dtype=encode_dtype)
-        acts, idx = enc.top_acts, enc.top_idx  # (N, k_cand)
-        multi_fvu = xs.new_zeros(())
-        if cfg.multi_topk and self.training:
-            # FVU of the top 4k too (Gao et al.), so that latents beyond the top k also learn.
-            multi = self._decode_scaled(acts, idx) + self.b_dec
-            multi_fvu = F.mse_loss(multi, xs, reduction="sum") / total_variance
-        if batch_topk:
-            acts = self._batch_topk(acts, reduce, gather)  # k * N over the global batch, zeros else
-        elif k_cand is not None and k_cand > cfg.k:
-            order = acts.topk(cfg.k, dim=1).indices
-            acts, idx = acts.gather(1, order), idx.gather(1, order)  # (N, k)
-        recon_s = self._decode_scaled(acts, idx) + self.b_dec  # (N, d), scaled units
+        use_dead = dead_mask is not None and n_dead > 0
+        zero = xs.new_zeros(())
+        skip = xs @ self.W_skip if cfg.skip else None  # (N, d_out)
+        aux_loss = multi_fvu = prefix_fvu = sparsity_loss = zero
+        if arch in THRESHOLD_KINDS:
+            acts, idx, sparsity_loss, aux_loss = self._threshold_forward(
+                xs, dead_mask if use_dead else None, encode_dtype, reduce
+            )
+            use_dead = False  # no AuxK: JumpReLU's pre-act loss plays its part
+            enc = None
+        else:
+            batch_topk = arch in BATCH_KINDS and self.training
+            # Multi-TopK and BatchTopK both start from each token's 4k largest candidates.
+            k_cand = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk or batch_topk else cfg.k
+            if arch in BATCH_KINDS and not self.training:
+                k_cand = None  # inference: the JumpReLU threshold (see encode)
+            n_dead = n_dead if use_dead else 0
+            # With no more dead latents than k_aux, AuxK selects all of them: two small dense
+            # GEMMs over the dead columns beat sparse bookkeeping of k_aux entries per token.
+            sparse_aux = use_dead and n_dead > cfg.k_aux
+            aux = (dead_mask, cfg.k_aux) if sparse_aux else (None, 0)
+            enc = self._encode_scaled(xs, *aux, k=k_cand, encode_dtype=encode_dtype)
+            acts, idx = enc.top_acts, enc.top_idx  # (N, k_cand)
+            if cfg.multi_topk and self.training:
+                # FVU of the top 4k too (Gao et al.), so that latents beyond the top k also learn.
+                multi = self._decode_scaled(acts, idx) + self.b_dec
+                multi = multi if skip is None else multi + skip
+                multi_fvu = F.mse_loss(multi, ys, reduction="sum") / total_variance
+            if batch_topk:
+                acts = self._batch_topk(acts, reduce, gather)  # k*N over the global batch
+            elif k_cand is not None and k_cand > cfg.k:
+                order = acts.topk(cfg.k, dim=1).indices
+                acts, idx = acts.gather(1, order), idx.gather(1, order)  # (N, k)
+        base = self.b_dec if skip is None else skip + self.b_dec  # (N | 1, d_out)
+        if arch == "matryoshka" and self.training:
+            recon_s, prefix_fvu = self._matryoshka(acts, idx, base, ys, total_variance)
+        else:
+            recon_s = self._decode_scaled(acts, idx) + base  # (N, d_out), scaled units
         # one fused pass each way, no (N, d) error and square temporaries
-        fvu = F.mse_loss(recon_s, xs, reduction="sum") / total_variance
-        aux_loss = xs.new_zeros(())
-        if use_aux:
-            # AuxK: the dead latents model the residual. b_dec is deliberately not added (it is
-            # already in recon_s; sparsify issue 132 counted it twice).
-            residual = xs - recon_s.detach()
-            if sparse_aux:
-                aux_recon = self._decode_scaled(enc.aux_acts, enc.aux_idx)
-            else:
-                if dead_mask.is_cuda:  # the count is known: no wait for the GPU
-                    dead = torch.nonzero_static(dead_mask, size=n_dead).squeeze(1)
-                else:
-                    dead = dead_mask.nonzero().squeeze(1)  # (n_dead,)
-                W_dead = self.W_enc[:, dead]  # (d, n_dead)
-                # (xs - b_dec) @ W with b_dec folded into the bias: no (N, d) pass either way
-                bias = self.b_enc[dead] - self.b_dec @ W_dead  # (n_dead,)
-                pre = torch.addmm(bias, xs, W_dead)  # (N, n_dead)
-                aux_recon = pre.relu() @ self.W_dec[dead]  # (N, d)
-            scale = min(n_dead / cfg.k_aux, 1.0)
-            aux_var = variance(residual, reduce).clamp_min(1e-12)
-            aux_loss = scale * F.mse_loss(aux_recon, residual, reduction="sum") / aux_var
-        return ForwardOutput(recon_s / self.input_scale, fvu, aux_loss, multi_fvu, acts, idx)
+        fvu = F.mse_loss(recon_s, ys, reduction="sum") / total_variance
+        if use_dead:
+            aux_loss = self._auxk(xs, ys, recon_s, enc, dead_mask, n_dead, sparse_aux, reduce)
+        aux_weight = 1.0 if arch == "jumprelu" else cfg.aux_alpha  # pre_act_loss has its own
+        loss = fvu + aux_weight * aux_loss + multi_fvu / 8 + prefix_fvu + sparsity_loss
+        return ForwardOutput(
+            recon_s / self.out_scale, fvu, loss, aux_loss, multi_fvu, prefix_fvu, sparsity_loss,
+            acts, idx,
+        )  # fmt: skip
+
+    def _auxk(self, xs, ys, recon_s, enc, dead_mask, n_dead, sparse_aux, reduce) -> Tensor:
+        """AuxK: the dead latents model the residual. b_dec is deliberately not added (it is
+        already in recon_s; sparsify issue 132 counted it twice)."""
+        residual = ys - recon_s.detach()
+        if sparse_aux:
+            aux_recon = self._decode_scaled(enc.aux_acts, enc.aux_idx)
+        else:
+            pre = self._dense_pre(xs, dead_mask, n_dead)[0]  # (N, n_dead)
+            aux_recon = pre.relu() @ self.W_dec[self._dead(dead_mask, n_dead)]  # (N, d)
+        scale = min(n_dead / self.cfg.k_aux, 1.0)
+        aux_var = variance(residual, reduce).clamp_min(1e-12)
+        return scale * F.mse_loss(aux_recon, residual, reduction="sum") / aux_var
+
+    @staticmethod
+    def _dead(dead_mask: Tensor, n_dead: int) -> Tensor:
+        if dead_mask.is_cuda:  # the count is known: no wait for the GPU
+            return torch.nonzero_static(dead_mask, size=n_dead).squeeze(1)
+        return dead_mask.nonzero().squeeze(1)  # (n_dead,)
+
+    def _dense_pre(self, xs: Tensor, dead_mask: Tensor, n_dead: int) -> tuple[Tensor, Tensor]:
+        """(pre (N, n_dead), dead (n_dead,)): the dead latents' pre-activations, densely."""
+        dead = self._dead(dead_mask, n_dead)
+        W_dead = self.W_enc[:, dead]  # (d, n_dead)
+        bias = self.b_enc[dead]
+        if not self.cfg.is_transcoder:  # (xs - b_dec) @ W with b_dec folded into the bias
+            bias = bias - self.b_dec @ W_dead  # (n_dead,)
+        return torch.addmm(bias, xs, W_dead), dead
+
+    def _threshold_forward(self, xs, dead_mask, encode_dtype, reduce):
+        """(acts, idx, sparsity loss, pre-act loss) of jumprelu and relu in training.
+
+        Both penalties are means over the global batch's tokens, as the FVU is a global ratio."""
+        cfg = self.cfg
+        rows = xs.new_tensor(float(xs.shape[0]))
+        rows = reduce(rows) if reduce is not None else rows
+        lam = self.sparsity_coefficient
+        if cfg.architecture == "jumprelu":
+            theta = self.latent_threshold()  # differentiable: the STE trains log theta
+            enc = threshold_encode(
+                xs, self.W_enc, self.b_enc, theta, cfg.bandwidth, b_dec=self._centre(),
+                encode_dtype=encode_dtype,
+            )  # fmt: skip
+            sparsity = lam * enc.step.sum() / rows  # lambda * L0
+            pre_act = xs.new_zeros(())
+            if dead_mask is not None and cfg.pre_act_loss > 0:
+                # dead latents are pulled towards their threshold (SAELens's pre_act_loss)
+                pre, dead = self._dense_pre(xs, dead_mask, int(dead_mask.sum()))
+                gap = (theta[dead] - pre).relu()  # (N, n_dead)
+                pre_act = cfg.pre_act_loss * gap.sum() / rows
+            return enc.acts, enc.idx, sparsity, pre_act
+        theta = self.b_enc.new_zeros(cfg.n_latents)  # ReLU: a threshold of 0, not trained
+        enc = threshold_encode(
+            xs, self.W_enc, self.b_enc, theta, b_dec=self._centre(), encode_dtype=encode_dtype
+        )
+        norms = self.W_dec.norm(dim=1)  # (n,): the L1 weighs each latent by its decoder norm
+        sparsity = lam * (enc.acts * norms[enc.idx]).sum() / rows
+        return enc.acts, enc.idx, sparsity, xs.new_zeros(())
+
+    def _matryoshka(self, acts, idx, base, ys, total_variance) -> tuple[Tensor, Tensor]:
+        """(full reconstruction, summed FVU of the shorter prefixes): each prefix of the
+        dictionary reconstructs from its own latents, built up group by group."""
+        recon = base
+        prefix_fvu = ys.new_zeros(())
+        lo = 0
+        for hi in self.cfg.prefixes:
+            in_group = (idx >= lo) & (idx < hi)  # (N, K)
+            recon = recon + self._decode_scaled(acts * in_group, idx)
+            if hi < self.cfg.n_latents:
+                prefix_fvu = prefix_fvu + F.mse_loss(recon, ys, reduction="sum") / total_variance
+            lo = hi
+        return recon, prefix_fvu
+
+    @torch.no_grad()
+    def update_sparsity_coefficient(self, l0: Tensor) -> None:
+        """lambda *= exp(rate * clip((L0 - target) / target, -1, 1)): an integral controller
+        that moves the sparsity penalty until the batch L0 sits at cfg.k (jumprelu, relu)."""
+        if self.cfg.architecture not in THRESHOLD_KINDS:
+            return
+        error = ((l0 - self.cfg.k) / self.cfg.k).clamp(-1, 1)
+        self.sparsity_coefficient.mul_(torch.exp(L0_CONTROL_RATE * error))
 
     def _batch_topk(
         self, acts: Tensor, reduce: Reduce | None = None, gather: Reduce | None = None
@@ -266,59 +480,113 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
-        normalize_rows_(self.W_dec)
+        if self.unit_decoder:
+            normalize_rows_(self.W_dec)
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
         """Project out the part of each row's gradient along the (unit) row: it only changes norms."""
-        if self.W_dec.grad is None:
+        if self.W_dec.grad is None or not self.unit_decoder:
             return
         project_out_rows_(self.W_dec.grad, self.W_dec)
 
     @torch.no_grad()
-    def init_from_sample(self, x: Tensor, reduce: Reduce | None = None) -> None:
-        """Input scale s with E||x s||^2 = d_in, and b_dec at the (scaled) mean, from a sample
-        of raw activations (N, d_in), pooled over ranks when `reduce` sums."""
-        stats = torch.cat(
-            [
-                x.double().pow(2).sum().view(1),
-                x.double().sum(0),
-                x.new_tensor([x.shape[0]], dtype=torch.float64),
-            ]
-        )
-        if reduce is not None:
-            stats = reduce(stats)
-        count = stats[-1].clamp_min(1)
-        mean_sq = float(stats[0] / count)
-        scale = math.sqrt(self.cfg.d_in / max(mean_sq, 1e-12))
+    def init_from_sample(
+        self, x: Tensor, reduce: Reduce | None = None, target: Tensor | None = None
+    ) -> None:
+        """From a sample of raw activations (N, d_in), pooled over ranks when `reduce` sums:
+        the input scale s with E||x s||^2 = d_in, b_dec at the (scaled) mean of the output (the
+        input, or a transcoder's target), and for jumprelu and relu the encoder's cut so that
+        each latent fires on k / n of the sample to start with, as it should at the target L0."""
+        scale, mean = _scale_and_mean(x, self.cfg.d_in, reduce)
         self.input_scale.fill_(scale)
-        self.b_dec.copy_((stats[1:-1] / count * scale).to(self.b_dec.dtype))
+        if self.cfg.is_transcoder:
+            out_scale, mean = _scale_and_mean(target, self.cfg.d_out, reduce)
+            self.output_scale.fill_(out_scale)
+            self.b_dec.copy_((mean * out_scale).to(self.b_dec.dtype))
+        else:
+            self.b_dec.copy_((mean * scale).to(self.b_dec.dtype))
+        if self.cfg.architecture in THRESHOLD_KINDS:
+            self._init_cut(x[:4096], reduce)
+
+    @torch.no_grad()
+    def _init_cut(self, x: Tensor, reduce: Reduce | None) -> None:
+        cfg = self.cfg
+        xs = self._scaled(x)
+        centre = self._centre()
+        if centre is not None:
+            xs = xs - centre
+        pre = torch.addmm(self.b_enc, xs, self.W_enc)  # (N, n), once
+        m = max(1, round(len(x) * cfg.k / cfg.n_latents))
+        cut = pre.topk(min(m, len(x)), dim=0).values[-1]  # (n,): each latent's m-th largest
+        if reduce is not None:  # every rank starts from the same weights
+            cut = reduce(cut) / reduce(cut.new_ones(()))
+        if cfg.architecture == "jumprelu":
+            self.log_threshold.copy_(cut.float().clamp_min(cfg.bandwidth).log())
+        else:
+            self.b_enc.sub_(cut.to(self.b_enc.dtype))
 
     @torch.no_grad()
     def folded_state(self) -> dict[str, Tensor]:
-        """Weights that take raw activations: the input scale folded in (acts are unchanged)."""
-        s = self.input_scale
+        """Weights that take raw activations: the scales folded in (acts are unchanged)."""
+        s, s_out = self.input_scale, self.out_scale
         state = {
             "W_enc": self.W_enc * s,
             "b_enc": self.b_enc.clone(),
-            "W_dec": self.W_dec / s,
-            "b_dec": self.b_dec / s,
+            "W_dec": self.W_dec / s_out,
+            "b_dec": self.b_dec / s_out,
         }
-        if self.cfg.architecture == "batchtopk":
-            state["threshold"] = self.threshold.expand(self.cfg.n_latents).clone()
+        if self.cfg.skip:
+            state["W_skip"] = self.W_skip * s / s_out
+        if self.cfg.architecture in BATCH_KINDS or self.cfg.architecture == "jumprelu":
+            state["threshold"] = self.latent_threshold().float().clone()
         return {k: v.detach().contiguous() for k, v in state.items()}
 
     @torch.no_grad()
     def load_folded(self, state: dict[str, Tensor]) -> None:
-        """Load weights saved by folded_state (input scale 1)."""
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        """Load weights saved by folded_state (scales 1)."""
+        names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["W_skip"] if self.cfg.skip else [])
+        for name in names:
             expected = getattr(self, name).shape
             if state[name].shape != expected:
                 raise UserError(
                     f"Weight {name} has shape {tuple(state[name].shape)}, but the config says "
-                    f"{tuple(expected)} (d_in {self.cfg.d_in}, {self.cfg.n_latents} latents)."
+                    f"{tuple(expected)} (d_in {self.cfg.d_in}, d_out {self.cfg.d_out}, "
+                    f"{self.cfg.n_latents} latents)."
                 )
             getattr(self, name).copy_(state[name])
         self.input_scale.fill_(1.0)
-        if "threshold" in state:
+        if self.cfg.is_transcoder:
+            self.output_scale.fill_(1.0)
+        if "threshold" in state and self.cfg.architecture in BATCH_KINDS:
             self.threshold.copy_(state["threshold"].float().mean())
+        if "threshold" in state and self.cfg.architecture == "jumprelu":
+            self.log_threshold.copy_(state["threshold"].float().clamp_min(1e-30).log())
+
+
+def _scale_and_mean(x: Tensor, d: int, reduce: Reduce | None) -> tuple[float, Tensor]:
+    """(s with E||x s||^2 = d, the mean row (d,) in x's units), pooled over ranks by `reduce`."""
+    stats = torch.cat(
+        [
+            x.double().pow(2).sum().view(1),
+            x.double().sum(0),
+            x.new_tensor([x.shape[0]], dtype=torch.float64),
+        ]
+    )
+    if reduce is not None:
+        stats = reduce(stats)
+    count = stats[-1].clamp_min(1)
+    mean_sq = float(stats[0] / count)
+    return math.sqrt(d / max(mean_sq, 1e-12)), stats[1:-1] / count
+
+
+def _fixed_width(acts: Tensor, idx: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """(N, K) entries as (N, width): the `width` largest where K is wider, zeros padding else."""
+    K = acts.shape[1]
+    if K > width:
+        order = acts.topk(width, dim=1).indices
+        return acts.gather(1, order), idx.gather(1, order)
+    if K < width:
+        acts = F.pad(acts, (0, width - K))
+        idx = F.pad(idx, (0, width - K))
+    return acts, idx

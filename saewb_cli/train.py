@@ -1,4 +1,4 @@
-"""`saewb train`: TopK SAEs from a live model or an activation cache (torchrun for several ranks).
+"""`saewb train`: SAEs and transcoders of every kind from a live model or an activation cache (torchrun for several ranks).
 
 Every default lives in sae.train.TrainConfig: a flag left out is None here and keeps it.
 """
@@ -22,7 +22,7 @@ OPTIMIZERS = "sf-signsgd (schedule-free sign descent, the default), adam or sign
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train TopK SAEs from a live model or a cache")
+    p = sub.add_parser("train", help="train SAEs or transcoders from a live model or a cache")
     p.add_argument(
         "--model", help="'smollm2-135m' (built in), a HF model name or a local directory"
     )
@@ -45,7 +45,27 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--optimizer", help=OPTIMIZERS)
     p.add_argument("--lr", type=float, help="default: the 1/sqrt(latents) rule of the optimizer")
-    p.add_argument("--architecture", choices=["topk", "batchtopk"])
+    p.add_argument(
+        "--architecture",
+        help="topk (default), batchtopk, matryoshka (BatchTopK with nested prefixes), jumprelu "
+        "or relu (L1); for jumprelu and relu --k is the target L0",
+    )
+    p.add_argument(
+        "--target",
+        help="train a transcoder from --site to this site of the same forward pass "
+        "(e.g. --site mlp_in.6 --target mlp_out.6)",
+    )
+    p.add_argument(
+        "--skip", action="store_true", default=None, help="a transcoder's linear skip connection"
+    )
+    p.add_argument(
+        "--prefixes",
+        help="matryoshka prefix sizes, comma-separated and increasing (default n/16,n/8,n/4,n/2,n)",
+    )
+    p.add_argument("--bandwidth", type=float, help="jumprelu's straight-through width (0.05)")
+    p.add_argument(
+        "--pre-act-loss", type=float, help="jumprelu: pull dead latents to their threshold (0)"
+    )
     p.add_argument(
         "--multi-topk", action="store_true", default=None, help="add FVU(4k)/8 to the loss"
     )
@@ -63,6 +83,17 @@ def _count(value: str | None, flag: str) -> int | None:
     return None if value is None else parse_count(value, flag)
 
 
+def _prefixes(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [parse_count(v.strip(), "--prefixes") for v in value.split(",") if v.strip()]
+    except UserError:
+        raise UserError(
+            f"--prefixes takes increasing latent counts separated by commas, got '{value}'."
+        ) from None
+
+
 def train_config(args: argparse.Namespace):
     """The TrainConfig the flags ask for; a cache brings its own model, sites and selection."""
     from sae.train import TrainConfig
@@ -74,6 +105,11 @@ def train_config(args: argparse.Namespace):
         "ks": args.k,
         "architecture": args.architecture,
         "multi_topk": args.multi_topk,
+        "target": args.target,
+        "skip": args.skip,
+        "prefixes": _prefixes(args.prefixes),
+        "bandwidth": args.bandwidth,
+        "pre_act_loss": args.pre_act_loss,
         "tokens": _count(args.tokens, "--tokens"),
         "batch": args.batch,
         "optimizer": args.optimizer,

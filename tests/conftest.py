@@ -180,7 +180,7 @@ def build_planted_run(root, tokenizer, docs: int = 1600):
 
     from hooks.selection import Selection
     from sae.formats import save_sae
-    from sae.model import SAEConfig, TopKSAE
+    from sae.model import SAEConfig, SAE
 
     ids = {
         name: single_token(tokenizer, text)
@@ -203,7 +203,7 @@ def build_planted_run(root, tokenizer, docs: int = 1600):
         head[ids["up"], 0], head[ids["down"], 0] = 50, -50  # latent 0 promotes ' dog', not ' cat'
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=16, k=2))
+    sae = SAE(SAEConfig(d_in=32, n_latents=16, k=2))
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
         W_dec = torch.zeros(16, 32)

@@ -16,7 +16,7 @@ from hooks.models import LoadedModel
 from hooks.selection import Selection
 from hooks.sites import Splice, special_token_ids, token_mask
 from sae.formats import save_sae
-from sae.model import SAEConfig, TopKSAE
+from sae.model import SAEConfig, SAE
 from saewb_cli.measure import add_parsers, cmd_eval
 
 SITE, LAYER, CONTEXT, D = "resid_post.1", 1, 32, 32
@@ -46,7 +46,7 @@ def world(tmp_path_factory, tokenizer):
     return root, loaded, text
 
 
-def make_run(path, world, sae: TopKSAE, selection: Selection | None = None):
+def make_run(path, world, sae: SAE, selection: Selection | None = None):
     """A run directory as `saewb train` leaves it: the SAE files and a run.json."""
     root, _, text = world
     save_sae(sae, path)
@@ -56,11 +56,11 @@ def make_run(path, world, sae: TopKSAE, selection: Selection | None = None):
     return open_run(path)
 
 
-def random_sae(seed: int = 0, n: int = 64, k: int = 4, n_dead: int = 8) -> TopKSAE:
+def random_sae(seed: int = 0, n: int = 64, k: int = 4, n_dead: int = 8) -> SAE:
     """A lossy SAE with some structure: random unit decoder rows, tied encoder, b_dec near the
     site's scale, and the last n_dead latents switched off for good by a huge negative bias."""
     g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d_in=D, n_latents=n, k=k)).eval()
+    sae = SAE(SAEConfig(d_in=D, n_latents=n, k=k)).eval()
     sae.reset_parameters(g)
     with torch.no_grad():
         sae.b_dec.copy_(0.1 * torch.randn(D, generator=g))
@@ -69,12 +69,12 @@ def random_sae(seed: int = 0, n: int = 64, k: int = 4, n_dead: int = 8) -> TopKS
     return sae
 
 
-def identity_sae() -> TopKSAE:
+def identity_sae() -> SAE:
     """x_hat = x exactly, despite the ReLU: latent i carries x_i when positive and latent d+i
     carries -x_i when x_i is negative, so with k = d the top-k is exactly the d positive
     pre-activations (one of each pair), and W_dec = [I; -I] maps both back to x_i."""
     eye = torch.eye(D)
-    sae = TopKSAE(SAEConfig(d_in=D, n_latents=2 * D, k=D)).eval()
+    sae = SAE(SAEConfig(d_in=D, n_latents=2 * D, k=D)).eval()
     sae.load_folded(
         {
             "W_enc": torch.cat([eye, -eye], dim=1),  # (d, 2d)
@@ -90,7 +90,7 @@ def identity_sae() -> TopKSAE:
 # the brute-force reference: dense SAE, plain loops, an independent hook
 
 
-def dense_sae(sae: TopKSAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_sae(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(z (N, n) dense latents, x_hat (N, d)) with plain matmuls and a full-width top-k."""
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (N, n)
     top = pre.topk(sae.cfg.k, dim=1)
@@ -432,7 +432,7 @@ def test_bad_input_too_little_text_and_wrong_width(world, tmp_path):
     with pytest.raises(UserError) as exc:
         evaluate(run, 100, loaded=loaded, progress=False)
     assert "held-out" in _one_sentence(exc)
-    wide = TopKSAE(SAEConfig(d_in=48, n_latents=64, k=4))
+    wide = SAE(SAEConfig(d_in=48, n_latents=64, k=4))
     run = make_run(tmp_path / "b", world, wide)
     with pytest.raises(UserError) as exc:
         evaluate(run, 100, loaded=loaded, progress=False)

@@ -26,7 +26,7 @@ from hooks.paths import sha256_file
 from hooks.selection import Selection
 from hooks.sites import special_token_ids, token_mask
 from sae.formats import save_sae
-from sae.model import SAEConfig, TopKSAE
+from sae.model import SAEConfig, SAE
 from saewb_cli.measure import add_parsers, cmd_analyze
 
 # -- streaming accumulator vs brute force ---------------------------------------------------------
@@ -289,7 +289,7 @@ def test_a_late_rare_partner_gets_its_exact_jaccard():
 
 
 def test_bf16_search_keeps_exact_fp32_values():
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=256, k=8))
+    sae = SAE(SAEConfig(d_in=32, n_latents=256, k=8))
     sae.reset_parameters(torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.b_enc.copy_(0.1 * torch.randn(256, generator=torch.Generator().manual_seed(1)))
@@ -443,7 +443,7 @@ def random_run(tmp_path_factory, tiny_dir):
             for i in range(3000)
         )
     )
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4))
+    sae = SAE(SAEConfig(d_in=32, n_latents=64, k=4))
     sae.reset_parameters(torch.Generator().manual_seed(3))
     save_sae(sae, root / "run")
     info = dict(model=str(tiny_dir), site="resid_post.1")
@@ -524,7 +524,7 @@ def test_a_store_for_another_sae_is_refused(random_run, tmp_path):
     shutil.copytree(random_run, run_dir)
     out = analyze(open_run(run_dir), 300, batch_windows=2, progress=False)
     FeatureStore(out)  # fine while the SAE is the same
-    other = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4))
+    other = SAE(SAEConfig(d_in=32, n_latents=64, k=4))
     other.reset_parameters(torch.Generator().manual_seed(99))
     save_sae(other, run_dir)
     with pytest.raises(UserError, match="was built for another SAE") as err:

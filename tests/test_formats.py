@@ -22,7 +22,7 @@ from sae.formats import (
     saelens_hook_name,
     save_sae,
 )
-from sae.model import SAEConfig, TopKSAE
+from sae.model import SAEConfig, SAE
 
 D, N, K = 16, 64, 4
 HOOK = "model.layers.3"  # resid_post.3 of a Llama, as SAELens's HF wrapper names it
@@ -30,10 +30,10 @@ export_lens = partial(export_saelens, hook_module=HOOK)  # make_sae's model "tin
 WRITERS = {"saewb": save_sae, "saelens": export_lens, "sparsify": export_sparsify}
 
 
-def make_sae(arch="topk", scale=3.7, seed=0, d=D) -> TopKSAE:
+def make_sae(arch="topk", scale=3.7, seed=0, d=D) -> SAE:
     """Random weights, non-zero biases, an input scale != 1 and a BatchTopK threshold."""
     g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d, N, K, architecture=arch, model="tiny", site="resid_post.3"))
+    sae = SAE(SAEConfig(d, N, K, architecture=arch, model="tiny", site="resid_post.3"))
     with torch.no_grad():
         for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
             p.copy_(torch.randn(p.shape, generator=g))
@@ -47,13 +47,13 @@ def x():
     return torch.randn(128, D, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
 
 
-def run(sae: TopKSAE, x):
+def run(sae: SAE, x):
     """Dense activations (N, n) and the reconstruction."""
     acts, idx = sae.encode(x)[:2]
     return torch.zeros(len(x), sae.cfg.n_latents).scatter_(1, idx, acts), sae.decode(acts, idx)
 
 
-def assert_same(a: TopKSAE, b: TopKSAE, x):
+def assert_same(a: SAE, b: SAE, x):
     (acts_a, rec_a), (acts_b, rec_b) = run(a, x), run(b, x)
     assert ((acts_a > 0) == (acts_b > 0)).all(), "different latents fire"
     torch.testing.assert_close(acts_a, acts_b, rtol=1e-4, atol=1e-4)
@@ -186,12 +186,12 @@ def test_saelens_hook_name_refuses_a_site_no_module_outputs():
 def test_saelens_export_reads_the_module_tree_from_the_models_folder(tmp_path, tiny_dir):
     """No model passed: the hook name comes from the run's model folder, built without weights;
     a model that cannot be read is one sentence naming the way out."""
-    sae = TopKSAE(SAEConfig(D, N, K, model=str(tiny_dir), site="mlp_out.2"))
+    sae = SAE(SAEConfig(D, N, K, model=str(tiny_dir), site="mlp_out.2"))
     export_saelens(sae, tmp_path / "a")
     meta = json.loads((tmp_path / "a" / "cfg.json").read_text())["metadata"]
     assert meta["hook_name"] == "model.layers.2.mlp" and meta["model_name"] == str(tiny_dir)
     assert load_sae(tmp_path / "a").cfg.site == "mlp_out.2"  # our name comes back
-    gone = TopKSAE(SAEConfig(D, N, K, model=str(tmp_path / "gone"), site="resid_post.3"))
+    gone = SAE(SAEConfig(D, N, K, model=str(tmp_path / "gone"), site="resid_post.3"))
     msg = user_error(export_saelens, gone, tmp_path / "b")  # a path: no hub lookup either
     assert "gone'" in msg and "hook_module=" in msg and not (tmp_path / "b").exists()
 
@@ -252,7 +252,7 @@ def test_saelens_rescale_and_no_b_dec_input_are_folded(tmp_path, x):
            "metadata": {"sae_lens_version": "6.0.0"}}  # fmt: skip
     save_file(w, tmp_path / "sae_weights.safetensors")
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    # SAELens's TopKSAE.encode / decode, written out
+    # SAELens's SAE.encode / decode, written out
     norms = w["W_dec"].norm(dim=1)
     pre = (x @ w["W_enc"] + w["b_enc"]) * norms
     top = pre.topk(K, dim=1)

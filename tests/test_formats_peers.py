@@ -10,7 +10,7 @@ from test_formats import HOOK, D, K, N, export_lens, make_sae, run
 from hooks.models import load_model
 from hooks.sites import Splice
 from sae.formats import export_saelens, export_sparsify, load_sae
-from sae.model import SAEConfig, TopKSAE
+from sae.model import SAEConfig, SAE
 
 pytestmark = pytest.mark.bench
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -49,7 +49,7 @@ def test_saelens_loads_our_topk_export(tmp_path, x, sae_lens):
     for i, sae in enumerate(variants()):
         export_lens(sae, tmp_path / str(i), sparsity=torch.rand(N))
         peer = sae_lens.SAE.load_from_disk(tmp_path / str(i))
-        assert type(peer).__name__ == "TopKSAE" and peer.cfg.k == K
+        assert type(peer).__name__ == "SAE" and peer.cfg.k == K
         assert peer.cfg.metadata.hook_name == HOOK
         acts, recon = run(sae, x)
         with torch.no_grad():
@@ -86,7 +86,7 @@ def test_saelens_runs_our_export_on_the_real_module(tmp_path, sae_lens, tiny_dir
     from sae_lens.training.activation_scaler import ActivationScaler
 
     loaded = load_model(str(tiny_dir))
-    sae = TopKSAE(SAEConfig(32, N, K, model=str(tiny_dir), site="resid_post.2")).eval()
+    sae = SAE(SAEConfig(32, N, K, model=str(tiny_dir), site="resid_post.2")).eval()
     sae.reset_parameters(torch.Generator().manual_seed(0))
     export_saelens(sae, tmp_path, model=loaded.model)
     peer = sae_lens.SAE.load_from_disk(tmp_path)
@@ -144,7 +144,7 @@ def test_load_sae_reads_saelens_files(tmp_path, x, sae_lens, rescale):
     cfg = sae_lens.TopKSAEConfig(
         d_in=D, d_sae=N, k=K, rescale_acts_by_decoder_norm=rescale, apply_b_dec_to_input=rescale
     )
-    peer = sae_lens.TopKSAE(cfg)
+    peer = sae_lens.SAE(cfg)
     with torch.no_grad():
         for p in peer.parameters():
             p.copy_(torch.randn(p.shape))

@@ -21,7 +21,7 @@ from analysis.geometry import galaxy as gx
 from analysis.geometry.map import feature_map
 from analysis.store.layout import FORMAT, VERSION
 from hooks.errors import UserError
-from sae.model import SAEConfig, TopKSAE
+from sae.model import SAEConfig, SAE
 
 
 def planted_directions(n_clusters=6, per=100, d=64, noise=0.15, seed=0):
@@ -36,7 +36,7 @@ def planted_directions(n_clusters=6, per=100, d=64, noise=0.15, seed=0):
 
 def run_with(W, path):
     n, d = W.shape
-    sae = TopKSAE(SAEConfig(d_in=d, n_latents=n, k=4))
+    sae = SAE(SAEConfig(d_in=d, n_latents=n, k=4))
     with torch.no_grad():
         sae.W_dec.copy_(torch.from_numpy(W) * 3.0)  # rows of norm 3: the analyses rescale them
     return SimpleNamespace(path=path, sae=sae)

@@ -219,10 +219,10 @@ class PlantedInputs:
 
 def planted_sae_run(run):
     """The planted run with the 25-latent planted dictionary as its SAE."""
-    from sae.model import SAEConfig, TopKSAE
+    from sae.model import SAEConfig, SAE
 
     W, _ = planted(d=32)
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=25, k=3))
+    sae = SAE(SAEConfig(d_in=32, n_latents=25, k=3))
     with torch.no_grad():
         sae.W_dec.copy_(torch.from_numpy(W))
         sae.W_enc.copy_(torch.from_numpy(W.T))  # the probe's tokens fire whatever they align with

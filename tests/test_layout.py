@@ -117,10 +117,10 @@ def test_train_help_imports_neither_dash_nor_plotly():
 
 def test_public_entry_points():
     from hooks import Capture, load_model
-    from sae import TopKSAE, load_sae
+    from sae import SAE, load_sae
 
     assert callable(load_model) and callable(load_sae)
-    assert TopKSAE.__name__ == "TopKSAE" and Capture.__name__ == "Capture"
+    assert SAE.__name__ == "SAE" and Capture.__name__ == "Capture"
 
 
 def test_every_package_ships_in_the_wheel():

@@ -20,7 +20,7 @@ from conftest import make_model
 from analysis.steering.lf import Runner, dense_codes, lf_steering, rank_latents
 from analysis.steering.paraphrases import Group, builtin_groups, normalise, read_groups
 from hooks.errors import UserError
-from sae.model import SAEConfig, TopKSAE
+from sae.model import SAEConfig, SAE
 
 SITE = "resid_post.0"
 WORDS = dict(a=" mat", a2=" park", a_wording=" Paris", trigger=" France", b=" Monday",
@@ -66,7 +66,7 @@ def make_toy(tokenizer):
         head[[dog, cat]] = 0
         head[dog, 0], head[dog, 1] = 10.0, -30.0
         head[cat] = -head[dog]  # every other token's logit sits between the two
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=8, k=4, site=SITE))
+    sae = SAE(SAEConfig(d_in=32, n_latents=8, k=4, site=SITE))
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
         W = torch.zeros(8, 32)

@@ -13,7 +13,7 @@ from hooks.cache import harvest
 from hooks.errors import UserError
 from hooks.selection import Selection
 from sae.formats import save_sae
-from sae.model import SAEConfig, TopKSAE
+from sae.model import SAEConfig, SAE
 from saewb_cli import main
 
 
@@ -25,7 +25,7 @@ def text(tmp_path_factory):
 
 
 def _run_dir(path, model, selection: Selection):
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=16, k=2))
+    sae = SAE(SAEConfig(d_in=32, n_latents=16, k=2))
     sae.reset_parameters(torch.Generator().manual_seed(0))
     save_sae(sae, path)
     info = {"model": str(model), "site": "resid_post.1", "selection": selection.to_dict()}

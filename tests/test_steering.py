@@ -8,7 +8,7 @@ from conftest import make_model
 from analysis.steering.interventions import Intervention, Steering
 from hooks.errors import UserError
 from hooks.sites import Capture
-from sae.model import SAEConfig, TopKSAE
+from sae.model import SAEConfig, SAE
 
 SITE = "resid_post.1"
 
@@ -20,7 +20,7 @@ def model(tokenizer):
 
 @pytest.fixture(scope="module")
 def sae():
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, site=SITE))
+    sae = SAE(SAEConfig(d_in=32, n_latents=64, k=4, site=SITE))
     sae.reset_parameters(torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.b_enc[-1] = -1e4  # latent 63 never fires
@@ -228,7 +228,7 @@ def tiny_run(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("steer-run")
     text = root / "text.txt"
     text.write_text("\n\n".join(f"Story {i}: a cat sat on mat {i % 9}." for i in range(200)))
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, site=SITE))
+    sae = SAE(SAEConfig(d_in=32, n_latents=64, k=4, site=SITE))
     sae.reset_parameters(torch.Generator().manual_seed(0))
     save_sae(sae, root / "run")
     selection = Selection(dataset=str(text), context_size=16).to_dict()
@@ -358,7 +358,7 @@ def test_units_of_max_activation_scale_by_the_stores_max(planted_store, capsys):
     assert top[0] == pytest.approx(10.0)  # planted: ' Paris' sets coordinate 0 to 11, bias -1
     max_act = max_activations(planted_store)
     with torch.no_grad():  # an SAE whose input_scale is 2: its latent units are not site units
-        sae = TopKSAE(run.sae.cfg)
+        sae = SAE(run.sae.cfg)
         sae.load_state_dict(run.sae.state_dict())
         sae.input_scale.fill_(2.0)
         sae.W_dec[0] *= 3.0

@@ -296,15 +296,15 @@ def test_batchtopk_cutoff_is_global_over_ranks():
     activations, and track exactly the threshold, that one process keeps on the whole batch."""
     import threading
 
-    from sae.model import SAEConfig, TopKSAE
+    from sae.model import SAEConfig, SAE
 
     torch.manual_seed(0)
     acts = torch.rand(40, 12).relu_() * (torch.rand(40, 12) > 0.3)  # (N, 4k) candidates
     parts = [acts[:15], acts[15:]]
     cfg = SAEConfig(d_in=4, n_latents=64, k=3, architecture="batchtopk")
-    reference = TopKSAE(cfg)
+    reference = SAE(cfg)
     expected = reference._batch_topk(acts)
-    ranks = [TopKSAE(cfg) for _ in parts]
+    ranks = [SAE(cfg) for _ in parts]
     barrier, slots, got = threading.Barrier(2), [None, None], [None, None]
 
     def exchange(rank, t, combine):
@@ -330,17 +330,17 @@ def test_batchtopk_cutoff_is_global_over_ranks():
     for sae in ranks:
         assert float(sae.threshold) == float(reference.threshold) > 0
     # each rank's own cutoff would keep 3 * 15 and 3 * 25 of its own: not the same set
-    alone = TopKSAE(cfg)._batch_topk(parts[0])
+    alone = SAE(cfg)._batch_topk(parts[0])
     assert not torch.equal(alone, got[0])
 
 
 def test_clipping_is_skipped_only_where_it_commutes(planted, tmp_path):
     """Signum's momentum sums gradients of several steps, so clipping each by its own factor
     changes the sign it follows; schedule-free sign descent takes the sign of the raw gradient."""
-    from sae.model import SAEConfig, TopKSAE
+    from sae.model import SAEConfig, SAE
     from sae.optim import Signum, clipping_commutes, make_optimizer
 
-    sae = TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2))
+    sae = SAE(SAEConfig(d_in=8, n_latents=16, k=2))
     assert [clipping_commutes(make_optimizer(o, sae, 1e-3)) for o in OPTIMIZERS] == [
         False,  # adam
         False,  # signum, momentum 0.95
@@ -350,7 +350,7 @@ def test_clipping_is_skipped_only_where_it_commutes(planted, tmp_path):
 
     def steps(name, clip):  # three steps on gradients of different scales
         torch.manual_seed(0)
-        model = TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2))
+        model = SAE(SAEConfig(d_in=8, n_latents=16, k=2))
         opt = make_optimizer(name, model, 1e-2)
         for scale in (1.0, 100.0, 0.01):
             for p in model.parameters():
@@ -568,10 +568,10 @@ def test_dense_auxk_path_matches_the_sparse_kernel():
     import copy
 
     from sae.kernels import sparse_decode, topk_encode
-    from sae.model import SAEConfig, TopKSAE, variance
+    from sae.model import SAEConfig, SAE, variance
 
     torch.manual_seed(0)
-    dense = TopKSAE(SAEConfig(d_in=32, n_latents=256, k=8, k_aux=40))
+    dense = SAE(SAEConfig(d_in=32, n_latents=256, k=8, k_aux=40))
     x = torch.randn(300, 32) * 3 + 1
     dense.init_from_sample(x)
     dead = torch.zeros(256, dtype=torch.bool)

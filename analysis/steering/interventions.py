@@ -32,7 +32,7 @@ from torch import Tensor
 
 from hooks.errors import UserError
 from hooks.sites import Splice, canonical_site
-from sae.model import TopKSAE
+from sae.model import SAE
 
 MODES = ("add", "clamp", "ablate", "cap", "replace")
 POSITIONS = ("all", "prompt", "generated")
@@ -47,7 +47,7 @@ class Intervention:
     vector: Tensor | None = None  # (d,) a raw direction (a CAA vector, say)
     value: float = 0.0  # add: the length added; clamp: the latent's value; cap, replace: h.u
 
-    def check(self, d: int, sae: TopKSAE | None) -> None:
+    def check(self, d: int, sae: SAE | None) -> None:
         if self.mode not in MODES:
             raise UserError(f"Unknown steering mode '{self.mode}'; use one of {', '.join(MODES)}.")
         if not math.isfinite(self.value):
@@ -90,7 +90,7 @@ def max_activations(run_path: Path | str) -> np.ndarray:
 def in_units(
     edits: list[Intervention],
     units: str,
-    sae: TopKSAE | None = None,
+    sae: SAE | None = None,
     max_act: np.ndarray | None = None,
 ) -> list[Intervention]:
     """The edits with their values turned into raw site units; `units` says what they are in."""
@@ -127,7 +127,7 @@ def in_units(
 
 
 def feature_edits(
-    run_path: Path | str, sae: TopKSAE, specs: list[tuple[int, str, float, str]]
+    run_path: Path | str, sae: SAE, specs: list[tuple[int, str, float, str]]
 ) -> list[Intervention]:
     """The raw interventions of (feature, mode, value, units) specs: strengths in units of max
     activation are turned into site units, reading the run's feature store once."""
@@ -159,7 +159,7 @@ class Steering:
         model: torch.nn.Module,
         site: str,
         interventions: list[Intervention],
-        sae: TopKSAE | None = None,
+        sae: SAE | None = None,
         positions: str = "all",
         prompt_len: int | None = None,
     ):
@@ -252,7 +252,7 @@ class Steering:
         return x + (edit.value - along)[..., None] * u  # replace
 
 
-def _site_width(model: torch.nn.Module, sae: TopKSAE | None) -> int:
+def _site_width(model: torch.nn.Module, sae: SAE | None) -> int:
     if sae is not None:
         return sae.cfg.d_in
     config = getattr(model, "config", None)

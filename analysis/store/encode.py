@@ -30,7 +30,7 @@ def encode_codes(
         acts[lo : lo + 256] = pre + sae.b_enc[idx[lo : lo + 256]]
     acts.relu_()
     if sae.cfg.architecture == "batchtopk" and float(sae.threshold) > 0:
-        acts *= acts > sae.threshold  # inference as JumpReLU, as in TopKSAE.encode
+        acts *= acts > sae.threshold  # inference as JumpReLU, as in SAE.encode
     return acts, idx
 
 

@@ -1,8 +1,9 @@
-"""Fused kernels of the TopK SAE: a chunked TopK encoder whose backward is sparse, a sparse
-decoder, the decoder's row constraints, and the schedule-free sign step. Torch everywhere,
-Triton on CUDA where it is installed.
+"""Fused kernels of the SAEs: chunked TopK and threshold (JumpReLU, ReLU) encoders whose
+backward is sparse, a sparse decoder, the decoder's row constraints, and the schedule-free sign
+step. Torch everywhere, Triton on CUDA where it is installed.
 
     encode.py          topk_encode: chunked matmul + exact top-k forward, sparse backward
+    threshold.py       threshold_encode: JumpReLU / ReLU, chunked, sparse backward + theta's STE
     decode.py          sparse_decode: embedding_bag forward, sampled-dot backward
     sparse.py          CSR views of the (N, k) activations, per-latent weight-gradient sums
     triton_kernels.py  the optional triton import, when CUDA tensors use it, the gather kernels
@@ -19,6 +20,7 @@ from sae.kernels.encode import _topk as _topk
 from sae.kernels.encode import _transposed as _transposed
 from sae.kernels.rows import normalize_rows_, project_out_rows_
 from sae.kernels.sign_step import sf_sign_step_
+from sae.kernels.threshold import ThresholdResult, threshold_encode
 from sae.kernels.sparse import _by_latent as _by_latent
 from sae.kernels.sparse import _latent_order as _latent_order
 from sae.kernels.triton_kernels import _block_k as _block_k
@@ -36,6 +38,8 @@ __all__ = [
     "project_out_rows_",
     "sf_sign_step_",
     "sparse_decode",
+    "ThresholdResult",
+    "threshold_encode",
     "topk_encode",
     "triton",
     "triton_decode",

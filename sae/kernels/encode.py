@@ -78,6 +78,41 @@ def _grouped_topk(pre: Tensor, k: int, G: int) -> tuple[Tensor, Tensor]:
     return values, (j // k) * (n // G) + top_groups.gather(1, j % k)
 
 
+def sparse_encoder_grads(
+    grad: Tensor,
+    idx: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    need_x: bool,
+    need_W: bool,
+    need_b_enc: bool,
+    need_b_dec: bool,
+    b_enc_dtype: torch.dtype,
+    b_dec_dtype: torch.dtype | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dW_enc, db_enc, db_dec) of pre = (x - b_dec) @ W_enc + b_enc, from the gradient
+    `grad` (N, K) of the pre-activations at the entries idx (N, K) only (zero elsewhere): the
+    backward both sparse encoders share. x is the centred input the forward saved."""
+    acc = _acc_dtype(x.dtype)
+    grad = grad.to(acc)
+    n = W_enc.shape[1]
+    dx = dW_enc = db_enc = db_dec = None
+    if need_x:  # dx = G @ W_enc^T: the decoder's gather-sum, on W_enc^T
+        if _use_triton(x):
+            dx = _gather_sum(grad, idx, _transposed(W_enc), x.dtype)
+        else:
+            W_T = _transposed(W_enc).to(acc)  # (n, d)
+            dx = F.embedding_bag(idx, W_T, per_sample_weights=grad, mode="sum").to(x.dtype)
+    if need_W:  # dW_enc = (G^T @ x)^T, without index_add's (N*K, d) rows
+        dW_enc = _transposed(_latent_sums(idx, grad, x.to(acc), n), W_enc.dtype)  # (d, n)
+    if need_b_enc or need_b_dec:
+        db = grad.new_zeros(n).index_add_(0, idx.reshape(-1), grad.reshape(-1))  # (n,)
+        db_enc = db.to(b_enc_dtype) if need_b_enc else None
+        if need_b_dec:  # pre = (x - b_dec) W + b: d b_dec = -W_enc @ db, a mat-vec instead of dx
+            db_dec = -(W_enc.to(acc) @ db).to(b_dec_dtype)
+    return dx, dW_enc, db_enc, db_dec
+
+
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k, dead_mask, k_aux, chunk_size, b_dec, encode_dtype):
@@ -133,26 +168,13 @@ class _TopKEncode(torch.autograd.Function):
                 idxs.append(idx)
         if not grads:
             return (None,) * 9
-        acc = _acc_dtype(x.dtype)
-        grad = torch.cat(grads, 1).to(acc)  # (N, K) with K = k + k_aux
+        grad = torch.cat(grads, 1)  # (N, K) with K = k + k_aux
         idx = torch.cat(idxs, 1)  # (N, K)
-        n = W_enc.shape[1]
-
-        dx = dW_enc = db_enc = None
-        if ctx.needs_input_grad[0]:  # dx = G @ W_enc^T: the decoder's gather-sum, on W_enc^T
-            if _use_triton(x):
-                dx = _gather_sum(grad, idx, _transposed(W_enc), x.dtype)
-            else:
-                W_T = _transposed(W_enc).to(acc)  # (n, d)
-                dx = F.embedding_bag(idx, W_T, per_sample_weights=grad, mode="sum").to(x.dtype)
-        if ctx.needs_input_grad[1]:  # dW_enc = (G^T @ x)^T, without index_add's (N*K, d) rows
-            dW_enc = _transposed(_latent_sums(idx, grad, x.to(acc), n), W_enc.dtype)  # (d, n)
-        db_dec = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[7]:
-            db = grad.new_zeros(n).index_add_(0, idx.reshape(-1), grad.reshape(-1))  # (n,)
-            db_enc = db.to(ctx.b_enc_dtype) if ctx.needs_input_grad[2] else None
-            if ctx.needs_input_grad[7]:  # pre = (x - b_dec) W + b: d b_dec = -W_enc @ db, a
-                db_dec = -(W_enc.to(acc) @ db).to(ctx.b_dec_dtype)  # mat-vec instead of dx
+        needs = ctx.needs_input_grad
+        dx, dW_enc, db_enc, db_dec = sparse_encoder_grads(
+            grad, idx, x, W_enc, needs[0], needs[1], needs[2], needs[7], ctx.b_enc_dtype,
+            ctx.b_dec_dtype,
+        )  # fmt: skip
         return dx, dW_enc, db_enc, None, None, None, None, db_dec, None
 
 

@@ -22,8 +22,13 @@ class TrainConfig:
     sites: list[str] = field(default_factory=lambda: ["resid_post.9"])
     latents: list[int] = field(default_factory=lambda: [9216])
     ks: list[int] = field(default_factory=lambda: [32])
-    architecture: str = "topk"
+    architecture: str = "topk"  # topk, batchtopk, matryoshka, jumprelu or relu (sae.model)
     multi_topk: bool = False
+    target: str | None = None  # a transcoder's output site; the one --site is its input
+    skip: bool = False  # a transcoder's linear skip connection
+    prefixes: list[int] | None = None  # matryoshka's prefix sizes; None: n/16, n/8, n/4, n/2, n
+    bandwidth: float = 0.05  # jumprelu's straight-through kernel width
+    pre_act_loss: float = 0.0  # jumprelu's pull on dead latents towards their threshold
     tokens: int = 2_000_000
     batch: int = 4096
     optimizer: str = "sf-signsgd"  # or adam, signum; measured best per token: see BENCHMARKS.md
@@ -50,6 +55,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.sites = [canonical_site(s) for s in self.sites]  # TransformerLens names as ours
+        if self.target is not None:
+            self.target = canonical_site(self.target)
+
+    def capture_sites(self) -> list[str]:
+        """Every site the data stream reads: the inputs, and a transcoder's target."""
+        extra = [self.target] if self.target and self.target not in self.sites else []
+        return [*self.sites, *extra]
 
     def specs(self) -> list[tuple[str, int, int]]:
         return list(itertools.product(self.sites, self.latents, self.ks))
@@ -64,6 +76,18 @@ class TrainConfig:
             )
         if self.encode_dtype not in ("fp32", "bf16"):
             raise UserError(f"Unknown --dtype '{self.encode_dtype}'; use fp32 or bf16.")
+        if self.target is not None and len(self.sites) != 1:
+            raise UserError(
+                f"A transcoder reads one input site; --target {self.target} was given with "
+                f"{len(self.sites)} sites ({', '.join(self.sites)})."
+            )
+        if self.target is not None and self.target == self.sites[0]:
+            raise UserError(
+                f"--target {self.target} is the input site itself; a transcoder maps one site "
+                "to another (for an SAE, leave --target out)."
+            )
+        if self.skip and self.target is None:
+            raise UserError("--skip adds a transcoder's skip connection; give --target SITE too.")
         if self.checkpoint_seconds <= 0:
             raise UserError(f"checkpoint_seconds must be positive, got {self.checkpoint_seconds}.")
 

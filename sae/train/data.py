@@ -32,7 +32,7 @@ class DataStream:
             from hooks.cache import ActivationCache
 
             self.cache = ActivationCache(Path(cfg.cache))
-            for site in cfg.sites:
+            for site in cfg.capture_sites():
                 self.cache.check(site=site)
             self.d_in = int(self.cache.manifest["d_model"])
             self.local_batch = cfg.batch  # every rank draws the global batch and keeps a slice
@@ -54,7 +54,7 @@ class DataStream:
     def _source(self, cursor: int):
         if self.from_cache:
             return self.cache.iter_shards(
-                self.cfg.seed, start=cursor, epochs=None, sites=self.cfg.sites
+                self.cfg.seed, start=cursor, epochs=None, sites=self.cfg.capture_sites()
             )
         return self._live(cursor)
 
@@ -75,7 +75,7 @@ class DataStream:
         mine = itertools.islice(epochs(), world.rank, None, world.size)  # this rank's share
         rows = live_rows(
             self.loaded,
-            cfg.sites,
+            cfg.capture_sites(),
             itertools.islice(mine, cursor, None),
             cfg.model_batch,
             cfg.selection.capture,
@@ -106,7 +106,7 @@ class DataStream:
 
     def load(self, tensors: dict, meta: dict) -> None:
         pool = {k.removeprefix("pool."): v for k, v in tensors.items() if k.startswith("pool.")}
-        self.buffer.load_state_dict({**meta, "pool": pool, "rng": tensors["rng"]}, self.cfg.sites)
+        self.buffer.load_state_dict({**meta, "pool": pool, "rng": tensors["rng"]}, self.cfg.capture_sites())
         self.captured = int(meta.get("captured", 0))
         if not self.from_cache and self.captured < self.rows_needed:
             self.buffer.exhausted = False  # an extended live run captures the rows it now needs

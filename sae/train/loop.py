@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from hooks.errors import UserError
 from hooks.paths import atomic_write_json
-from sae.model import SAEConfig
+from sae.model import THRESHOLD_KINDS, SAEConfig
 from sae.optim import clipping_commutes, eval_weights, is_schedule_free, lr_factor
 from sae.train.config import Derived, TrainConfig, derive, run_name, total_steps
 from sae.train.data import DataStream
@@ -50,7 +50,7 @@ class Trainer:
             loaded = load_model(
                 cfg.model, str(self.device), cfg.selection.model_dtype, progress=progress
             )
-            for site in cfg.sites:
+            for site in cfg.capture_sites():
                 resolve_site(loaded.model, site)
         recorded = Derived.from_dict(saved["derived"]) if saved and "derived" in saved else None
         self.data = DataStream(
@@ -74,6 +74,11 @@ class Trainer:
                     multi_topk=cfg.multi_topk,
                     model=cfg.model,
                     site=site,
+                    target=cfg.target or "",
+                    skip=cfg.skip,
+                    prefixes=cfg.prefixes,
+                    bandwidth=cfg.bandwidth,
+                    pre_act_loss=cfg.pre_act_loss,
                 ),
                 cfg,
                 self.out if len(specs) == 1 else self.out / run_name(site, n, k),
@@ -169,7 +174,8 @@ class Trainer:
         if self.world.size == 1:
             return
         for m in self.members:
-            keys = [k for k in m.log_sums if k != "steps"]
+            # lambda is the same on every rank: each keeps its own sum
+            keys = [k for k in m.log_sums if k not in ("steps", "sparsity_coefficient")]
             if not keys:
                 continue
             values = [torch.as_tensor(m.log_sums[k], dtype=torch.float64) for k in keys]
@@ -212,6 +218,8 @@ class Trainer:
                 {
                     "model": self.cfg.model,
                     "site": m.site,
+                    "architecture": m.sae.cfg.architecture,
+                    "target": m.sae.cfg.target or None,
                     "d_in": self.data.d_in,
                     "n_latents": m.sae.cfg.n_latents,
                     "k": m.sae.cfg.k,
@@ -297,7 +305,14 @@ class Trainer:
     def _first_batch(self, x_by_site: dict[str, torch.Tensor]) -> None:
         """Input scale and b_dec from the first global batch."""
         for m in self.members:
-            m.sae.init_from_sample(x_by_site[m.site], self._reduce)
+            target = x_by_site[m.sae.cfg.target] if m.sae.cfg.is_transcoder else None
+            if target is not None and target.shape[1] != m.sae.cfg.d_out:
+                raise UserError(
+                    f"The target site {m.sae.cfg.target} is {target.shape[1]} wide, but the "
+                    f"transcoder's output is {m.sae.cfg.d_out}; pick a target of the input's "
+                    "width, such as mlp_out.L for mlp_in.L."
+                )
+            m.sae.init_from_sample(x_by_site[m.site], self._reduce, target)
         self.initialised = True
 
     def _step(self, batch) -> int:
@@ -313,18 +328,24 @@ class Trainer:
             else int(self.world.sum(torch.tensor([rows], device=self.device)))
         )
         for m, dead in zip(self.members, n_dead, strict=True):
-            self._train_member(m, x_by_site[m.site], global_rows, dead)
+            target = x_by_site[m.sae.cfg.target] if m.sae.cfg.is_transcoder else None
+            self._train_member(m, x_by_site[m.site], global_rows, dead, target)
         self.step += 1
         self.tokens += global_rows + dropped
         return global_rows + dropped
 
     def _train_member(
-        self, m: Member, x: torch.Tensor, global_rows: int, n_dead: int | None = None
+        self,
+        m: Member,
+        x: torch.Tensor,
+        global_rows: int,
+        n_dead: int | None = None,
+        target: torch.Tensor | None = None,
     ) -> None:
         sae, cfg = m.sae, self.cfg
         dead = (m.since_fired >= self.dead_tokens) if cfg.auxk else None
-        out = sae(x, dead, self.encode_dtype, self._reduce, n_dead, self._gather)
-        loss = out.fvu + cfg.aux_alpha * out.aux_loss + out.multi_topk_fvu / 8
+        out = sae(x, dead, self.encode_dtype, self._reduce, n_dead, self._gather, target)
+        loss = out.loss
         m.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.world.size > 1:
@@ -342,6 +363,9 @@ class Trainer:
         m.optimizer.step()
         sae.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
+            active = (out.top_acts > 0).sum()
+            if sae.cfg.architecture in THRESHOLD_KINDS:  # the global batch's L0, on every rank
+                sae.update_sparsity_coefficient(self.world.sum(active.float()) / global_rows)
             # counts of positive activations per latent; no boolean indexing, so no host sync
             fired = torch.zeros_like(m.since_fired)
             fired.scatter_add_(0, out.top_idx.reshape(-1), (out.top_acts > 0).reshape(-1).long())
@@ -352,8 +376,10 @@ class Trainer:
                 "loss": loss.detach(),
                 "fvu": out.fvu.detach(),
                 "aux": out.aux_loss.detach(),
-                "l0": (out.top_acts > 0).sum(1).float().mean(),
+                "l0": active.float() / len(x),
             }
+            if sae.cfg.architecture in THRESHOLD_KINDS:
+                stats["sparsity_coefficient"] = sae.sparsity_coefficient.clone()
             stats["steps"] = 1
             for key, value in stats.items():
                 m.log_sums[key] = m.log_sums.get(key, 0.0) + value  # tensors: no host sync here
@@ -384,6 +410,8 @@ class Trainer:
                 "lr": m.optimizer.param_groups[-1]["lr"],  # the unscaled group
                 "tokens_per_s": rate,
             }
+            if "sparsity_coefficient" in sums:  # the same on every rank: not summed above
+                record["sparsity_coefficient"] = sums["sparsity_coefficient"]
             if self.world.main:
                 with open(m.run_dir / "train_log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -400,7 +428,8 @@ class Trainer:
         CUDA this is the step's only wait for the GPU."""
         device = self.device
         acts = {
-            s: batch.acts[s].to(device, torch.float32, non_blocking=True) for s in self.cfg.sites
+            s: batch.acts[s].to(device, torch.float32, non_blocking=True)
+            for s in self.cfg.capture_sites()
         }
         finite = torch.stack([torch.isfinite(a).all(dim=1) for a in acts.values()]).all(dim=0)
         counts = [(~finite).sum()]

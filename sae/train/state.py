@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hooks.paths import atomic_write, atomic_write_bytes, atomic_write_json
-from sae.model import SAEConfig, TopKSAE
+from sae.model import SAEConfig, SAE
 from sae.optim import default_lr, make_optimizer
 from sae.train.config import TrainConfig
 
@@ -35,7 +35,7 @@ class Member:
     def __init__(self, index: int, site: str, sae_cfg: SAEConfig, cfg: TrainConfig, run_dir: Path,
                  device: torch.device):  # fmt: skip
         self.index, self.site, self.cfg, self.run_dir = index, site, cfg, run_dir
-        self.sae = TopKSAE(sae_cfg, device=device)
+        self.sae = SAE(sae_cfg, device=device)
         self.sae.reset_parameters(torch.Generator().manual_seed(cfg.seed + 1000 * index))
         self.lr = cfg.lr or default_lr(cfg.optimizer, sae_cfg.n_latents)
         self.optimizer = make_optimizer(cfg.optimizer, self.sae, self.lr)
