@@ -4,13 +4,19 @@ Site names are the same on every model:
   resid_pre.L   input of block L            (the residual stream before the block)
   resid_post.L  output of block L           (equals output_hidden_states[L+1], except for the
                                               last block, where transformers applies the final norm)
+  mlp_in.L      input of block L's MLP      (after its norm: the MLP module's first input, which
+                                              a transcoder reads to predict mlp_out.L)
   mlp_out.L     output of block L's MLP
   attn_out.L    output of block L's attention
 attn_out.L and mlp_out.L are what each branch adds to the residual stream (after Gemma 2's
 post-norms, without Bloom's in-module residual add), so in every block that has that form
 resid_pre.L + attn_out.L + mlp_out.L == resid_post.L, parallel-attention blocks included; where
-the residual stream is not built that way (OPT-350m's norm after the add), they are refused. TransformerLens's names
-(blocks.L.hook_resid_pre, hook_resid_post, hook_attn_out, hook_mlp_out) are aliases.
+the residual stream is not built that way (OPT-350m's norm after the add), they are refused.
+mlp_in.L is the input of the MLP module itself (Gemma 2's `mlp`, after pre_feedforward_layernorm,
+not its post-norm; OPT's fc1, on (B*T, d) rows reshaped to (B, T, d); in parallel-attention
+blocks the normed input that attention shares), so it resolves wherever such a module is found,
+post-norm blocks included. TransformerLens's names (blocks.L.hook_resid_pre, hook_resid_post,
+hook_attn_out, hook_mlp_out, ln2.hook_normalized) are aliases.
 A raw module path from `model.named_modules()` (e.g. `model.layers.6.mlp`) works too.
 
 Capture raises `StopForward` from the deepest requested site, so later blocks never run.
@@ -27,10 +33,24 @@ from torch import nn
 
 from hooks.errors import UserError
 
-SITE_KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
-_SITE_RE = re.compile(r"^(resid_pre|resid_post|mlp_out|attn_out)\.(\d+)$")
-# TransformerLens hook names, which most SAELens pretrained SAEs record as their `hook_name`.
-_TL_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|mlp_out|attn_out)$")
+SITE_KINDS = ("resid_pre", "resid_post", "mlp_in", "mlp_out", "attn_out")
+_SITE_RE = re.compile(rf"^({'|'.join(SITE_KINDS)})\.(\d+)$")
+# TransformerLens hook names, which most SAELens pretrained SAEs record as their `hook_name`
+# (SAELens transcoders: blocks.L.ln2.hook_normalized in, blocks.L.hook_mlp_out out), -> our kind.
+# ln2.hook_normalized is the same place as mlp_in, but TransformerLens records it before the
+# norm's weight and bias (from_pretrained folds them into the MLP), so the two agree only where
+# those are 1 and 0. hook_resid_mid and hook_mlp_in (the residual before ln2) have no
+# counterpart and are refused.
+_TL_KINDS = {
+    "hook_resid_pre": "resid_pre",
+    "hook_resid_post": "resid_post",
+    "ln2.hook_normalized": "mlp_in",
+    "hook_mlp_out": "mlp_out",
+    "hook_attn_out": "attn_out",
+    "hook_resid_mid": None,
+    "hook_mlp_in": None,
+}
+_TL_RE = re.compile(rf"^blocks\.(\d+)\.({'|'.join(map(re.escape, _TL_KINDS))})$")
 
 # Block children that hold the attention and the MLP, in the names transformers uses.
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -50,8 +70,8 @@ class StopForward(Exception):
 @dataclass(frozen=True)
 class Site:
     name: str  # canonical name: resid_post.3 for blocks.3.hook_resid_post; a raw path as given
-    module_path: str  # the module whose output (or input, for resid_pre) is recorded
-    use_input: bool  # resid_pre reads the block's input
+    module_path: str  # the module whose output (or input, for resid_pre/mlp_in) is recorded
+    use_input: bool  # resid_pre and mlp_in read the module's first input, not its output
     depth: int  # block index that must run; -1 for a module outside the blocks (no early exit)
     minus_arg: str | None = None  # forward argument the module adds to its own output (Bloom)
     rows_of: str | None = None  # block whose (B, T, d) input shape the module's (B*T, d) rows take
@@ -65,6 +85,7 @@ class Layout:
     n_blocks: int
     attn: str | None  # block child whose output is attention's residual contribution
     mlp: str | None  # block child whose output is the MLP's residual contribution
+    mlp_in: str | None  # block child whose first input is the MLP's input (the MLP itself, fc1)
     mlp_rows: bool  # the MLP sees tokens flattened to (B*T, d) rows (OPT)
     not_additive: str | None  # why attn_out + mlp_out is not the residual update, if it is not
 
@@ -73,12 +94,11 @@ def canonical_site(name: str) -> str:
     """Our name for a TransformerLens hook name (blocks.3.hook_resid_post -> resid_post.3).
 
     Every other name (our sites, raw module paths such as model.layers.3) comes back unchanged;
-    blocks.L.hook_resid_mid too, which resolve_site refuses with its own sentence.
+    blocks.L.hook_resid_mid and hook_mlp_in too, which resolve_site refuses with its own sentence.
     """
     match = _TL_RE.match(name)
-    if not match or match.group(2) == "resid_mid":
-        return name
-    return f"{match.group(2)}.{match.group(1)}"
+    kind = _TL_KINDS[match.group(2)] if match else None
+    return name if kind is None else f"{kind}.{match.group(1)}"
 
 
 def _n_layers(model: nn.Module) -> int | None:
@@ -113,10 +133,10 @@ def layout(model: nn.Module) -> Layout:
     _, path, blocks = min(found, key=lambda f: f[0])
     children = dict(blocks[0].named_children())
     attn = next((c for c in _ATTN_NAMES if c in children), None)
-    mlp = next((c for c in _MLP_NAMES if c in children), None)
+    mlp = mlp_in = next((c for c in _MLP_NAMES if c in children), None)
     mlp_rows = mlp is None and "fc1" in children and "fc2" in children
     if mlp_rows:  # OPT keeps its MLP in the block and runs it on (B*T, d) rows
-        mlp = "fc2"
+        mlp_in, mlp = "fc1", "fc2"
     if "post_feedforward_layernorm" in children and "post_attention_layernorm" in children:
         # Gemma 2/3 and OLMo 2 norm each branch before it joins the residual.
         attn, mlp = "post_attention_layernorm", "post_feedforward_layernorm"
@@ -129,31 +149,39 @@ def layout(model: nn.Module) -> Layout:
         ),
         None,
     )
-    return Layout(path, len(blocks), attn, mlp, mlp_rows, not_additive)
+    return Layout(path, len(blocks), attn, mlp, mlp_in, mlp_rows, not_additive)
 
 
 def list_sites(model: nn.Module) -> list[str]:
-    """Every named site this model resolves: attn_out/mlp_out only where they are residual updates."""
+    """Every named site this model resolves: attn_out/mlp_out only where they are residual
+    updates, mlp_in wherever the blocks have an MLP module."""
     lay = layout(model)
+    return [f"{kind}.{i}" for i in range(lay.n_blocks) for kind in _kinds(lay)]
+
+
+def _kinds(lay: Layout) -> list[str]:
+    """The site kinds that resolve on every block of a model with this layout."""
     branches = lay.not_additive is None
-    kinds = [
-        k for k in SITE_KINDS if k.startswith("resid") or (branches and _child(lay, k) is not None)
+    return [
+        k
+        for k in SITE_KINDS
+        if k.startswith("resid") or (_child(lay, k) is not None and (branches or k == "mlp_in"))
     ]
-    return [f"{kind}.{i}" for i in range(lay.n_blocks) for kind in kinds]
 
 
 def _child(lay: Layout, kind: str) -> str | None:
-    return lay.attn if kind == "attn_out" else lay.mlp
+    return {"attn_out": lay.attn, "mlp_in": lay.mlp_in}.get(kind, lay.mlp)
 
 
 def resolve_site(model: nn.Module, name: str) -> Site:
     """Map a site name, TransformerLens hook name or raw module path to the module to hook."""
     name = canonical_site(name)
-    if _TL_RE.match(name):  # only blocks.L.hook_resid_mid is left
+    if _TL_RE.match(name):  # only blocks.L.hook_resid_mid and hook_mlp_in are left
         raise UserError(
-            f"Site '{name}' (TransformerLens's residual between attention and MLP) has no saewb "
-            "counterpart; use resid_pre.L, attn_out.L, mlp_out.L or resid_post.L "
-            "(blocks.L.hook_resid_pre/attn_out/mlp_out/resid_post)."
+            f"Site '{name}' (TransformerLens's residual between attention and MLP, before ln2) "
+            "has no saewb counterpart; use resid_pre.L, attn_out.L, mlp_in.L (the MLP's input "
+            "after its norm), mlp_out.L or resid_post.L (blocks.L.hook_resid_pre/attn_out, "
+            "blocks.L.ln2.hook_normalized, blocks.L.hook_mlp_out/resid_post)."
         )
     match = _SITE_RE.match(name)
     modules = dict(model.named_modules())
@@ -168,8 +196,10 @@ def resolve_site(model: nn.Module, name: str) -> Site:
         block = f"{lay.blocks}.{layer}"
         if kind in ("resid_pre", "resid_post"):
             return Site(name, block, kind == "resid_pre", layer)
-        child = _child(lay, kind)
         cls = type(model).__name__
+        if kind == "mlp_in":
+            return _mlp_in_site(name, layer, lay, block, modules, cls)
+        child = _child(lay, kind)
         if child is None or f"{block}.{child}" not in modules:
             raise UserError(
                 f"Site '{name}' does not resolve on {cls}: its blocks have no "
@@ -202,6 +232,20 @@ def resolve_site(model: nn.Module, name: str) -> Site:
     )
 
 
+def _mlp_in_site(name: str, layer: int, lay: Layout, block: str, modules: dict, cls: str) -> Site:
+    """mlp_in.L: the first input of the MLP module, on (B*T, d) rows where the MLP sees rows."""
+    if lay.mlp_in is None or f"{block}.{lay.mlp_in}" not in modules:
+        raise UserError(
+            f"Site '{name}' does not resolve on {cls}: its blocks have no MLP module saewb "
+            f"recognises (a child named {' or '.join(_MLP_NAMES)}, or fc1 and fc2; children: "
+            f"{', '.join(dict(modules[block].named_children()))}), so it has no MLP input; "
+            f"valid sites here are {{{'|'.join(_kinds(lay))}}}.L, or a raw module path, which "
+            "reads that module's output."
+        )
+    rows_of = block if lay.mlp_rows else None
+    return Site(name, f"{block}.{lay.mlp_in}", True, layer, None, rows_of)
+
+
 def _depth_of(model: nn.Module, module_path: str) -> int:
     try:
         path = layout(model).blocks
@@ -209,6 +253,16 @@ def _depth_of(model: nn.Module, module_path: str) -> int:
         return -1
     match = re.match(re.escape(path) + r"\.(\d+)(\.|$)", module_path)
     return int(match.group(1)) if match else -1
+
+
+def _first_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[str | None, torch.Tensor]:
+    """A module's hidden-state input and, when it came by keyword, that keyword's name."""
+    if args:
+        return None, args[0]
+    if "hidden_states" in kwargs:
+        return "hidden_states", kwargs["hidden_states"]
+    name = next(iter(inspect.signature(module.forward).parameters))  # e.g. an MLP's `x`
+    return name, kwargs[name]
 
 
 def _shape_hook(store: dict, key: str):
@@ -292,7 +346,9 @@ class Capture:
 
     def _pre_hook(self, site: Site):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+            _, hidden = _first_input(module, args, kwargs)
+            if site.rows_of is not None:
+                hidden = hidden.reshape(self._shapes[site.rows_of])  # (B*T, d) -> (B, T, d)
             self._record(site, hidden)
 
         return hook
@@ -401,17 +457,23 @@ class Splice:
             handle.remove()
         self._handles.clear()
 
+    def _fn(self):
+        """self.fn on what the module sees: (B, T, d), or (B*T, d) rows viewed as (B, T, d)."""
+        if self.site.rows_of is None:
+            return self.fn
+        shape = self._shapes[self.site.rows_of]
+        return lambda rows: self.fn(rows.reshape(shape)).reshape(rows.shape)
+
     def _pre_hook(self, module, args, kwargs):
-        if args:
-            return (self.fn(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": self.fn(kwargs["hidden_states"])}
+        keyword, hidden = _first_input(module, args, kwargs)
+        value = self._fn()(hidden)
+        if keyword is None:
+            return (value, *args[1:]), kwargs
+        return args, {**kwargs, keyword: value}
 
     def _post_hook(self, module, args, kwargs, output):
         value = _first_tensor(output)
-        fn = self.fn
-        if self.site.rows_of is not None:  # fn sees (B, T, d); the module gave (B*T, d) rows
-            shape = self._shapes[self.site.rows_of]
-            fn = lambda rows: self.fn(rows.view(shape)).reshape(rows.shape)  # noqa: E731
+        fn = self._fn()
         if self.site.minus_arg is not None:  # the module adds the residual itself: splice its part
             residual = _argument(module, args, kwargs, self.site.minus_arg)
             value = residual + fn(value - residual)

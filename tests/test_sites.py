@@ -33,7 +33,7 @@ def test_resid_post_equals_hidden_states(tiny_model):
 
 def test_early_exit_changes_no_value_and_skips_later_blocks(tiny_model):
     ids = _ids(tiny_model)
-    sites = ["mlp_out.1", "attn_out.1", "resid_post.1", "resid_pre.0"]
+    sites = ["mlp_out.1", "mlp_in.1", "attn_out.1", "resid_post.1", "resid_pre.0"]
     with Capture(tiny_model, sites, early_exit=False) as cap:
         full = cap(ids)
     calls = [0] * len(_blocks(tiny_model))
@@ -53,6 +53,28 @@ def test_early_exit_changes_no_value_and_skips_later_blocks(tiny_model):
     assert calls[2:] == [0] * (len(calls) - 2), calls  # no block after the deepest site ran
 
 
+def test_mlp_in_stops_before_the_mlp_it_feeds(tiny_model):
+    """mlp_in.1 is the deepest site: block 1's MLP and every later block never run."""
+    ids = _ids(tiny_model)
+    mlp = resolve_site(tiny_model, "mlp_in.1").module_path
+    modules = dict(tiny_model.named_modules())
+    ran = []
+    handles = [modules[mlp].register_forward_hook(lambda *_: ran.append("mlp.1"))]
+    handles.append(_blocks(tiny_model)[2].register_forward_pre_hook(lambda *_: ran.append(2)))
+    try:
+        with Capture(tiny_model, ["mlp_in.1"]) as cap:
+            early = cap(ids)["mlp_in.1"]
+        assert ran == []
+        with Capture(tiny_model, ["mlp_in.1"], early_exit=False) as cap:
+            full = cap(ids)["mlp_in.1"]
+        assert ran == ["mlp.1", 2]
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(early, full, rtol=0, atol=0)
+    assert early.shape == ids.shape + (tiny_model.config.hidden_size,)
+
+
 def test_raw_module_path_and_unknown_sites(tiny_model):
     names = list_sites(tiny_model)
     assert f"resid_post.{tiny_model.config.num_hidden_layers - 1}" in names
@@ -62,7 +84,7 @@ def test_raw_module_path_and_unknown_sites(tiny_model):
     with Capture(tiny_model, [path, "mlp_out.2"]) as cap:
         acts = cap(ids)
     torch.testing.assert_close(acts[path], acts["mlp_out.2"])
-    with pytest.raises(UserError, match=r"resid_plus\.1.*valid sites"):
+    with pytest.raises(UserError, match=r"resid_plus\.1.*valid sites are \{[a-z_|]*mlp_in"):
         resolve_site(tiny_model, "resid_plus.1")
     with pytest.raises(UserError, match=r"layers run 0\.\.3"):
         resolve_site(tiny_model, "resid_post.4")
@@ -92,7 +114,9 @@ def test_a_plain_forward_inside_the_block_runs_whole(tiny_model):
         torch.testing.assert_close(cap.acts["resid_post.1"], cap(ids)["resid_post.1"])
 
 
-@pytest.mark.parametrize("site", ["resid_pre.1", "resid_post.1", "mlp_out.0", "attn_out.2"])
+@pytest.mark.parametrize(
+    "site", ["resid_pre.1", "resid_post.1", "mlp_in.1", "mlp_out.0", "attn_out.2"]
+)
 def test_splice_identity_changes_nothing_and_zero_changes_logits(tiny_model, site):
     from hooks.sites import Splice
 

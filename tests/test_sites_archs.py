@@ -30,6 +30,29 @@ FINAL_NORM = {
     "olmo2": "model.norm",
     "stablelm": "model.norm",
 }
+# Architecture -> (the MLP module in its block, the norm it reads through, whether it reads the
+# block input (parallel attention) rather than resid_pre + attn_out): what mlp_in.L should be,
+# written out from each model's source.
+MLP_INPUT = {
+    "gpt2": ("mlp", "ln_2", False),
+    "neox": ("mlp", "post_attention_layernorm", True),
+    "neox-seq": ("mlp", "post_attention_layernorm", False),
+    "gptj": ("mlp", "ln_1", True),
+    "opt": ("fc1", "final_layer_norm", False),  # on (B*T, d) rows
+    "bloom": ("mlp", "post_attention_layernorm", False),
+    "falcon": ("mlp", "input_layernorm", True),
+    "falcon-seq": ("mlp", "post_attention_layernorm", False),
+    "phi": ("mlp", "input_layernorm", True),
+    "llama": ("mlp", "post_attention_layernorm", False),
+    "mistral": ("mlp", "post_attention_layernorm", False),
+    "qwen2": ("mlp", "post_attention_layernorm", False),
+    "qwen3": ("mlp", "post_attention_layernorm", False),
+    "gemma2": ("mlp", "pre_feedforward_layernorm", False),  # not its post_feedforward_layernorm
+    "olmo": ("mlp", "post_attention_layernorm", False),
+    "olmo2": ("mlp", None, False),  # OLMo 2 norms each branch's output, not its input
+    "stablelm": ("mlp", "post_attention_layernorm", False),
+}
+POST_NORM = {"opt-postnorm": "fc1", "bloom-postln": "mlp"}  # branch sites refused, mlp_in not
 N_LAYERS = 2
 _MODELS: dict[str, nn.Module] = {}
 
@@ -53,7 +76,7 @@ def test_sites_are_hidden_states_and_branches_add_up(arch):
     assert names == [
         f"{k}.{i}"
         for i in range(N_LAYERS)
-        for k in ("resid_pre", "resid_post", "mlp_out", "attn_out")
+        for k in ("resid_pre", "resid_post", "mlp_in", "mlp_out", "attn_out")
     ]
     hidden = model(ids, output_hidden_states=True).hidden_states  # N_LAYERS + 1 entries
     norm = dict(model.named_modules())[FINAL_NORM[arch]]
@@ -69,7 +92,7 @@ def test_sites_are_hidden_states_and_branches_add_up(arch):
         torch.testing.assert_close(a[f"resid_pre.{layer}"], hidden[layer])
         if layer < last:
             torch.testing.assert_close(a[f"resid_post.{layer}"], hidden[layer + 1])
-        for branch in ("attn_out", "mlp_out"):
+        for branch in ("attn_out", "mlp_in", "mlp_out"):
             assert a[f"{branch}.{layer}"].shape == ids.shape + (32,)
             assert a[f"{branch}.{layer}"].abs().max() > 1e-3  # a real branch, not a zero
         update = a[f"resid_post.{layer}"] - a[f"resid_pre.{layer}"]
@@ -114,7 +137,9 @@ def test_blocks_whose_branches_do_not_add_up_refuse_branch_sites(arch, flag, att
     """attn_out/mlp_out are refused where they are not residual updates, not silently wrong."""
     model, ids = tiny(arch), _ids()
     resid = [f"{k}.{i}" for i in range(N_LAYERS) for k in ("resid_pre", "resid_post")]
-    assert list_sites(model) == resid
+    assert list_sites(model) == [
+        f"{k}.{i}" for i in range(N_LAYERS) for k in ("resid_pre", "resid_post", "mlp_in")
+    ]
     with pytest.raises(UserError, match=rf"{re.escape(flag)}.*'{re.escape(attn)}'"):
         resolve_site(model, "attn_out.0")
     with pytest.raises(UserError, match=r"raw module path"):
@@ -123,6 +148,102 @@ def test_blocks_whose_branches_do_not_add_up_refuse_branch_sites(arch, flag, att
     with Capture(model, resid) as cap:
         a = cap(ids)
     torch.testing.assert_close(a["resid_post.0"], hidden[1])
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None:
+            return obj
+    raise AssertionError(type(model).__name__)
+
+
+def _mlp_inputs(model: nn.Module, child: str, ids: torch.Tensor) -> list[torch.Tensor]:
+    """What each block's MLP module gets as its first input, read by a pre-hook of our own."""
+    seen: list[torch.Tensor] = []
+    handles = [
+        getattr(block, child).register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].reshape(ids.shape + (32,)).clone())
+        )
+        for block in _blocks(model)
+    ]
+    try:
+        model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _mlp(block: nn.Module, arch: str, x: torch.Tensor) -> torch.Tensor:
+    """The block's MLP branch recomputed on x: (B, T, d) -> what mlp_out.L records."""
+    if arch == "opt":
+        rows = x.reshape(-1, x.shape[-1])  # OPT's MLP runs on (B*T, d) rows
+        return block.fc2(block.activation_fn(block.fc1(rows))).view(x.shape)
+    if arch == "bloom":  # Bloom's MLP adds its residual argument to its output
+        return block.mlp(x, torch.zeros_like(x))
+    out = block.mlp(x)
+    post = getattr(block, "post_feedforward_layernorm", None)  # Gemma 2, OLMo 2
+    return out if post is None else post(out)
+
+
+@pytest.mark.parametrize("arch", MLP_INPUT)
+def test_mlp_in_is_what_the_mlp_receives_and_feeds_mlp_out(arch):
+    model, ids = tiny(arch), _ids()
+    child, norm, parallel = MLP_INPUT[arch]
+    expected = _mlp_inputs(model, child, ids)
+    names = [f"{k}.{i}" for i in range(N_LAYERS) for k in ("resid_pre", "attn_out", "mlp_in", "mlp_out")]  # fmt: skip
+    with Capture(model, names, early_exit=False) as cap:
+        a = cap(ids)
+    for layer, block in enumerate(_blocks(model)):
+        x = a[f"mlp_in.{layer}"]
+        assert resolve_site(model, f"mlp_in.{layer}").module_path.endswith(f".{layer}.{child}")
+        torch.testing.assert_close(x, expected[layer], rtol=0, atol=0)
+        # The same value from the block's own parts: the norm of the residual the MLP reads.
+        mid = a[f"resid_pre.{layer}"] + (0 if parallel else a[f"attn_out.{layer}"])
+        torch.testing.assert_close(x, mid if norm is None else getattr(block, norm)(mid))
+        assert (x - mid).abs().max() > 1e-3 or norm is None  # the norm did something
+        torch.testing.assert_close(a[f"mlp_out.{layer}"], _mlp(block, arch, x))
+    # A splice replaces what the MLP receives: its output is then the MLP of the new input.
+    last = N_LAYERS - 1
+    shapes = []
+
+    def double(x):
+        shapes.append(tuple(x.shape))
+        return 2 * x
+
+    with Splice(model, f"mlp_in.{last}", double), Capture(model, [f"mlp_out.{last}"]) as cap:
+        spliced = cap(ids)[f"mlp_out.{last}"]
+    assert shapes == [ids.shape + (32,)]
+    block = _blocks(model)[last]
+    torch.testing.assert_close(spliced, _mlp(block, arch, 2 * a[f"mlp_in.{last}"]))
+
+
+@pytest.mark.parametrize("arch", [*MLP_INPUT, *POST_NORM])
+def test_splicing_mlp_in_with_itself_keeps_logits_and_zeroing_it_changes_them(arch):
+    model, ids = tiny(arch), _ids()
+    clean = model(ids).logits
+    for layer in range(N_LAYERS):
+        with Splice(model, f"mlp_in.{layer}", lambda x: x.clone()):
+            same = model(ids).logits
+        with Splice(model, f"mlp_in.{layer}", torch.zeros_like):
+            ablated = model(ids).logits
+        torch.testing.assert_close(same, clean, rtol=0, atol=0)
+        assert (ablated - clean).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", POST_NORM)
+def test_mlp_in_resolves_where_branch_sites_are_refused(arch):
+    """mlp_in is the MLP's input whatever the residual does after the branch, so it stays."""
+    model, ids = tiny(arch), _ids()
+    expected = _mlp_inputs(model, POST_NORM[arch], ids)
+    sites = [f"mlp_in.{i}" for i in range(N_LAYERS)]
+    with Capture(model, sites) as cap:
+        a = cap(ids)
+    for layer, site in enumerate(sites):
+        torch.testing.assert_close(a[site], expected[layer], rtol=0, atol=0)
 
 
 def test_opt_post_norm_branches_really_do_not_add_up():
@@ -145,10 +266,20 @@ class _Block(nn.Module):
         return x + self.mlp(self.mixer(x))
 
 
-class _Odd(nn.Module):
+class _NoMlpBlock(nn.Module):
     def __init__(self):
         super().__init__()
-        self.layers = nn.ModuleList([_Block(), _Block()])
+        self.attn, self.ffn = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.ffn(x)
+
+
+class _Odd(nn.Module):
+    def __init__(self, block=_Block):
+        super().__init__()
+        self.layers = nn.ModuleList([block(), block()])
 
     def forward(self, x):
         for block in self.layers:
@@ -168,14 +299,32 @@ def test_unresolvable_architectures_get_one_sentence():
         resolve_site(odd, "attn_out.0")
     assert "attn_out.0" not in list_sites(odd) and "mlp_out.1" in list_sites(odd)
     assert resolve_site(odd, "layers.0.mixer").depth == 0
+    assert resolve_site(odd, "mlp_in.1").module_path == "layers.1.mlp"
+    x = torch.randn(3, 5, 8)
+    with Capture(odd, ["mlp_in.0", "layers.0.mixer"]) as cap:
+        cap.model(x)  # not a transformers model: a plain forward inside the block records too
+    torch.testing.assert_close(cap.acts["mlp_in.0"], cap.acts["layers.0.mixer"])
+    no_mlp = _Odd(_NoMlpBlock)
+    assert list_sites(no_mlp) == [f"{k}.{i}" for i in range(2) for k in ("resid_pre", "resid_post", "attn_out")]  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"^Site 'mlp_in\.1' does not resolve on _Odd: its blocks have no MLP module .*"
+        r"mlp or feed_forward, or fc1 and fc2; children: attn, ffn\).*"
+        r"valid sites here are \{resid_pre\|resid_post\|attn_out\}\.L",
+    ):
+        resolve_site(no_mlp, "mlp_in.1")
 
 
 def test_transformerlens_names_are_aliases():
     model, ids = tiny("llama"), _ids()
-    for kind in ("resid_pre", "resid_post", "mlp_out", "attn_out"):
-        assert canonical_site(f"blocks.1.hook_{kind}") == f"{kind}.1"
-        site = resolve_site(model, f"blocks.1.hook_{kind}")
+    for kind, theirs in [
+        *((k, f"hook_{k}") for k in ("resid_pre", "resid_post", "mlp_out", "attn_out")),
+        ("mlp_in", "ln2.hook_normalized"),  # what SAELens transcoders record as their input
+    ]:
+        assert canonical_site(f"blocks.1.{theirs}") == f"{kind}.1"
+        site = resolve_site(model, f"blocks.1.{theirs}")
         assert site == resolve_site(model, f"{kind}.1") and site.name == f"{kind}.1"
+    assert resolve_site(model, "blocks.0.ln2.hook_normalized").module_path == "model.layers.0.mlp"
     assert (
         canonical_site("model.layers.1")
         == "model.layers.1"
@@ -183,6 +332,12 @@ def test_transformerlens_names_are_aliases():
     )
     with pytest.raises(UserError, match=r"'blocks\.1\.hook_resid_mid'.*no saewb counterpart"):
         resolve_site(model, "blocks.1.hook_resid_mid")
+    # TransformerLens's hook_mlp_in is the residual before ln2, not the MLP's normed input.
+    assert canonical_site("blocks.1.hook_mlp_in") == "blocks.1.hook_mlp_in"
+    with pytest.raises(
+        UserError, match=r"'blocks\.1\.hook_mlp_in'.*mlp_in\.L.*ln2\.hook_normalized"
+    ):
+        resolve_site(model, "blocks.1.hook_mlp_in")
     names = ["blocks.1.hook_resid_post", "resid_post.1", "model.layers.1"]
     with Capture(model, names) as cap:
         a = cap(ids)
@@ -228,9 +383,9 @@ def test_cache_check_accepts_transformerlens_names(tiny_llama, tmp_path):
         cache.check(site="blocks.2.hook_resid_post")
 
 
-@pytest.mark.parametrize("arch", ["bloom", "falcon"])
+@pytest.mark.parametrize("arch", ["bloom", "falcon", "opt"])
 def test_saewb_sites_lists_and_captures_every_site(arch, tmp_path, tokenizer, capsys):
-    """`saewb sites` ended in KeyError: 'transformer.h.0.attn' on these two."""
+    """`saewb sites` ended in KeyError: 'transformer.h.0.attn' on bloom and falcon."""
     from saewb_cli import main
 
     tiny(arch).save_pretrained(tmp_path)
@@ -238,3 +393,4 @@ def test_saewb_sites_lists_and_captures_every_site(arch, tmp_path, tokenizer, ca
     assert main(["sites", "--model", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"attn_out.{N_LAYERS - 1}" in out and "(batch, seq, 32)" in out
+    assert re.search(rf"mlp_in\.{N_LAYERS - 1} +\(batch, seq, 32\)", out), out

@@ -27,7 +27,7 @@ from analysis.store.windows import WindowLog
 from analysis.store.write import write_store
 from hooks.errors import UserError
 from hooks.paths import atomic_write_bytes, sha256_file
-from hooks.sites import Capture, resolve_site, special_token_ids
+from hooks.sites import SITE_KINDS, Capture, resolve_site, special_token_ids
 from hooks.windows import batched, stack
 from sae.formats import weights_file
 
@@ -119,7 +119,7 @@ def analyze(
     model = loaded.model
     site = resolve_site(model, run.site).name
     d_model = int(getattr(model.config, "hidden_size", sae.cfg.d_in))
-    if run.site.startswith(("resid", "mlp_out", "attn_out")) and d_model != sae.cfg.d_in:
+    if site.partition(".")[0] in SITE_KINDS and d_model != sae.cfg.d_in:  # a named site
         raise UserError(
             f"The SAE takes {sae.cfg.d_in}-dim inputs, but {loaded.name} has width {d_model} at "
             f"{run.site}; the run's model and SAE do not match."
