@@ -80,9 +80,7 @@ class SAEConfig:
         if self.d_in <= 0 or n <= 0:
             raise UserError(f"d_in and n_latents must be positive, got {self.d_in} and {n}.")
         if arch in THRESHOLD_KINDS and self.k <= 0:
-            raise UserError(
-                f"The target L0 (--k) of a {arch} SAE must be positive, got {self.k}."
-            )
+            raise UserError(f"The target L0 (--k) of a {arch} SAE must be positive, got {self.k}.")
         if not 0 < self.k <= n:
             raise UserError(f"k must be between 1 and the number of latents ({n}), got {self.k}.")
         if self.k_aux is None:
@@ -179,8 +177,9 @@ class SAE(nn.Module):
         self.register_buffer("input_scale", torch.ones((), device=device))
         if cfg.is_transcoder:
             self.register_buffer("output_scale", torch.ones((), device=device))
-        if cfg.architecture in BATCH_KINDS:
-            # the inference threshold: an EMA of the smallest activation kept in training
+        if cfg.architecture != "jumprelu":
+            # BatchTopK's inference threshold: an EMA of the smallest activation kept in
+            # training (0, unused, for topk and relu)
             self.register_buffer("threshold", torch.zeros((), device=device))
         if cfg.architecture in THRESHOLD_KINDS:
             # lambda, moved by update_sparsity_coefficient; a buffer, so checkpoints keep it

@@ -348,10 +348,10 @@ def test_transformerlens_names_are_aliases():
 
 def test_saelens_folder_with_a_transformerlens_hook_name_loads_and_resolves(tmp_path):
     from sae.formats import export_saelens, load_sae
-    from sae.model import SAEConfig, TopKSAE
+    from sae.model import SAEConfig, SAE
 
     model = tiny("llama")
-    sae = TopKSAE(SAEConfig(32, 64, 4, model="tiny", site="resid_post.1"))
+    sae = SAE(SAEConfig(32, 64, 4, model="tiny", site="resid_post.1"))
     export_saelens(sae, tmp_path, model=model)
     cfg_file = tmp_path / "cfg.json"
     cfg = json.loads(cfg_file.read_text())

@@ -21,7 +21,9 @@ def encode_codes(
     if encode_dtype in (None, torch.float32):
         return enc.top_acts, enc.top_idx
     idx = enc.top_idx
-    xs = x.float() * sae.input_scale - sae.b_dec  # (N, d), centred as in encode
+    xs = x.float() * sae.input_scale  # (N, d)
+    if not sae.cfg.is_transcoder:  # centred as in encode
+        xs = xs - sae.b_dec
     W_T = sae.W_enc.T if W_T is None else W_T
     acts = torch.empty(idx.shape, device=x.device)
     for lo in range(0, len(x), 256):  # (256, k, d) gathered rows at a time
@@ -29,8 +31,8 @@ def encode_codes(
         pre = torch.bmm(rows, xs[lo : lo + 256, :, None]).squeeze(-1)
         acts[lo : lo + 256] = pre + sae.b_enc[idx[lo : lo + 256]]
     acts.relu_()
-    if sae.cfg.architecture == "batchtopk" and float(sae.threshold) > 0:
-        acts *= acts > sae.threshold  # inference as JumpReLU, as in SAE.encode
+    if sae.cfg.architecture != "topk":  # the kinds that encode as JumpReLU, as in SAE.encode
+        acts *= acts > sae.latent_threshold()[idx]
     return acts, idx
 
 

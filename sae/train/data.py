@@ -106,7 +106,9 @@ class DataStream:
 
     def load(self, tensors: dict, meta: dict) -> None:
         pool = {k.removeprefix("pool."): v for k, v in tensors.items() if k.startswith("pool.")}
-        self.buffer.load_state_dict({**meta, "pool": pool, "rng": tensors["rng"]}, self.cfg.capture_sites())
+        self.buffer.load_state_dict(
+            {**meta, "pool": pool, "rng": tensors["rng"]}, self.cfg.capture_sites()
+        )
         self.captured = int(meta.get("captured", 0))
         if not self.from_cache and self.captured < self.rows_needed:
             self.buffer.exhausted = False  # an extended live run captures the rows it now needs
