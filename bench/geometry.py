@@ -39,7 +39,7 @@ def make_run(folder: Path, site: str, n_latents: int, k: int, seed: int, noise: 
     from hooks.selection import Selection
     from hooks.sites import Capture, resolve_site
     from sae.formats import save_sae
-    from sae.model import SAEConfig, SAE
+    from sae.model import SAE, SAEConfig
 
     if (folder / "run.json").exists():
         return

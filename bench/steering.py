@@ -120,7 +120,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tick = clock(args.clock)
 
-    from sae.model import SAEConfig, SAE
+    from sae.model import SAE, SAEConfig
 
     if args.model == "tiny":
         model, site = tiny_model(), args.site or "resid_post.1"

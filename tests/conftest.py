@@ -180,7 +180,7 @@ def build_planted_run(root, tokenizer, docs: int = 1600):
 
     from hooks.selection import Selection
     from sae.formats import save_sae
-    from sae.model import SAEConfig, SAE
+    from sae.model import SAE, SAEConfig
 
     ids = {
         name: single_token(tokenizer, text)

@@ -16,7 +16,7 @@ from hooks.models import LoadedModel
 from hooks.selection import Selection
 from hooks.sites import Splice, special_token_ids, token_mask
 from sae.formats import save_sae
-from sae.model import SAEConfig, SAE
+from sae.model import SAE, SAEConfig
 from saewb_cli.measure import add_parsers, cmd_eval
 
 SITE, LAYER, CONTEXT, D = "resid_post.1", 1, 32, 32

@@ -26,7 +26,7 @@ from hooks.paths import sha256_file
 from hooks.selection import Selection
 from hooks.sites import special_token_ids, token_mask
 from sae.formats import save_sae
-from sae.model import SAEConfig, SAE
+from sae.model import SAE, SAEConfig
 from saewb_cli.measure import add_parsers, cmd_analyze
 
 # -- streaming accumulator vs brute force ---------------------------------------------------------

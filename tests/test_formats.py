@@ -22,7 +22,7 @@ from sae.formats import (
     saelens_hook_name,
     save_sae,
 )
-from sae.model import SAEConfig, SAE
+from sae.model import SAE, SAEConfig
 
 D, N, K = 16, 64, 4
 HOOK = "model.layers.3"  # resid_post.3 of a Llama, as SAELens's HF wrapper names it

@@ -10,7 +10,7 @@ from test_formats import HOOK, D, K, N, export_lens, make_sae, run
 from hooks.models import load_model
 from hooks.sites import Splice
 from sae.formats import export_saelens, export_sparsify, load_sae
-from sae.model import SAEConfig, SAE
+from sae.model import SAE, SAEConfig
 
 pytestmark = pytest.mark.bench
 TOL = dict(rtol=1e-4, atol=1e-4)

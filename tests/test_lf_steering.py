@@ -20,7 +20,7 @@ from conftest import make_model
 from analysis.steering.lf import Runner, dense_codes, lf_steering, rank_latents
 from analysis.steering.paraphrases import Group, builtin_groups, normalise, read_groups
 from hooks.errors import UserError
-from sae.model import SAEConfig, SAE
+from sae.model import SAE, SAEConfig
 
 SITE = "resid_post.0"
 WORDS = dict(a=" mat", a2=" park", a_wording=" Paris", trigger=" France", b=" Monday",

@@ -13,7 +13,7 @@ from hooks.cache import harvest
 from hooks.errors import UserError
 from hooks.selection import Selection
 from sae.formats import save_sae
-from sae.model import SAEConfig, SAE
+from sae.model import SAE, SAEConfig
 from saewb_cli import main
 
 

@@ -8,7 +8,7 @@ from conftest import make_model
 from analysis.steering.interventions import Intervention, Steering
 from hooks.errors import UserError
 from hooks.sites import Capture
-from sae.model import SAEConfig, SAE
+from sae.model import SAE, SAEConfig
 
 SITE = "resid_post.1"
 

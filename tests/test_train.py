@@ -296,7 +296,7 @@ def test_batchtopk_cutoff_is_global_over_ranks():
     activations, and track exactly the threshold, that one process keeps on the whole batch."""
     import threading
 
-    from sae.model import SAEConfig, SAE
+    from sae.model import SAE, SAEConfig
 
     torch.manual_seed(0)
     acts = torch.rand(40, 12).relu_() * (torch.rand(40, 12) > 0.3)  # (N, 4k) candidates
@@ -337,7 +337,7 @@ def test_batchtopk_cutoff_is_global_over_ranks():
 def test_clipping_is_skipped_only_where_it_commutes(planted, tmp_path):
     """Signum's momentum sums gradients of several steps, so clipping each by its own factor
     changes the sign it follows; schedule-free sign descent takes the sign of the raw gradient."""
-    from sae.model import SAEConfig, SAE
+    from sae.model import SAE, SAEConfig
     from sae.optim import Signum, clipping_commutes, make_optimizer
 
     sae = SAE(SAEConfig(d_in=8, n_latents=16, k=2))
@@ -568,7 +568,7 @@ def test_dense_auxk_path_matches_the_sparse_kernel():
     import copy
 
     from sae.kernels import sparse_decode, topk_encode
-    from sae.model import SAEConfig, SAE, variance
+    from sae.model import SAE, SAEConfig, variance
 
     torch.manual_seed(0)
     dense = SAE(SAEConfig(d_in=32, n_latents=256, k=8, k_aux=40))
