@@ -491,12 +491,17 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_from_sample(
-        self, x: Tensor, reduce: Reduce | None = None, target: Tensor | None = None
+        self,
+        x: Tensor,
+        reduce: Reduce | None = None,
+        target: Tensor | None = None,
+        gather: Reduce | None = None,
     ) -> None:
         """From a sample of raw activations (N, d_in), pooled over ranks when `reduce` sums:
         the input scale s with E||x s||^2 = d_in, b_dec at the (scaled) mean of the output (the
         input, or a transcoder's target), and for jumprelu and relu the encoder's cut so that
-        each latent fires on k / n of the sample to start with, as it should at the target L0."""
+        each latent fires on k / n of the sample to start with, as it should at the target L0.
+        Under data parallelism the cut needs `gather` too, and equals one process's exactly."""
         scale, mean = _scale_and_mean(x, self.cfg.d_in, reduce)
         self.input_scale.fill_(scale)
         if self.cfg.is_transcoder:
@@ -506,24 +511,28 @@ class SAE(nn.Module):
         else:
             self.b_dec.copy_((mean * scale).to(self.b_dec.dtype))
         if self.cfg.architecture in THRESHOLD_KINDS:
-            self._init_cut(x[:4096], reduce)
+            self._init_cut(x, reduce, gather)
 
     @torch.no_grad()
-    def _init_cut(self, x: Tensor, reduce: Reduce | None) -> None:
-        cfg = self.cfg
-        xs = self._scaled(x)
-        centre = self._centre()
-        if centre is not None:
-            xs = xs - centre
-        pre = torch.addmm(self.b_enc, xs, self.W_enc)  # (N, n), once
-        m = max(1, round(len(x) * cfg.k / cfg.n_latents))
-        cut = pre.topk(min(m, len(x)), dim=0).values[-1]  # (n,): each latent's m-th largest
-        if reduce is not None:  # every rank starts from the same weights
-            cut = reduce(cut) / reduce(cut.new_ones(()))
+    def _init_cut(self, x: Tensor, reduce: Reduce | None, gather: Reduce | None) -> None:
+        cfg, n = self.cfg, self.cfg.n_latents
+        rows = x.new_tensor(float(len(x)))
+        rows = int(reduce(rows)) if reduce is not None else len(x)
+        m = max(1, round(rows * cfg.k / n))  # tokens each latent should fire on
+        top = x.new_full((m, n), -math.inf)  # (m, n): each latent's m largest so far
+        for start in range(0, len(x), 1024):  # (1024, n) pre-activations at a time
+            xs = self._scaled(x[start : start + 1024])
+            if self._centre() is not None:
+                xs = xs - self._centre()
+            pre = torch.addmm(self.b_enc, xs, self.W_enc)
+            top = torch.cat([top, pre]).topk(m, dim=0).values
+        if gather is not None:  # the global m largest are among every rank's own m largest
+            top = gather(top.flatten()).view(-1, n).topk(m, dim=0).values
+        cut = top[-1]  # (n,): each latent's m-th largest pre-activation
         if cfg.architecture == "jumprelu":
             self.log_threshold.copy_(cut.float().clamp_min(cfg.bandwidth).log())
         else:
-            self.b_enc.sub_(cut.to(self.b_enc.dtype))
+            self.b_enc.sub_(cut.clamp(-1e4, 1e4).to(self.b_enc.dtype))
 
     @torch.no_grad()
     def folded_state(self) -> dict[str, Tensor]:

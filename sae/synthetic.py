@@ -37,13 +37,17 @@ def firing_probabilities(n_features: int, mean_active: float, zipf: float = 1.0)
     return (rates * mean_active / rates.sum()).clamp(max=1.0).float()
 
 
+def sample_codes(probs: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """(n, F) non-negative sparse codes: feature i fires with probs[i], magnitude in [0.5, 1.5]."""
+    fire = torch.rand(n, len(probs), generator=g) < probs  # (n, F)
+    return fire * (0.5 + torch.rand(n, len(probs), generator=g))
+
+
 def sample(
     features: torch.Tensor, probs: torch.Tensor, n: int, g: torch.Generator, noise: float = 0.0
 ) -> torch.Tensor:
     """(n, d) tokens: sum_i fire_i * magnitude_i * feature_i (+ Gaussian noise)."""
-    fire = torch.rand(n, len(probs), generator=g) < probs  # (n, F)
-    magnitude = 0.5 + torch.rand(n, len(probs), generator=g)
-    x = (fire * magnitude) @ features  # (n, d)
+    x = sample_codes(probs, n, g) @ features  # (n, d)
     if noise:
         x += noise * torch.randn(x.shape, generator=g)
     return x
@@ -56,20 +60,27 @@ def synthetic_rows(
     seed: int = 0,
     noise: float = 0.0,
     site: str = "synthetic",
+    out_features: torch.Tensor | None = None,
 ):
     """rows_after(cursor) for write_cache: chunk c is generated from seed + c, so any chunk
-    can be regenerated on resume."""
+    can be regenerated on resume. With out_features (F, d_out), site + "_out" holds the same
+    codes through those features: a transcoder's planted target."""
 
     def rows_after(cursor: int) -> Iterator[tuple[int, Rows]]:
         for c in range(cursor, 1 << 40):
-            x = sample(
-                features, probs, chunk, torch.Generator().manual_seed(seed * 1_000_003 + c), noise
-            )
+            g = torch.Generator().manual_seed(seed * 1_000_003 + c)
+            codes = sample_codes(probs, chunk, g)  # (chunk, F)
+            x = codes @ features
+            if noise:
+                x += noise * torch.randn(x.shape, generator=g)
+            acts = {site: x}
+            if out_features is not None:
+                acts[f"{site}_out"] = codes @ out_features
             index = torch.full((chunk,), c, dtype=torch.int64)
             yield (
                 c + 1,
                 Rows(
-                    acts={site: x},
+                    acts=acts,
                     token=torch.zeros(chunk, dtype=torch.int32),
                     doc=index.int(),
                     pos=torch.arange(chunk, dtype=torch.int32),
@@ -91,13 +102,17 @@ def write_synthetic_cache(
     noise: float = 0.0,
     rank: int | None = None,
     progress: bool = False,
+    transcode: bool = False,
 ) -> torch.Tensor:
-    """Write a cache of planted-feature activations (site 'synthetic'); returns the features."""
+    """Write a cache of planted-feature activations (site 'synthetic'); returns the features.
+    With transcode, site 'synthetic_out' holds the same codes through a second set of features
+    (seed + 1), and the return value is (features, out_features)."""
     features = planted_features(d, n_features, seed, rank)
+    out_features = planted_features(d, n_features, seed + 1) if transcode else None
     probs = firing_probabilities(n_features, mean_active, zipf)
     wanted = {
         "model": "synthetic",
-        "sites": ["synthetic"],
+        "sites": ["synthetic", "synthetic_out"] if transcode else ["synthetic"],
         "d_model": d,
         "dtype": "float32",
         "tokenizer": None,
@@ -114,13 +129,13 @@ def write_synthetic_cache(
     write_cache(
         out,
         wanted,
-        synthetic_rows(features, probs, seed=seed, noise=noise),
+        synthetic_rows(features, probs, seed=seed, noise=noise, out_features=out_features),
         tokens,
         shard_tokens=16384,
         progress=progress,
         desc="synthetic",
     )
-    return features
+    return (features, out_features) if transcode else features
 
 
 def recovery(W_dec: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

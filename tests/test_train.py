@@ -213,6 +213,10 @@ def _parity_configs(cache, tiny_dir, text):
     return {
         "topk": dict(common, cache=str(cache), sites=["synthetic"]),
         "batchtopk": dict(common, cache=str(cache), sites=["synthetic"], architecture="batchtopk"),
+        # the threshold kinds' first-batch cut and L0 controller are global over ranks too
+        "jumprelu": dict(common, cache=str(cache), sites=["synthetic"], architecture="jumprelu"),
+        "relu": dict(common, cache=str(cache), sites=["synthetic"], architecture="relu"),
+        "matryoshka": dict(common, cache=str(cache), sites=["synthetic"], architecture="matryoshka"),
         # killed after 3 of 4 steps, inside a log line: rank 0's checkpoint must hold every
         # rank's share of it, so the line after the resume equals the uninterrupted one
         "resumed": dict(common, cache=str(cache), sites=["synthetic"], stop_at=3072),

@@ -46,7 +46,8 @@ class _ThresholdEncode(torch.autograd.Function):
         W_s, b_s = W_enc, b_enc
         if encode_dtype is not None and encode_dtype != W_enc.dtype:
             W_s, b_s = W_enc.to(encode_dtype), b_enc.to(encode_dtype)
-        theta = threshold.detach().float()  # fp32 whatever the encoder's dtype
+        # at least fp32 whatever the encoder's dtype (fp64 stays fp64, for gradcheck)
+        theta = threshold.detach().to(torch.promote_types(threshold.dtype, torch.float32))
         train_theta = threshold.requires_grad and bandwidth > 0
         floor = theta - bandwidth / 2 if train_theta else theta  # band entries too while training
         N = x.shape[0]
@@ -78,7 +79,8 @@ class _ThresholdEncode(torch.autograd.Function):
     def backward(ctx, grad_acts, _grad_idx, grad_step):
         x, W_enc, threshold, pre_kept, idx = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        theta = threshold.float()[idx]  # (N, K)
+        fp = torch.promote_types(threshold.dtype, torch.float32)
+        theta = threshold.to(fp)[idx]  # (N, K)
         dx = dW_enc = db_enc = db_dec = d_theta = None
         if grad_acts is not None:  # through the kept latents above their threshold only
             grad_pre = grad_acts * (pre_kept > theta.to(pre_kept.dtype))
@@ -88,13 +90,13 @@ class _ThresholdEncode(torch.autograd.Function):
             )  # fmt: skip
         if needs[3]:
             eps = ctx.bandwidth
-            kernel = ((pre_kept.float() - theta).abs() < eps / 2).float() / eps  # (N, K)
+            kernel = ((pre_kept.to(fp) - theta).abs() < eps / 2).to(fp) / eps  # (N, K)
             grad_theta = torch.zeros_like(theta)
             if grad_acts is not None:
-                grad_theta -= grad_acts.float() * theta * kernel
+                grad_theta -= grad_acts.to(fp) * theta * kernel
             if grad_step is not None:
-                grad_theta -= grad_step.float() * kernel
-            d_theta = torch.zeros(threshold.shape, device=idx.device)
+                grad_theta -= grad_step.to(fp) * kernel
+            d_theta = torch.zeros(threshold.shape, dtype=fp, device=idx.device)
             d_theta.index_add_(0, idx.reshape(-1), grad_theta.reshape(-1))
             d_theta = d_theta.to(threshold.dtype)
         return dx, dW_enc, db_enc, d_theta, None, None, db_dec, None

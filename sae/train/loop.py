@@ -312,7 +312,7 @@ class Trainer:
                     f"transcoder's output is {m.sae.cfg.d_out}; pick a target of the input's "
                     "width, such as mlp_out.L for mlp_in.L."
                 )
-            m.sae.init_from_sample(x_by_site[m.site], self._reduce, target)
+            m.sae.init_from_sample(x_by_site[m.site], self._reduce, target, self._gather)
         self.initialised = True
 
     def _step(self, batch) -> int:
