@@ -343,6 +343,7 @@ class SAE(nn.Module):
                 multi_fvu = F.mse_loss(multi, ys, reduction="sum") / total_variance
             if batch_topk:
                 acts = self._batch_topk(acts, reduce, gather)  # k*N over the global batch
+                acts, idx = _compact(acts, idx, acts > 0)  # (N, K <= 4k): decode only those
             elif k_cand is not None and k_cand > cfg.k:
                 order = acts.topk(cfg.k, dim=1).indices
                 acts, idx = acts.gather(1, order), idx.gather(1, order)  # (N, k)
@@ -428,7 +429,7 @@ class SAE(nn.Module):
         lo = 0
         for hi in self.cfg.prefixes:
             in_group = (idx >= lo) & (idx < hi)  # (N, K)
-            recon = recon + self._decode_scaled(acts * in_group, idx)
+            recon = recon + self._decode_scaled(*_compact(acts * in_group, idx, in_group))
             if hi < self.cfg.n_latents:
                 prefix_fvu = prefix_fvu + F.mse_loss(recon, ys, reduction="sum") / total_variance
             lo = hi
@@ -586,6 +587,20 @@ def _scale_and_mean(x: Tensor, d: int, reduce: Reduce | None) -> tuple[float, Te
     count = stats[-1].clamp_min(1)
     mean_sq = float(stats[0] / count)
     return math.sqrt(d / max(mean_sq, 1e-12)), stats[1:-1] / count
+
+
+def _compact(acts: Tensor, idx: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The entries where `keep` (N, K), gathered to the front of each row: (N, K') with K' the
+    widest row's count, zeros after. Exact for the values and their gradients, as the dropped
+    entries are zero. Only on the CPU, where the decoder's cost is per entry; on CUDA reading
+    K' would wait for the GPU."""
+    if acts.is_cuda:
+        return acts * keep, idx
+    width = max(1, int(keep.sum(1).max()))
+    if width >= acts.shape[1]:
+        return acts * keep, idx
+    order = keep.to(torch.uint8).topk(width, dim=1).indices  # (N, K'): kept entries first
+    return (acts * keep).gather(1, order), idx.gather(1, order)
 
 
 def _fixed_width(acts: Tensor, idx: Tensor, width: int) -> tuple[Tensor, Tensor]:
