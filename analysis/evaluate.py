@@ -8,6 +8,13 @@ Per batch of held-out windows there are four full forward passes:
   ablated       the site's activation set to zero at every position, position 0 included
   ablated_kept  the site's activation set to zero at the kept positions only
 
+A transcoder reads one site and predicts another (its target): there the spliced, ablated and
+reference site is the target. In the spliced pass a Capture hook records the input site's
+activation and, later in the same forward, the Splice hook at the target puts
+sae.reconstruct(input) in place of the target's value, so FVU, L0 and the rest measure y_hat
+against the target's own activation y. With use_error_term the target keeps y - y_hat, and the
+spliced run must equal the clean one bit for bit, as for an SAE.
+
 Kept positions are exactly the tokens the SAE was trained on (`Selection.capture.keep`: by
 default no special tokens and not position 0; the run's outlier rule if it had one); the splice leaves every
 other position's activation as it was. Reconstruction metrics are streamed over the kept tokens
@@ -50,7 +57,7 @@ from torch import Tensor
 
 from analysis.run import Run
 from hooks.errors import UserError
-from hooks.sites import Capture, Splice, resolve_site, special_token_ids
+from hooks.sites import Capture, Site, Splice, resolve_site, special_token_ids
 from hooks.windows import batched, stack
 from sae.model import SAE
 
@@ -72,15 +79,17 @@ BASELINES = (
 class ReconstructionStats:
     """Sums over kept tokens, from which every reconstruction and sparsity metric follows.
 
-    update() takes x and x_hat (N, d) and the SAE's (N, k) activations and latent indices.
-    Everything is summed in float64 so that E||x||^2 - ||E x||^2 stays accurate when the mean is
-    large compared with the spread (residual streams often are).
+    update() takes the reference x and its reconstruction x_hat (N, d) (a transcoder's target y
+    and y_hat, d = d_out) and the SAE's (N, K) activations and latent indices, K its inference
+    width, with zeros where a token has fewer active latents. Everything is summed in float64
+    so that E||x||^2 - ||E x||^2 stays accurate when the mean is large compared with the spread
+    (residual streams often are).
     """
 
-    def __init__(self, d_in: int, n_latents: int, device: torch.device | str = "cpu"):
+    def __init__(self, d: int, n_latents: int, device: torch.device | str = "cpu"):
         f64 = dict(dtype=torch.float64, device=device)
         self.n = 0
-        self.sum_x = torch.zeros(d_in, **f64)  # for ||E x||^2
+        self.sum_x = torch.zeros(d, **f64)  # for ||E x||^2
         self.sum_x_sq = torch.zeros((), **f64)  # sum ||x||^2
         self.sum_err_sq = torch.zeros((), **f64)  # sum ||x - x_hat||^2
         self.sum_xhat_sq = torch.zeros((), **f64)  # sum ||x_hat||^2
@@ -110,8 +119,9 @@ class ReconstructionStats:
         self.sum_norm_in += norm_in.sum()
         self.sum_norm_out += norm_out.sum()
         self.sum_ratio += (norm_out / norm_in.clamp_min(tiny)).sum()
-        # BatchTopK at inference and the ReLU after TopK leave some of the k slots at zero.
-        active = top_acts != 0  # (N, k)
+        # Zero slots: the ReLU after TopK, BatchTopK's threshold at inference, and the padding of
+        # the kinds whose L0 varies by token (jumprelu, relu). L0 counts the nonzero ones.
+        active = top_acts != 0  # (N, K)
         self.sum_l0 += active.sum()
         self.sum_l1 += top_acts.double().abs().sum()
         self.fires += torch.bincount(top_idx[active], minlength=self.fires.shape[0])
@@ -210,12 +220,6 @@ def _ratio(num: float, den: float) -> float | None:
 # splicing
 
 
-def sae_reconstruction(sae: SAE, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(x_hat (N, d) in x's units and the SAE's dtype, top_acts (N, k), top_idx (N, k))."""
-    enc = sae.encode(x)
-    return sae.decode(enc.top_acts, enc.top_idx), enc.top_acts, enc.top_idx
-
-
 def with_error_term(x: Tensor, x_hat: Tensor) -> Tensor:
     """x_hat + (x - x_hat), which must give back x bit for bit.
 
@@ -231,25 +235,47 @@ def sae_splice(
     keep: Tensor,
     stats: ReconstructionStats | None = None,
     use_error_term: bool = False,
+    source: Callable[[], Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """A Splice function putting the SAE's reconstruction at the kept (B, T) positions.
 
-    x_hat is computed from the activation the hook sees, and recorded into `stats` on the way.
+    The SAE reads the activation the hook sees; a transcoder, spliced at its target, reads
+    `source()`: its input site's (B, T, d_in) activation recorded earlier in the same forward.
+    The reconstruction is recorded into `stats` against the value it replaces.
     """
 
-    def fn(h: Tensor) -> Tensor:  # (B, T, d), the site's activation in this forward
-        x = h[keep]  # (N, d)
-        x_hat, top_acts, top_idx = sae_reconstruction(sae, x)
+    def fn(h: Tensor) -> Tensor:  # (B, T, d_out), the spliced site's activation in this forward
+        y = h[keep]  # (N, d_out), the reference
+        x = y if source is None else source()[keep]  # (N, d_in)
+        y_hat, top_acts, top_idx = sae.reconstruct(x)
         if stats is not None:
-            stats.update(x, x_hat, top_acts, top_idx)
-        x_hat = x_hat.to(h.dtype)
+            stats.update(y, y_hat, top_acts, top_idx)
+        y_hat = y_hat.to(h.dtype)
         if use_error_term:
-            x_hat = with_error_term(x, x_hat)
+            y_hat = with_error_term(y, y_hat)
         out = h.clone()  # masked positions keep their original activation, as in SAELens
-        out[keep] = x_hat
+        out[keep] = y_hat
         return out
 
     return fn
+
+
+def recorded_input(capture: Capture, site: Site, target: Site) -> Callable[[], Tensor]:
+    """What a transcoder's splice reads: `site`'s activation that `capture` recorded in the
+    current forward. Capture's hooks record in every forward inside its `with` block, not only
+    in its own early-exit call, so one Capture and one Splice read and replace in one pass;
+    the caller clears capture.acts before each forward."""
+
+    def source() -> Tensor:  # (B, T, d_in)
+        if site.name not in capture.acts:
+            raise UserError(
+                f"The transcoder reads {site.name}, which the forward pass reaches only after its "
+                f"target {target.name}, so the input is not known where the output is spliced; "
+                "evaluate a transcoder whose input site comes before its target."
+            )
+        return capture.acts[site.name]
+
+    return source
 
 
 def zero_splice(keep: Tensor | None = None) -> Callable[[Tensor], Tensor]:
@@ -299,8 +325,12 @@ def evaluate(
 
     options = run.selection.capture
     site = resolve_site(model, run.site)  # once: every batch splices three times
+    # The site that is spliced, ablated and reconstructed: the input of an SAE, the target of a
+    # transcoder.
+    spliced = resolve_site(model, run.target) if run.target else site
+    sites = list(dict.fromkeys([site.name, spliced.name]))
     special = special_token_ids(tokenizer)
-    recon = ReconstructionStats(sae.cfg.d_in, sae.cfg.n_latents, device)
+    recon = ReconstructionStats(sae.cfg.d_out, sae.cfg.n_latents, device)
     losses = LossStats()
     n_windows = 0
     started = time.perf_counter()
@@ -315,24 +345,22 @@ def evaluate(
         desc="eval",
         dynamic_ncols=True,
     )
-    with bar, Capture(model, [run.site]) as capture:
+    with bar, Capture(model, sites) as capture:
+        source = recorded_input(capture, site, spliced) if run.target else None
         for batch in batched(run.heldout_windows(tokenizer), batch_windows):
             input_ids = stack(batch)[0].to(device)  # (B, T)
             keep = options.keep(input_ids, special)  # the token rules: outliers need x
             if not options.outlier_factor:  # the last batch: run only the windows still needed
                 needed = int((keep.sum(1).cumsum(0) < n_tokens - recon.n).sum()) + 1
                 input_ids, keep = input_ids[:needed], keep[:needed]
-            # Capture records the site during our own full forward (it stops early only in
-            # its own __call__), so the clean run needs no second pass for x.
+            # Capture records the sites during our own full forward (it stops early only in
+            # its own __call__), so the clean run needs no second pass for x (and y).
             clean = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
-            x_clean = capture.acts[run.site]  # (B, T, d)
-            if x_clean.shape[-1] != sae.cfg.d_in:
-                raise UserError(
-                    f"The SAE takes d_in={sae.cfg.d_in} but {run.site} of {run.model} has width "
-                    f"{x_clean.shape[-1]}; evaluate it with the model it was trained on."
-                )
+            acts = {name: capture.acts[name] for name in sites}  # {site: (B, T, d)}
+            _check_widths(run, sae, acts[site.name], acts[spliced.name])
             if options.outlier_factor:  # depends on the activations: known only now
-                keep = options.keep(input_ids, special, [x_clean])
+                keep = options.keep(input_ids, special, list(acts.values()))
+            del acts
             keep = _first(keep, n_tokens - recon.n)  # the budget may end inside this batch
             # Score every kept position t: KL of the logits at t, CE of the target t+1 where
             # t < T-1. Only these (N, V) rows are kept, not each run's whole (B, T, V) logits.
@@ -343,12 +371,13 @@ def evaluate(
             logits = {"clean": clean[keep]}
             del clean
             runs = {
-                "spliced": sae_splice(sae, keep, recon, use_error_term),
+                "spliced": sae_splice(sae, keep, recon, use_error_term, source),
                 "ablated": zero_splice(),
                 "ablated_kept": zero_splice(keep),
             }
             for name, fn in runs.items():
-                with Splice(model, site, fn):
+                capture.acts.clear()  # the transcoder's input must come from this forward
+                with Splice(model, spliced, fn):
                     logits[name] = model(input_ids=input_ids, use_cache=False).logits[keep]
             losses.update(logits, targets, has_target)
             n_windows += input_ids.shape[0]
@@ -369,6 +398,8 @@ def evaluate(
         "run": str(run.path),
         "model": run.model,
         "site": run.site,
+        "architecture": sae.cfg.architecture,
+        "target": run.target or None,  # a transcoder's output site: the one spliced
         "selection": run.selection.to_dict(),
         "split": "eval (every 20th document, never trained on)",
         "n_tokens": recon.n,
@@ -383,6 +414,21 @@ def evaluate(
         "sae": sae.cfg.to_dict(),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _check_widths(run: Run, sae: SAE, x: Tensor, y: Tensor) -> None:
+    """The SAE's input and output widths against the model's (B, T, d) activations x at the
+    run's site and y at the spliced site (the same for an SAE)."""
+    if x.shape[-1] != sae.cfg.d_in:
+        raise UserError(
+            f"The SAE takes d_in={sae.cfg.d_in} but {run.site} of {run.model} has width "
+            f"{x.shape[-1]}; evaluate it with the model it was trained on."
+        )
+    if run.target and y.shape[-1] != sae.cfg.d_out:
+        raise UserError(
+            f"The transcoder's output has d_out={sae.cfg.d_out} but its target {run.target} of "
+            f"{run.model} has width {y.shape[-1]}; evaluate it with the model it was trained on."
+        )
 
 
 def _first(keep: Tensor, budget: int) -> Tensor:
@@ -407,10 +453,26 @@ _TABLE = (
 )
 
 
+def _kind(record: dict) -> str:
+    """'topk SAE', 'jumprelu transcoder' (with ' with a skip connection'), from an eval record
+    or anything with 'architecture' and 'target' keys (a record from before them: topk SAE)."""
+    arch = record.get("architecture") or (record.get("sae") or {}).get("architecture") or "topk"
+    if not record.get("target"):
+        return f"{arch} SAE"
+    skip = " with a skip connection" if (record.get("sae") or {}).get("skip") else ""
+    return f"{arch} transcoder{skip}"
+
+
+def _where(record: dict) -> str:
+    """'resid_post.3', or 'mlp_in.3 -> mlp_out.3' for a transcoder."""
+    target = record.get("target")
+    return f"{record['site']} -> {target}" if target else record["site"]
+
+
 def format_table(record: dict) -> str:
     m = record["metrics"]
     lines = [
-        f"{record['run']}: {record['model']} at {record['site']}, "
+        f"{record['run']}: {_kind(record)} on {record['model']} at {_where(record)}, "
         f"{record['n_tokens']:,} held-out tokens of '{record['selection']['dataset']}' "
         f"({record['n_scored_tokens']:,} scored) in {record['seconds']:.1f} s"
     ]

@@ -24,6 +24,7 @@ class Run:
     site: str
     selection: Selection  # which tokens the SAE was trained on, read back from the run
     info: dict  # run.json
+    target: str = ""  # a transcoder's output site (run.site is its input); "" for an SAE
 
     def load_model(self, device: str = "cpu", progress: bool = True):
         """The run's model, in the dtype its training data was captured in."""
@@ -74,4 +75,5 @@ def open_run(path: Path | str, device: str = "cpu") -> Run:
         site=info.get("site") or sae.cfg.site,
         selection=run_selection(path, info),
         info=info,
+        target=sae.cfg.target or info.get("target") or "",
     )

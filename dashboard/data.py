@@ -194,7 +194,7 @@ class Workspace:
         return next(name for name, p in self.runs().items() if p == path)
 
     def summary(self, run: str) -> dict:
-        """Model, site, shape, tokens and which parts (log, eval, store) the run has so far,
+        """Model, site, kind, shape, tokens and which parts (log, eval, store) the run has so far,
         read again only when one of its files changes (training appends to the log)."""
         path = self.path(run)
         files = ("run.json", "cfg.json", "train_log.jsonl", "eval.json", "features/manifest.json")
@@ -219,6 +219,9 @@ class Workspace:
             name=self.name(run),
             model=info.get("model") or cfg.get("model") or cfg.get("model_name") or "?",
             site=info.get("site") or cfg.get("site") or _saelens_site(cfg) or "?",
+            # topk ... relu; a transcoder also has a target, the site it predicts from `site`
+            architecture=info.get("architecture") or cfg.get("architecture"),
+            target=info.get("target") or cfg.get("target") or None,
             latents=info.get("n_latents") or cfg.get("n_latents") or cfg.get("d_sae"),
             k=info.get("k") or cfg.get("k"),
             tokens=tokens,

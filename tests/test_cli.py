@@ -142,3 +142,41 @@ def test_cache_of_another_model_is_refused(capsys, tmp_path, tiny_dir):
     shutil.copytree(tiny_dir, other)
     code, _, err = _run(capsys, "harvest", "--model", str(other), *args)
     _one_sentence_error(code, err, "model=", "choose another --cache")
+
+
+@pytest.mark.parametrize(
+    "architecture,site,target",
+    [
+        ("jumprelu", "mlp_in.1", "mlp_out.1"),
+        ("relu", "resid_post.1", None),
+        ("batchtopk", "resid_post.1", None),
+        ("matryoshka", "resid_post.1", None),
+    ],
+)
+def test_train_eval_and_analyze_every_kind(capsys, tmp_path, tiny_dir, architecture, site, target):
+    """`saewb train`, `saewb eval` and `saewb analyze` on a run of each kind whose L0 is not a
+    fixed k per token, a transcoder among them: each records and prints what it evaluated."""
+    import json
+
+    from conftest import tiny_train_argv
+
+    run = tmp_path / "run"
+    argv = tiny_train_argv(tiny_dir, _text_file(tmp_path, 600), run)
+    argv[argv.index("resid_post.1")] = site
+    argv += ["--architecture", architecture] + (["--target", target] if target else [])
+    assert _run(capsys, *argv)[0] == 0
+    code, out, err = _run(capsys, "eval", str(run), "--tokens", "300", "--batch", "4")
+    assert code == 0, err
+    record = json.loads((run / "eval.json").read_text())
+    assert record["architecture"] == architecture and record["target"] == target
+    kind = f"{architecture} {'transcoder' if target else 'SAE'}"
+    where = f"{site} -> {target}" if target else site
+    assert f"{kind} on " in out and f"at {where}," in out
+    m = record["metrics"]
+    assert 0 <= m["l0"] <= 16 and record["sae"]["target"] == (target or "")
+    assert m["ce_loss_clean"] > 0 and m["fvu"] == pytest.approx(1 - m["explained_variance"])
+    code, out, err = _run(capsys, "analyze", str(run), "--tokens", "500", "--batch", "4")
+    assert code == 0, err
+    manifest = json.loads((run / "features" / "manifest.json").read_text())
+    assert manifest["architecture"] == architecture and manifest["target"] == target
+    assert manifest["site"] == site and manifest["n_tokens"] >= 500

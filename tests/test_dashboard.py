@@ -104,6 +104,26 @@ def test_summaries_say_what_each_run_has(ws):
     assert k4["tokens"] == k4["log"][-1]["tokens"] >= 4096
 
 
+def test_a_runs_kind_is_shown_with_its_site(ws, tmp_path):
+    """The runs page and the eval table say which kind of SAE a run is, and a transcoder's target."""
+    info = dict(model="tiny", site="mlp_in.1", target="mlp_out.1", architecture="jumprelu")
+    (tmp_path / "tc").mkdir()
+    (tmp_path / "tc" / "run.json").write_text(json.dumps(info | dict(n_latents=64, k=4)))
+    record = info | dict(metrics={"fvu": 0.25, "l0": 3.5})
+    (tmp_path / "tc" / "eval.json").write_text(json.dumps(record))
+    mine = Workspace(tmp_path)
+    summary = mine.summary("tc")
+    assert summary["architecture"] == "jumprelu" and summary["target"] == "mlp_out.1"
+    page = _json(runs.layout(mine))
+    assert "mlp_in.1 → mlp_out.1" in page and "jumprelu transcoder" in page
+    detail = _json(runs.compare(mine, ["tc"]))
+    assert "jumprelu transcoder at mlp_in.1 → mlp_out.1" in detail and "0.25" in detail
+    # the served folder's runs: SAEs (the planted run's kind comes from its cfg.json)
+    page = _json(runs.layout(ws))
+    assert page.count("topk SAE") == 3 and "transcoder" not in page
+    assert ws.summary("sweep/k4")["target"] is None
+
+
 def test_a_damaged_log_line_is_skipped(ws, folder):
     log = folder[0] / "sweep/k8/train_log.jsonl"
     saved = log.read_text()

@@ -14,7 +14,7 @@ from analysis.run import open_run
 from hooks.errors import UserError
 from hooks.models import LoadedModel
 from hooks.selection import Selection
-from hooks.sites import Splice, special_token_ids, token_mask
+from hooks.sites import Capture, Splice, special_token_ids, token_mask
 from sae.formats import save_sae
 from sae.model import SAE, SAEConfig
 from saewb_cli.measure import add_parsers, cmd_eval
@@ -51,8 +51,9 @@ def make_run(path, world, sae: SAE, selection: Selection | None = None):
     root, _, text = world
     save_sae(sae, path)
     selection = selection or Selection(dataset=str(text), context_size=CONTEXT)
-    info = {"model": str(root / "tiny-llama"), "site": SITE, "selection": selection.to_dict()}
-    (path / "run.json").write_text(json.dumps(info))
+    info = {"model": str(root / "tiny-llama"), "site": sae.cfg.site or SITE}
+    info |= {"architecture": sae.cfg.architecture, "target": sae.cfg.target or None}
+    (path / "run.json").write_text(json.dumps(info | {"selection": selection.to_dict()}))
     return open_run(path)
 
 
@@ -91,19 +92,37 @@ def identity_sae() -> SAE:
 
 
 def dense_sae(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (N, n) dense latents, x_hat (N, d)) with plain matmuls and a full-width top-k."""
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (N, n)
-    top = pre.topk(sae.cfg.k, dim=1)
-    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
-    return z, z @ sae.W_dec + sae.b_dec
+    """(z (N, n) dense latents, x_hat (N, d_out)) with plain matmuls on the saved weights: each
+    latent above its threshold (0 for topk and relu, BatchTopK's one value, JumpReLU's own), of
+    which a token keeps its `width` largest (k for topk, at most 4k for the other kinds). A
+    transcoder's input is not centred, and its skip connection adds x @ W_skip."""
+    w = sae.folded_state()
+    n = sae.cfg.n_latents
+    centre = 0 if sae.cfg.is_transcoder else w["b_dec"]
+    pre = (x - centre) @ w["W_enc"] + w["b_enc"]  # (N, n)
+    theta = w.get("threshold", torch.zeros(n))
+    above = torch.where(pre > theta, pre, torch.zeros(()))  # (N, n)
+    width = sae.cfg.k if sae.cfg.architecture == "topk" else min(4 * sae.cfg.k, n)
+    top = above.topk(width, dim=1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values)
+    y_hat = z @ w["W_dec"] + w["b_dec"]
+    if sae.cfg.skip:
+        y_hat = y_hat + x @ w["W_skip"]
+    return z, y_hat
 
 
 @torch.no_grad()
 def brute_force(run, loaded, n_tokens: int, batch: int) -> dict:
+    """The reference of every metric. An SAE at resid_post.1 reads and replaces block 1's
+    output; a transcoder from mlp_in.1 to mlp_out.1 reads the input of block 1's MLP and
+    replaces the MLP's output, which is then the reference (and the site ablated)."""
     model, tokenizer, sae = loaded.model, loaded.tokenizer, run.sae
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     windows = list(run.heldout_windows(tokenizer))
-    layer = model.model.layers[LAYER]  # resid_post.1 is block 1's output
+    transcoder = sae.cfg.is_transcoder
+    assert (run.site, run.target) == ((TC_SITE, TC_TARGET) if transcoder else (SITE, ""))
+    layer = model.model.layers[LAYER]
+    layer = layer.mlp if transcoder else layer  # the module whose output is spliced
     xs, x_hats, zs = [], [], []
     ce = {"clean": [], "spliced": [], "ablated": [], "ablated_kept": []}
     kl = {"spliced": [], "ablated": [], "ablated_kept": []}
@@ -121,11 +140,16 @@ def brute_force(run, loaded, n_tokens: int, batch: int) -> dict:
                     count += 1
                     n_windows = start + b + 1
         recorded = {}
-        handle = layer.register_forward_hook(lambda m, a, out, r=recorded: r.update(x=out))
+        handles = [layer.register_forward_hook(lambda m, a, out, r=recorded: r.update(y=out))]
+        if transcoder:  # the MLP's input: the Llama MLP takes the normed residual by position
+            handles.append(
+                layer.register_forward_pre_hook(lambda m, a, r=recorded: r.update(x=a[0]))
+            )
         clean = model(ids).logits  # (B, T, V)
-        handle.remove()
-        x = recorded["x"][keep]  # (N, d)
-        z, x_hat = dense_sae(sae, x)
+        for handle in handles:
+            handle.remove()
+        x = recorded["y"][keep]  # (N, d): the reference, the site that is spliced
+        z, x_hat = dense_sae(sae, recorded["x"][keep] if transcoder else x)
         xs.append(x), x_hats.append(x_hat), zs.append(z)
         runs = {"clean": clean}
         runs["ablated"] = ablated_forward(model, layer, ids, None)
@@ -295,6 +319,211 @@ def test_error_term_splice_is_bitwise_on_every_architecture(tiny_model, tokenize
     assert not torch.allclose(lossy[:, 1:], clean[:, 1:], atol=1e-4)
     # Masked positions keep their activation: position 0 sees nothing spliced (causal model).
     torch.testing.assert_close(lossy[:, 0], clean[:, 0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka", "jumprelu", "relu"])
+def test_the_other_kinds_match_brute_force(world, tmp_path, architecture):
+    """Thresholds set from the data so that each latent fires on ~8% of tokens: L0 varies by
+    token, the code is zero-padded, and L0, densities and the splice follow the dense code."""
+    _, loaded, _ = world
+    sae = threshold_sae(architecture, sample_site(loaded, world, SITE))
+    run = make_run(tmp_path, world, sae)
+    record = evaluate(run, 400, batch_windows=8, loaded=loaded, progress=False)
+    ref = brute_force(run, loaded, 400, batch=8)
+    m = record["metrics"]
+    assert record["architecture"] == architecture and record["target"] is None
+    for key, expected in ref.items():
+        if not key.startswith("n_"):
+            assert m[key] == pytest.approx(expected, rel=1e-5, abs=1e-7), key
+    assert 2 < m["l0"] < 4 * sae.cfg.k and m["l0"] != round(m["l0"])  # not a fixed k per token
+    assert 0 < m["dead_fraction"] < 0.5 and m["kl_div_spliced"] > 1e-6
+
+
+# -----------------------------------------------------------------------------
+# transcoders: from the input of block 1's MLP (after its norm) to the MLP's output
+
+TC_SITE, TC_TARGET = "mlp_in.1", "mlp_out.1"
+
+
+@pytest.fixture(scope="module")
+def tc_world(world, tokenizer):
+    """The world with a tiny Llama whose block-1 MLP writes 100x more: a random MLP barely
+    moves the logits, and CE loss recovered would divide by almost nothing."""
+    root, _, text = world
+    model = make_model("llama", len(tokenizer))
+    with torch.no_grad():
+        model.model.layers[LAYER].mlp.down_proj.weight.mul_(100)
+    return root, LoadedModel(name="tiny-llama-mlp", model=model, tokenizer=tokenizer), text
+
+
+def sample_site(loaded, world, site: str) -> torch.Tensor:
+    """(N, d) activations at `site` on a few held-out windows, to set thresholds from."""
+    root, _, text = world
+    windows = Selection(dataset=str(text), context_size=CONTEXT).windows(loaded.tokenizer, "eval")
+    ids = torch.stack([w.tokens for _, w in zip(range(8), windows)])  # (8, T)
+    with Capture(loaded.model, [site]) as capture:
+        return capture(ids)[site][:, 1:].reshape(-1, D)
+
+
+def threshold_sae(architecture: str, x: torch.Tensor, **cfg) -> SAE:
+    """A random SAE (or transcoder) of a kind whose L0 varies, each latent cut at its 92nd
+    percentile on the sample x (N, d_in); the last 8 latents never fire."""
+    g = torch.Generator().manual_seed(1)
+    n = 64
+    sae = SAE(SAEConfig(d_in=D, n_latents=n, k=4, architecture=architecture, **cfg)).eval()
+    sae.reset_parameters(g)
+    with torch.no_grad():
+        sae.b_dec.copy_(0.1 * x.std() * torch.randn(sae.cfg.d_out, generator=g))
+        if sae.cfg.skip:
+            sae.W_skip.copy_(torch.randn(D, sae.cfg.d_out, generator=g) / D)
+        centre = 0 if sae.cfg.is_transcoder else sae.b_dec
+        pre = (x - centre) @ sae.W_enc  # (N, n)
+        cut = pre.quantile(0.92, dim=0)  # (n,)
+        cut[n - 8 :] = pre.max() + 1.0
+        # pre + b_enc > theta exactly where pre > cut: b_enc = theta - cut, theta > 0
+        theta = float(pre.std()) * (1 + torch.rand(n, generator=g))  # (n,)
+        if architecture == "jumprelu":
+            sae.b_enc.copy_(theta - cut)
+            sae.log_threshold.copy_(theta.log())
+        elif architecture == "relu":
+            sae.b_enc.copy_(-cut)
+        else:  # batchtopk, matryoshka: one threshold at inference
+            sae.b_enc.copy_(theta[0] - cut)
+            sae.threshold.fill_(float(theta[0]))
+    return sae
+
+
+def random_transcoder(x: torch.Tensor, **cfg) -> SAE:
+    """A lossy topk transcoder mlp_in.1 -> mlp_out.1 with a skip connection, its output on the
+    scale of the target's sample (N, d_out)."""
+    g = torch.Generator().manual_seed(2)
+    cfg = dict(site=TC_SITE, target=TC_TARGET, skip=True) | cfg
+    sae = SAE(SAEConfig(d_in=D, n_latents=64, k=4, **cfg)).eval()
+    sae.reset_parameters(g)
+    with torch.no_grad():
+        scale = float(x.norm(dim=1).mean())
+        sae.W_dec.mul_(0.3 * scale)
+        sae.W_skip.copy_(0.3 * scale * torch.randn(D, sae.cfg.d_out, generator=g) / D)
+        sae.b_dec.copy_(x.mean(0) if x.shape[1] == sae.cfg.d_out else 0)
+        sae.b_enc.copy_(0.05 * torch.randn(64, generator=g))
+        sae.b_enc[-8:] = -1e4
+    return sae
+
+
+def test_transcoder_metrics_match_brute_force(tc_world, tmp_path):
+    """The splice puts y_hat = reconstruct(MLP input) in place of the MLP's output; the reference
+    hooks the Llama MLP by hand, and every metric is measured against the MLP's output."""
+    _, loaded, _ = tc_world
+    sae = random_transcoder(sample_site(loaded, tc_world, TC_TARGET))
+    run = make_run(tmp_path, tc_world, sae)
+    assert (run.site, run.target) == (TC_SITE, TC_TARGET)
+    record = evaluate(run, 600, batch_windows=8, loaded=loaded, progress=False)
+    ref = brute_force(run, loaded, 600, batch=8)
+    m = record["metrics"]
+    assert record["architecture"] == "topk" and record["target"] == TC_TARGET
+    assert record["n_tokens"] == ref["n_tokens"] == 600
+    for key, expected in ref.items():
+        if key.startswith("n_"):
+            assert record[key] == expected, key
+        else:
+            assert m[key] == pytest.approx(expected, rel=1e-5, abs=1e-7), key
+    # Not degenerate: zeroing the MLP costs loss, and the lossy transcoder changes the logits.
+    assert m["ce_loss_ablated_kept"] > m["ce_loss_clean"] + 1e-3 and m["kl_div_spliced"] > 1e-6
+    assert m["fvu"] > 0.05 and m["ce_loss_spliced"] != m["ce_loss_clean"]
+    assert m["l0"] <= 4 and m["dead_fraction"] >= 8 / 64
+
+
+def test_transcoder_error_term_gives_the_clean_loss_exactly(tc_world, tmp_path):
+    _, loaded, _ = tc_world
+    for architecture in ("topk", "jumprelu"):
+        if architecture == "topk":
+            sae = random_transcoder(sample_site(loaded, tc_world, TC_TARGET))
+        else:
+            x = sample_site(loaded, tc_world, TC_SITE)
+            sae = threshold_sae("jumprelu", x, site=TC_SITE, target=TC_TARGET, skip=True)
+        run = make_run(tmp_path / architecture, tc_world, sae)
+        plain = evaluate(run, 300, loaded=loaded, progress=False)["metrics"]
+        exact = evaluate(run, 300, loaded=loaded, progress=False, use_error_term=True)["metrics"]
+        assert plain["ce_loss_spliced"] != plain["ce_loss_clean"], architecture
+        assert exact["ce_loss_spliced"] == exact["ce_loss_clean"], architecture
+        assert exact["kl_div_spliced"] == 0.0 and exact["ce_loss_recovered"] == 1.0
+        assert exact["fvu"] == pytest.approx(plain["fvu"], rel=1e-12) and exact["fvu"] > 0.05
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in loaded.model.modules())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_transcoder_error_term_splice_is_bitwise_on_every_architecture(tokenizer, arch):
+    """Capture records mlp_in.1 and, later in the same forward, the Splice at mlp_out.1 reads it."""
+    from analysis.evaluate import recorded_input
+    from hooks.sites import Capture, resolve_site
+
+    model = make_model(arch, len(tokenizer))
+    ids = tokenizer([" The cat sat on the mat. The dog ran in the park."] * 2, return_tensors="pt")
+    ids = ids["input_ids"]  # (2, T)
+    keep = token_mask(ids, special_ids=special_token_ids(tokenizer))
+    site, target = resolve_site(model, TC_SITE), resolve_site(model, TC_TARGET)
+    with torch.no_grad(), Capture(model, [TC_SITE, TC_TARGET]) as capture:
+        clean = model(ids).logits
+        y = capture.acts[TC_TARGET]  # (2, T, d)
+        sae = random_transcoder(y[keep])
+        source = recorded_input(capture, site, target)
+        with Splice(model, target, sae_splice(sae, keep, use_error_term=True, source=source)):
+            capture.acts.clear()
+            exact = model(ids).logits
+        with Splice(model, target, sae_splice(sae, keep, source=source)):
+            capture.acts.clear()
+            lossy = model(ids).logits
+    assert torch.equal(exact, clean)
+    assert not torch.equal(lossy[:, 1:], clean[:, 1:])
+    torch.testing.assert_close(lossy[:, 0], clean[:, 0], rtol=0, atol=1e-6)
+
+
+def test_an_exact_transcoder_recovers_everything(world, tokenizer, tmp_path):
+    """On a GPT-2 whose block-1 MLP is linear (identity activation), a transcoder with no active
+    latents and skip W_fc @ W_proj, b_dec = b_fc @ W_proj + b_proj, is the MLP itself."""
+    import transformers as tf
+    from conftest import CONFIGS
+
+    torch.manual_seed(0)
+    config = CONFIGS["gpt2"](tf, len(tokenizer), 4, D, activation_function="linear")
+    model = tf.AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    mlp = model.transformer.h[LAYER].mlp
+    with torch.no_grad():
+        mlp.c_proj.weight.mul_(30)  # so that zeroing the MLP costs loss
+    W_fc, b_fc, W_proj, b_proj = (
+        p.detach().double()
+        for p in (mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias)
+    )  # GPT-2's Conv1D: x @ W + b
+    sae = SAE(SAEConfig(d_in=D, n_latents=16, k=2, site=TC_SITE, target=TC_TARGET, skip=True))
+    state = sae.folded_state()
+    state |= {"W_skip": (W_fc @ W_proj).float(), "b_dec": (b_fc @ W_proj + b_proj).float()}
+    state["b_enc"] = torch.full((16,), -1e4)  # no latent ever fires
+    sae.load_folded(state)
+    run = make_run(tmp_path, world, sae)
+    loaded = LoadedModel(name="tiny-gpt2-linear", model=model, tokenizer=tokenizer)
+    m = evaluate(run, 400, loaded=loaded, progress=False)["metrics"]
+    assert m["fvu"] < 1e-10 and m["cossim"] == pytest.approx(1.0, abs=1e-6)
+    assert m["ce_loss_ablated_kept"] > m["ce_loss_clean"] + 0.01  # the MLP matters
+    assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert m["ce_loss_recovered_kept"] == pytest.approx(1.0, abs=1e-4)
+    assert m["kl_div_spliced"] < 1e-9 and m["l0"] == 0 and m["dead_fraction"] == 1.0
+
+
+def test_transcoder_bad_widths_and_order(tc_world, tmp_path):
+    _, loaded, _ = tc_world
+    y = sample_site(loaded, tc_world, TC_TARGET)
+    wide = random_transcoder(torch.randn(10, 48), d_out=48)
+    run = make_run(tmp_path / "wide", tc_world, wide)
+    with pytest.raises(UserError) as exc:
+        evaluate(run, 100, loaded=loaded, progress=False)
+    message = _one_sentence(exc)
+    assert "d_out=48" in message and "mlp_out.1" in message and "width 32" in message
+    # the input site comes after the target in the forward pass: no input where y_hat goes
+    backwards = random_transcoder(y, site="mlp_in.2", target="mlp_out.1")
+    run = make_run(tmp_path / "backwards", tc_world, backwards)
+    with pytest.raises(UserError) as exc:
+        evaluate(run, 100, loaded=loaded, progress=False)
+    assert "mlp_in.2" in _one_sentence(exc) and "after its target mlp_out.1" in str(exc.value)
 
 
 def test_with_error_term_is_exact_where_float32_is_not():

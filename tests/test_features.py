@@ -303,6 +303,30 @@ def test_bf16_search_keeps_exact_fp32_values():
     assert 0.9 < same < 1.0  # bf16 only swaps near-ties at the k-th place (and it does, here)
 
 
+@pytest.mark.parametrize("architecture", ["jumprelu", "relu"])
+def test_bf16_search_leaves_the_padding_of_threshold_kinds_empty(architecture):
+    """jumprelu and relu pad each token's code with act 0 at latent 0. Recomputing the padding
+    slots in fp32 gave them latent 0's pre-activation: here latent 0 fires on every token, so it
+    was counted once per slot instead of once per token."""
+    sae = SAE(SAEConfig(d_in=32, n_latents=256, k=8, architecture=architecture)).eval()
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc.copy_(0.1 * torch.randn(256, generator=torch.Generator().manual_seed(1)) - 0.9)
+        sae.b_enc[0] = 5.0
+        if architecture == "jumprelu":
+            sae.log_threshold.fill_(-1.0)
+    x = torch.randn(1024, 32, generator=torch.Generator().manual_seed(3))
+    acts32, idx32 = encode_codes(sae, x)
+    acts16, idx16 = encode_codes(sae, x, torch.bfloat16)
+    on32, on16 = acts32 > 0, acts16 > 0  # (N, K)
+    assert on32.sum(1).float().std() > 0  # L0 varies by token, so there is padding
+    assert ((idx16 == 0) & on16).sum(1).max() == 1 and ((idx16 == 0) & on16).sum() == 1024
+    # the same latents fire but for bf16 near-ties with a threshold
+    dense32 = torch.zeros(1024, 256).scatter_add_(1, idx32, on32.float())
+    dense16 = torch.zeros(1024, 256).scatter_add_(1, idx16, on16.float())
+    assert dense16.max() == 1 and (dense16 != dense32).float().mean() < 1e-3
+
+
 # -- end to end: a hand-set SAE on a tiny Llama whose latents fire on known tokens ----------------
 
 
@@ -502,6 +526,121 @@ def test_resumed_analyze_equals_uninterrupted(random_run, tmp_path, monkeypatch)
         load_file(whole / "sparsity.safetensors")["sparsity"],
         load_file(killed / "sparsity.safetensors")["sparsity"],
     )
+
+
+# -- the kinds whose L0 varies, and transcoders ----------------------------------------------------
+
+
+def _cut_sae(x: torch.Tensor, architecture: str, **cfg) -> SAE:
+    """A random SAE (or transcoder) over (N, 32) activations x: each latent fires above its 90th
+    percentile on x, so L0 varies by token; the last 4 latents never fire."""
+    g = torch.Generator().manual_seed(5)
+    sae = SAE(SAEConfig(d_in=32, n_latents=64, k=4, architecture=architecture, **cfg)).eval()
+    sae.reset_parameters(g)
+    with torch.no_grad():
+        centre = 0 if sae.cfg.is_transcoder else sae.b_dec
+        pre = (x - centre) @ sae.W_enc  # (N, 64)
+        cut = pre.quantile(0.9, dim=0)
+        cut[-4:] = pre.max() + 1
+        theta = float(pre.std()) * (1 + torch.rand(64, generator=g))
+        if architecture == "jumprelu":
+            sae.b_enc.copy_(theta - cut)
+            sae.log_threshold.copy_(theta.log())
+        else:
+            sae.b_enc.copy_(-cut)
+    return sae
+
+
+def _dense_code(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """(N, n) activations from the saved weights: each latent above its threshold, of which a
+    token keeps its top k (topk) or at most 4k (the other kinds)."""
+    w = sae.folded_state()
+    centre = 0 if sae.cfg.is_transcoder else w["b_dec"]
+    pre = (x - centre) @ w["W_enc"] + w["b_enc"]
+    above = torch.where(pre > w.get("threshold", torch.zeros(64)), pre, torch.zeros(()))
+    top = above.topk(sae.cfg.k if sae.cfg.architecture == "topk" else 4 * sae.cfg.k, dim=1)
+    return torch.zeros_like(pre).scatter(1, top.indices, top.values)
+
+
+@pytest.mark.parametrize(
+    "kind", ["jumprelu", "jumprelu-bf16", "relu-transcoder", "transcoder-to-up-proj"]
+)
+def test_store_of_other_kinds_counts_like_a_dense_code(tmp_path, tiny_dir, tokenizer, kind):
+    """The store of a jumprelu SAE at resid_post.1, and of transcoders from mlp_in.1 (whose
+    examples are mlp_in.1's activations) to mlp_out.1 and to a raw 64-wide module, is readable,
+    and its counts, densities and maxima are those of a dense code of activations taken here
+    with a hook of our own."""
+    text = tmp_path / "text.txt"
+    text.write_text(
+        "\n\n".join(
+            f"Story {i}: the cat sat on the mat, {i % 7} dogs ran in Paris on Monday."
+            for i in range(600)
+        )
+    )
+    transcoder = kind != "jumprelu" and kind != "jumprelu-bf16"
+    site = "mlp_in.1" if transcoder else "resid_post.1"
+    info = dict(model=str(tiny_dir), site=site)
+    info["selection"] = Selection(dataset=str(text), context_size=32).to_dict()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps(info))
+    save_sae(SAE(SAEConfig(d_in=32, n_latents=64, k=4)), run_dir)  # replaced below
+    loaded = open_run(run_dir).load_model(progress=False)
+    windows, tokens, keep = _heldout(open_run(run_dir), tokenizer)
+    layer, got = loaded.model.model.layers[1], {}
+    if transcoder:  # the Llama MLP's input, by position
+        hook = layer.mlp.register_forward_pre_hook(lambda m, a: got.update(x=a[0]))
+    else:
+        hook = layer.register_forward_hook(lambda m, a, out: got.update(x=out))
+    with torch.no_grad():
+        loaded.model(tokens)
+    hook.remove()
+    x = got["x"][keep]  # (N, 32), the kept tokens in the store's order
+    targets = {
+        "jumprelu": {},
+        "jumprelu-bf16": {},
+        "relu-transcoder": dict(target="mlp_out.1", architecture="relu"),
+        "transcoder-to-up-proj": dict(target="model.layers.1.mlp.up_proj", d_out=64),
+    }[kind]
+    architecture = targets.pop("architecture", "jumprelu" if not transcoder else "topk")
+    if architecture == "topk":
+        sae = SAE(SAEConfig(d_in=32, n_latents=64, k=4, site=site, **targets)).eval()
+        sae.reset_parameters(torch.Generator().manual_seed(5))
+    else:
+        sae = _cut_sae(x, architecture, site=site, **targets)
+    save_sae(sae, run_dir)
+    run = open_run(run_dir)
+    assert run.target == targets.get("target", "")
+    dtype = torch.bfloat16 if kind.endswith("bf16") else None
+    out = analyze(run, 10**6, batch_windows=4, loaded=loaded, encode_dtype=dtype, progress=False)
+    store = FeatureStore(out)
+    z = _dense_code(run.sae, x)  # (N, 64)
+    count = (z > 0).sum(0).numpy()
+    assert store.manifest["n_tokens"] == len(x) and store.manifest["site"] == site
+    assert store.manifest["architecture"] == architecture
+    assert store.manifest["target"] == (targets.get("target") or None)
+    assert store.manifest["code_width"] == (4 if architecture == "topk" else 16)
+    n_active = store.features["n_active"].to_numpy()
+    density = store.features["density"].to_numpy()
+    if dtype is None:
+        np.testing.assert_array_equal(n_active, count)
+        np.testing.assert_allclose(store.features["max_act"].to_numpy(), z.max(0).values, rtol=1e-6)
+    else:  # bf16 search: a few near-ties with a threshold may differ, never a latent twice
+        assert np.abs(n_active - count).sum() <= 0.01 * count.sum() and n_active.max() <= len(x)
+    np.testing.assert_allclose(density, n_active / len(x))
+    if architecture != "topk":  # L0 varies by token and the cut leaves some dead latents
+        assert (z > 0).sum(1).float().std() > 0.5 and 0 < (count == 0).mean() < 0.2
+    busiest = int(count.argmax())
+    page = store.feature(busiest)
+    assert page["top_examples"][0]["act"] == pytest.approx(page["max_act"])
+    assert page["n_active"] == n_active[busiest]
+    top_logits = [t["id"] for t in page["logits"]["top"]]
+    if kind == "transcoder-to-up-proj":  # W_dec rows are 64 wide, not the model's 32
+        assert top_logits == [] and store.manifest["logit_effects"] is None
+        assert store.manifest["d_out"] == 64
+    else:
+        want = logit_effects(run.sae.W_dec, loaded.model)["top_ids"][busiest].tolist()
+        assert top_logits == want and len(want) == 10
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The feature store's streaming statistics: `FeatureAccumulator.update` folds one batch of sparse
-codes into fixed-size per-latent state, all vectorised over the batch's E = B*T*k entries:
+codes into fixed-size per-latent state, all vectorised over the batch's E active entries (of the
+B*T*K slots; K is the code's width, and slots holding 0, the padding of jumprelu and relu, or a
+ReLU'd top-k slot, are not entries):
 
   density, mean, max   index_add / scatter_reduce over the entries
   histogram            H equal-width bins on [0, 2^e_f], where 2^e_f is the smallest power of two
@@ -80,7 +82,7 @@ class _Lookup:
     activations over a context window when one of its examples enters the state."""
 
     def __init__(self, b: Tensor, t: Tensor, f: Tensor, a: Tensor, T: int, B: int):
-        keys = (f * B + b) * T + t  # unique: a token's k latents are distinct
+        keys = (f * B + b) * T + t  # unique: a token's active latents are distinct
         order = keys.argsort()
         self.keys, self.t, self.acts, self.T, self.B = keys[order], t[order], a[order], T, B
 
@@ -140,8 +142,9 @@ class FeatureAccumulator:
 
     @torch.no_grad()
     def update(self, acts: Tensor, idx: Tensor, keep: Tensor, window_ids: Tensor) -> None:
-        """Fold in B windows: acts, idx (B, T, k) sparse codes; keep (B, T) bool marks the tokens
-        that count; window_ids (B,) their numbers in the pass (distinct, increasing)."""
+        """Fold in B windows: acts, idx (B, T, K) sparse codes (a token's nonzero slots hold
+        distinct latents; zeros are not activity); keep (B, T) bool marks the tokens that count;
+        window_ids (B,) their numbers in the pass (distinct, increasing)."""
         B, T, _ = acts.shape
         if T != self.T:
             raise ValueError(f"windows of {T} tokens, but the accumulator was built for {self.T}")

@@ -1,5 +1,6 @@
 """The feature store's pass: `saewb analyze RUN` streams held-out windows once through the model
-(early exit at the SAE's site) and the SAE, folds the sparse codes into a FeatureAccumulator,
+(early exit at the SAE's site: a transcoder's input site, whose activations its examples are of)
+and the SAE, folds the sparse codes into a FeatureAccumulator,
 checkpoints it every `checkpoint_tokens` (one atomic safetensors file, plus the append-only window
 log), and writes the store to RUN/features/ at the end (`saewb analyze`: saewb_cli/measure.py)."""
 

@@ -6,21 +6,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae.model import THRESHOLD_KINDS
+
 
 @torch.no_grad()
 def encode_codes(
     sae, x: Tensor, encode_dtype: torch.dtype | None = None, W_T: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(acts, idx), each (N, k): the SAE's sparse code of raw x (N, d).
+    """(acts, idx), each (N, K): the SAE's sparse code of raw x (N, d), K = cfg.inference_width
+    (k for topk; for the other kinds up to 4k latents above their thresholds, zero-padded, so a
+    token's L0 is its count of nonzero acts). A transcoder's x is its input site's activation.
 
     With encode_dtype=bf16 the top-k search over all latents runs in bf16 (faster where the CPU
-    has bf16 matmul units) and the chosen latents' activations are then recomputed in fp32 (k dot
-    products per token, not n), so the values are exact; only latents tied with the k-th place up
-    to bf16 rounding can differ. W_T: W_enc transposed and contiguous, (n, d)."""
+    has bf16 matmul units) and the chosen latents' activations are then recomputed in fp32 (K dot
+    products per token, not n), so the values are exact; only latents tied with the k-th place
+    (or with their threshold) up to bf16 rounding can differ. W_T: W_enc transposed and
+    contiguous, (n, d)."""
     enc = sae.encode(x, encode_dtype=encode_dtype)
     if encode_dtype in (None, torch.float32):
         return enc.top_acts, enc.top_idx
     idx = enc.top_idx
+    # jumprelu and relu pad a token's slots with act 0 at latent 0: recomputed, a padding slot
+    # would give latent 0's pre-activation, a second copy of it or a latent that never fired.
+    # Their real slots are nonzero (above a threshold >= 0), so the bf16 code marks them.
+    found = enc.top_acts != 0 if sae.cfg.architecture in THRESHOLD_KINDS else None  # (N, K)
     xs = x.float() * sae.input_scale  # (N, d)
     if not sae.cfg.is_transcoder:  # centred as in encode
         xs = xs - sae.b_dec
@@ -33,6 +42,8 @@ def encode_codes(
     acts.relu_()
     if sae.cfg.architecture != "topk":  # the kinds that encode as JumpReLU, as in SAE.encode
         acts *= acts > sae.latent_threshold()[idx]
+    if found is not None:
+        acts *= found
     return acts, idx
 
 

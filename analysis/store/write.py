@@ -25,7 +25,8 @@ def _lists(values: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
     """A list column from a (rows, width) array, keeping only `valid` entries of each row."""
     rows, width = values.shape
     if valid is None:
-        offsets = np.arange(0, rows * width + 1, width, dtype=np.int32)
+        # width * arange, not arange(..., step=width): a store with no logit effects has width 0
+        offsets = (width * np.arange(rows + 1)).astype(np.int32)
         flat = values.reshape(-1)
     else:
         offsets = np.zeros(rows + 1, dtype=np.int32)
@@ -220,7 +221,10 @@ def write_tables(
 
 
 def write_store(out: Path, acc, log, sae, model, tokenizer, manifest: dict, progress=True) -> dict:
-    """The whole store for a finished pass, plus RUN/sparsity.safetensors next to the SAE."""
+    """The whole store for a finished pass, plus RUN/sparsity.safetensors next to the SAE.
+
+    Logit effects come from W_dec (n, d_out): a transcoder's rows are in its target's units, so
+    they exist where d_out is the model's width (mlp_out, resid_post)."""
     started = time.perf_counter()
     logits = logit_effects(sae.W_dec, model)
     neighbours = decoder_neighbours(sae.W_dec)
@@ -228,8 +232,12 @@ def write_store(out: Path, acc, log, sae, model, tokenizer, manifest: dict, prog
     vocab = token_strings(tokenizer, max(len(tokenizer), head.weight.shape[0] if head else 0))
     manifest = dict(
         manifest,
+        architecture=sae.cfg.architecture,
+        target=sae.cfg.target or None,  # a transcoder's output site; the examples are `site`'s
         d_in=sae.cfg.d_in,
-        k=sae.cfg.k,
+        d_out=sae.cfg.d_out,
+        k=sae.cfg.k,  # active latents per token; the target L0 for jumprelu and relu
+        code_width=sae.cfg.inference_width,  # latent slots per token in the code, zero-padded
         logit_effects=(
             None
             if logits is None

@@ -35,6 +35,18 @@ def _eval_value(evaluation: dict | None, key: str):
     return None
 
 
+def kind(s: dict) -> str:
+    """What the run trained: 'jumprelu SAE', 'topk transcoder' ('–' where the files do not say)."""
+    if not s.get("architecture"):
+        return "transcoder" if s.get("target") else "–"
+    return f"{s['architecture']} {'transcoder' if s.get('target') else 'SAE'}"
+
+
+def where(s: dict) -> str:
+    """The run's site, and for a transcoder the site it predicts: 'mlp_in.3 → mlp_out.3'."""
+    return f"{s['site']} → {s['target']}" if s.get("target") else s["site"]
+
+
 def _parts(s: dict) -> list:
     """What each missing part needs, in place of the part."""
     path = s["name"]
@@ -63,7 +75,8 @@ def runs_table(summaries: list[dict]) -> html.Table:
             [
                 html.Td(html.B(name)),
                 html.Td(s["model"]),
-                html.Td(s["site"]),
+                html.Td(where(s), className="run-site"),
+                html.Td(kind(s), className="run-kind"),
                 html.Td(fmt(s["latents"])),
                 html.Td(fmt(s["k"])),
                 html.Td(fmt(s["tokens"])),
@@ -73,7 +86,8 @@ def runs_table(summaries: list[dict]) -> html.Table:
                 html.Td(_parts(s) or "complete", className="parts"),
             ]
         )
-    header = ["run", "model", "site", "latents", "k", "tokens", "FVU", "CE rec.", "", "status"]
+    header = ["run", "model", "site", "kind", "latents", "k", "tokens", "FVU", "CE rec.", "",
+              "status"]  # fmt: skip
     return table(header, rows)
 
 
@@ -142,7 +156,8 @@ def compare(ws: Workspace, selected: list[str] | None) -> list:
             out.append(note(f"{s['name']}: no train_log.jsonl; curves come from `saewb train`."))
     evaluated = [s for s in summaries if s["eval"]]
     if evaluated:
-        rows = [
+        rows = [[html.Td("kind")] + [html.Td(f"{kind(s)} at {where(s)}") for s in evaluated]]
+        rows += [
             [html.Td(label)] + [html.Td(fmt(_eval_value(s["eval"], key))) for s in evaluated]
             for key, label in EVAL_ROWS
         ]
