@@ -245,7 +245,8 @@ class SAE(nn.Module):
         and top-k search in that dtype; the activations come back in the weights' dtype.
 
         At inference every kind but topk gives the latents above its threshold, at most 4k per
-        token (cfg.inference_width), as the JumpReLU SAE BatchTopK and Matryoshka export as.
+        token (cfg.inference_width, the largest first), as the JumpReLU SAE BatchTopK and
+        Matryoshka export as; `reconstruct` decodes them all.
         """
         return self._encode_scaled(self._scaled(x), dead_mask, k_aux, k, encode_dtype)
 
@@ -274,9 +275,23 @@ class SAE(nn.Module):
         return out / self.out_scale
 
     def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(y_hat (N, d_out) in the target's units, top_acts, top_idx) for raw x (N, d_in)."""
-        enc = self.encode(x)
-        return self.decode(enc.top_acts, enc.top_idx, x), enc.top_acts, enc.top_idx
+        """(y_hat (N, d_out) in the target's units, acts (N, K), idx (N, K)) for raw x (N, d_in).
+
+        Exact for every kind: at inference the thresholded kinds decode every latent above its
+        threshold, as SAELens's JumpReLU does, where `encode` keeps at most 4k per token for a
+        fixed-width code."""
+        cfg = self.cfg
+        exact = cfg.architecture != "topk" and not self.training
+        if exact and (cfg.architecture not in BATCH_KINDS or float(self.threshold) > 0):
+            theta = self.latent_threshold().detach()
+            enc = threshold_encode(
+                self._scaled(x), self.W_enc, self.b_enc, theta, b_dec=self._centre()
+            )
+            acts, idx = enc.acts, enc.idx
+        else:
+            enc = self.encode(x)
+            acts, idx = enc.top_acts, enc.top_idx
+        return self.decode(acts, idx, x), acts, idx
 
     def _decode_scaled(self, top_acts: Tensor, top_idx: Tensor) -> Tensor:
         return sparse_decode(top_acts.to(self.W_dec.dtype), top_idx, self.W_dec)

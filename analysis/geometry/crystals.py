@@ -99,6 +99,11 @@ def choose_pairs(
 def word_states(run: Run, loaded, words: list[str], batch: int = 64, progress: bool = True):
     """((W, d) site activations, (W, d) SAE reconstructions, (W,) token counts) of each word,
     read at its last token. Words of one token length share a batch, so nothing is padded."""
+    if run.sae.cfg.is_transcoder:
+        raise UserError(
+            f"Crystals compare a word's state at {run.site} with its reconstruction; this run is "
+            f"a transcoder to {run.target}, which reconstructs another site."
+        )
     model, tokenizer = loaded.model, loaded.tokenizer
     site = resolve_site(model, run.site).name
     bos = special_id(tokenizer, "bos") if run.selection.bos == "prepend" else None
@@ -114,8 +119,7 @@ def word_states(run: Run, loaded, words: list[str], batch: int = 64, progress: b
         for rows in tqdm(chunks, desc="word states", disable=not progress):
             tokens = torch.tensor([ids[i] for i in rows], device=device)  # (B, T)
             states[torch.from_numpy(rows)] = capture(tokens)[site][:, -1].float().cpu()
-    enc = sae.encode(states.to(device))
-    recon = sae.decode(enc.top_acts, enc.top_idx).float().cpu()
+    recon = sae.reconstruct(states.to(device))[0].float().cpu()
     return states.numpy(), recon.numpy(), lengths - (bos is not None)
 
 

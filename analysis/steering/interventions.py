@@ -169,6 +169,12 @@ class Steering:
             raise UserError(f"positions='{positions}' needs the prompt's length (prompt_len).")
         if not interventions:
             raise UserError("No intervention was given; pass at least one feature or vector.")
+        if sae is not None and sae.cfg.is_transcoder:
+            raise UserError(
+                f"Steering edits an SAE's latents at the site it reads and writes; this is a "
+                f"transcoder from {sae.cfg.site} to {sae.cfg.target}. Steer with an SAE of "
+                f"{sae.cfg.target}, or add a raw vector there."
+            )
         if (
             sae is not None
             and sae.cfg.site
