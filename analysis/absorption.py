@@ -108,7 +108,11 @@ def absorption_scores(
     X, Z = acts.numpy().astype(np.float64), codes.numpy()
     rng = np.random.default_rng(seed)
     train = rng.random(len(X)) < 0.7
-    present = [c for c in range(26) if (letters[train] == c).sum() >= 5 and (letters[~train] == c).sum() >= 2]
+    present = [
+        c
+        for c in range(26)
+        if (letters[train] == c).sum() >= 5 and (letters[~train] == c).sum() >= 2
+    ]
     if len(present) < 2:
         raise UserError(f"Too few words per first letter to probe ({len(X)} words in all).")
     keep = np.isin(letters, present)
@@ -165,11 +169,17 @@ def dense_codes(sae, x: Tensor, batch: int = 1024) -> Tensor:
     return out
 
 
-def first_letter_absorption(sae, loaded, site: str, progress: bool = True, seed: int = 0) -> dict:
-    """Absorption of a loaded SAE at `site` of a loaded model (hooks.models.LoadedModel)."""
+def first_letter_absorption(
+    sae, loaded, site: str, max_words: int = 8000, progress: bool = True, seed: int = 0
+) -> dict:
+    """Absorption of a loaded SAE at `site` of a loaded model (hooks.models.LoadedModel), on at
+    most `max_words` words drawn with `seed`."""
     if sae.cfg.is_transcoder:
         raise UserError("Absorption measures an SAE's own reconstruction; this is a transcoder.")
     ids, words = spelling_words(loaded.tokenizer)
+    if len(ids) > max_words:
+        pick = np.sort(np.random.default_rng(seed).choice(len(ids), max_words, replace=False))
+        ids, words = [ids[i] for i in pick], [words[i] for i in pick]
     acts = word_activations(loaded, site, ids, progress=progress)
     letters = np.array([ord(w[0]) - ord("a") for w in words])
     codes = dense_codes(sae.eval(), acts.to(next(sae.parameters()).device))

@@ -251,19 +251,20 @@ class SAE(nn.Module):
         return self._encode_scaled(self._scaled(x), dead_mask, k_aux, k, encode_dtype)
 
     def _encode_scaled(self, xs, dead_mask=None, k_aux=0, k=None, encode_dtype=None):
-        arch, width = self.cfg.architecture, self.cfg.inference_width
-        params = dict(b_dec=self._centre(), encode_dtype=encode_dtype)
-        if arch in THRESHOLD_KINDS:
-            theta = self.latent_threshold().detach()
-            enc = threshold_encode(xs, self.W_enc, self.b_enc, theta, **params)
+        arch = self.cfg.architecture
+        if arch in THRESHOLD_KINDS or (arch in BATCH_KINDS and not self.training and k is None):
+            enc = self._thresholded(xs, encode_dtype)
+            width = self.cfg.inference_width
             return EncodeResult(*_fixed_width(enc.acts, enc.idx, width), None, None)
-        jumprelu = arch in BATCH_KINDS and not self.training and k is None
-        if jumprelu and float(self.threshold) > 0:
-            enc = topk_encode(xs, self.W_enc, self.b_enc, width, **params)
-            acts = enc.top_acts * (enc.top_acts > self.threshold)  # (N, 4k), zeros below
-            return enc._replace(top_acts=acts)
-        k = k or self.cfg.k
-        return topk_encode(xs, self.W_enc, self.b_enc, k, dead_mask, k_aux, **params)
+        params = dict(b_dec=self._centre(), encode_dtype=encode_dtype)
+        return topk_encode(xs, self.W_enc, self.b_enc, k or self.cfg.k, dead_mask, k_aux, **params)
+
+    def _thresholded(self, xs: Tensor, encode_dtype: torch.dtype | None = None):
+        """Every latent above its threshold, (N, K): how every kind but topk encodes at
+        inference (a BatchTopK SAE as the JumpReLU it exports as)."""
+        theta = self.latent_threshold().detach()
+        params = dict(b_dec=self._centre(), encode_dtype=encode_dtype)
+        return threshold_encode(xs, self.W_enc, self.b_enc, theta, **params)
 
     def decode(self, top_acts: Tensor, top_idx: Tensor, x: Tensor | None = None) -> Tensor:
         """Output in the target's units, (N, d_out). A skip connection needs the input x."""
@@ -280,13 +281,8 @@ class SAE(nn.Module):
         Exact for every kind: at inference the thresholded kinds decode every latent above its
         threshold, as SAELens's JumpReLU does, where `encode` keeps at most 4k per token for a
         fixed-width code."""
-        cfg = self.cfg
-        exact = cfg.architecture != "topk" and not self.training
-        if exact and (cfg.architecture not in BATCH_KINDS or float(self.threshold) > 0):
-            theta = self.latent_threshold().detach()
-            enc = threshold_encode(
-                self._scaled(x), self.W_enc, self.b_enc, theta, b_dec=self._centre()
-            )
+        if self.cfg.architecture != "topk" and not self.training:
+            enc = self._thresholded(self._scaled(x))
             acts, idx = enc.acts, enc.idx
         else:
             enc = self.encode(x)
