@@ -20,8 +20,9 @@ save_inference_model does. load_sae also reads SAELens's files of these architec
 Gemma Scope style JumpReLU files, its training checkpoints of batchtopk and matryoshka_batchtopk)
 and sparsify's TopK SAEs and transcoders. A SAELens W_skip is (d_out, d_in), sparsify's too;
 ours is (d_in, d_out). sparsify has one width, so its transcoders map d_in to d_in. SAELens runs
-a jumprelu or standard file on every latent above its threshold, where our inference keeps at
-most 4k latents a token (SAEConfig.inference_width): the two agree on tokens below that.
+a jumprelu or standard file on every latent above its threshold, and so does our
+`SAE.reconstruct`; `SAE.encode`'s fixed-width code keeps the largest 4k of them a token
+(SAEConfig.inference_width).
 
 Every writer stores folded weights (input scale 1), so each file takes raw activations. Every
 reader checks the tensors against cfg.json and turns bad input into one-sentence UserErrors.
@@ -151,9 +152,9 @@ def export_saelens(
     `hook_module` / `hook_module_out` if given, else found on `model` (the loaded model), else on
     a weightless copy of the run's model built from its config.
 
-    SAELens runs a JumpReLU or standard file on every latent above its threshold, while our
-    jumprelu, relu and batch kinds keep at most cfg.inference_width (4k) a token: the two agree
-    on every token with no more active latents than that.
+    SAELens runs a JumpReLU or standard file on every latent above its threshold, as our
+    `SAE.reconstruct` does; `SAE.encode`'s fixed-width code keeps at most cfg.inference_width
+    (4k) of them a token.
     """
     out_dir, cfg = Path(out_dir), sae.cfg
     arch = SAELENS_ARCHITECTURE[cfg.architecture][cfg.skip + cfg.is_transcoder]

@@ -55,6 +55,30 @@ def default_prefixes(n: int) -> list[int]:
     return sorted({s for s in sizes if s > 0})
 
 
+def check_kind(arch: str, n: int, k: int, prefixes: list[int] | None) -> list[int] | None:
+    """One sentence for a bad kind, k or prefix list; returns matryoshka's prefix sizes (the
+    default, or the given ones with n appended where the last is smaller)."""
+    if arch not in ARCHITECTURES:
+        raise UserError(f"Unknown SAE architecture '{arch}'; use one of {ARCHITECTURES}.")
+    if arch in THRESHOLD_KINDS and k <= 0:
+        raise UserError(f"The target L0 (--k) of a {arch} SAE must be positive, got {k}.")
+    if not 0 < k <= n:
+        raise UserError(f"k must be between 1 and the number of latents ({n}), got {k}.")
+    if arch != "matryoshka":
+        if prefixes is not None:
+            raise UserError(f"Prefix sizes belong to a matryoshka SAE, not a {arch} one.")
+        return None
+    sizes = default_prefixes(n) if prefixes is None else list(prefixes)
+    if not sizes or sizes[0] <= 0 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise UserError(f"Matryoshka prefix sizes must be positive and increasing, got {sizes}.")
+    if sizes[-1] > n:
+        raise UserError(
+            f"Matryoshka prefix size {sizes[-1]} exceeds the {n} latents; every prefix must be "
+            "at most the dictionary's width."
+        )
+    return sizes if sizes[-1] == n else [*sizes, n]
+
+
 @dataclass
 class SAEConfig:
     d_in: int
@@ -74,37 +98,19 @@ class SAEConfig:
     pre_act_loss: float = 0.0  # jumprelu: coefficient on relu(theta - pre) of dead latents
 
     def __post_init__(self) -> None:
-        arch, n = self.architecture, self.n_latents
-        if arch not in ARCHITECTURES:
-            raise UserError(f"Unknown SAE architecture '{arch}'; use one of {ARCHITECTURES}.")
-        if self.d_in <= 0 or n <= 0:
-            raise UserError(f"d_in and n_latents must be positive, got {self.d_in} and {n}.")
-        if arch in THRESHOLD_KINDS and self.k <= 0:
-            raise UserError(f"The target L0 (--k) of a {arch} SAE must be positive, got {self.k}.")
-        if not 0 < self.k <= n:
-            raise UserError(f"k must be between 1 and the number of latents ({n}), got {self.k}.")
+        if self.d_in <= 0 or self.n_latents <= 0:
+            raise UserError(
+                f"d_in and n_latents must be positive, got {self.d_in} and {self.n_latents}."
+            )
+        self.prefixes = check_kind(self.architecture, self.n_latents, self.k, self.prefixes)
         if self.k_aux is None:
-            self.k_aux = min(self.d_in // 2, n)
+            self.k_aux = min(self.d_in // 2, self.n_latents)
         if self.d_out is None:
             self.d_out = self.d_in
         if self.skip and not self.target:
             raise UserError("A skip connection belongs to a transcoder; give --target SITE too.")
-        if arch == "jumprelu" and not self.bandwidth > 0:
+        if self.architecture == "jumprelu" and not self.bandwidth > 0:
             raise UserError(f"The JumpReLU bandwidth must be positive, got {self.bandwidth}.")
-        if arch == "matryoshka":
-            sizes = default_prefixes(n) if self.prefixes is None else list(self.prefixes)
-            if not sizes or sizes[0] <= 0 or any(b <= a for a, b in zip(sizes, sizes[1:])):
-                raise UserError(
-                    f"Matryoshka prefix sizes must be positive and increasing, got {sizes}."
-                )
-            if sizes[-1] > n:
-                raise UserError(
-                    f"Matryoshka prefix size {sizes[-1]} exceeds the {n} latents; every prefix "
-                    "must be at most the dictionary's width."
-                )
-            self.prefixes = sizes if sizes[-1] == n else [*sizes, n]
-        elif self.prefixes is not None:
-            raise UserError(f"Prefix sizes belong to a matryoshka SAE, not a {arch} one.")
 
     @property
     def is_transcoder(self) -> bool:

@@ -153,7 +153,11 @@ def cmd_train(args: argparse.Namespace) -> list[Path]:
 
     cfg = train_config(args)
     specs = cfg.specs()
-    single = run_name(*specs[0]) if len(specs) == 1 else f"{cfg.model.replace('/', '_')}-multi"
+    single = (
+        run_name(*specs[0], cfg.architecture, cfg.target)
+        if len(specs) == 1
+        else f"{cfg.model.replace('/', '_')}-multi"
+    )
     out = Path(args.out or Path("checkpoints") / single)
     start = time.perf_counter()
     trainer = Trainer(cfg, out, resume=args.resume)

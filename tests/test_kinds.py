@@ -302,6 +302,14 @@ def test_bad_kinds_get_one_sentence(planted_pair, tmp_path):
         SAEConfig(16, 64, 4, "topk", prefixes=[8])
     with pytest.raises(UserError, match=r"skip connection belongs to a transcoder"):
         SAEConfig(16, 64, 4, skip=True)
+    # the trainer's config refuses them before it opens a model or cache
+    for bad, message in (
+        (dict(architecture="gated"), "Unknown SAE architecture 'gated'"),
+        (dict(architecture="relu", ks=[0]), r"target L0 \(--k\) of a relu"),
+        (dict(architecture="matryoshka", prefixes=[300]), "exceeds the 256"),
+    ):
+        with pytest.raises(UserError, match=message):
+            TrainConfig(model="no-such-model", latents=[256], **bad).check()
     with pytest.raises(UserError, match=r"--target synthetic is the input site itself"):
         _cfg(cache, target="synthetic").check()
     with pytest.raises(UserError, match=r"holds sites .* not 'resid_post.3'"):

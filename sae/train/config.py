@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from hooks.errors import UserError
 from hooks.selection import Selection
 from hooks.sites import canonical_site
+from sae.model import check_kind
 
 
 @dataclass
@@ -67,9 +68,8 @@ class TrainConfig:
         return list(itertools.product(self.sites, self.latents, self.ks))
 
     def check(self) -> None:
-        for _, n, k in self.specs():
-            if not 0 < k <= n:
-                raise UserError(f"k must be between 1 and the number of latents ({n}), got {k}.")
+        for _, n, k in self.specs():  # before any model or cache is opened
+            check_kind(self.architecture, n, k, self.prefixes)
         if self.batch <= 0 or self.tokens <= 0:
             raise UserError(
                 f"--batch and --tokens must be positive, got {self.batch} and {self.tokens}."
@@ -141,5 +141,10 @@ def derive(cfg: TrainConfig, schedule_free: bool) -> Derived:
     )
 
 
-def run_name(site: str, n: int, k: int) -> str:
-    return f"{site}-n{n}-k{k}"
+def run_name(
+    site: str, n: int, k: int, architecture: str = "topk", target: str | None = None
+) -> str:
+    """resid_post.9-n9216-k32, with the kind unless topk and a transcoder's target:
+    mlp_in.6-to-mlp_out.6-n9216-k32-jumprelu."""
+    name = f"{site}-to-{target}" if target else site
+    return f"{name}-n{n}-k{k}" + ("" if architecture == "topk" else f"-{architecture}")

@@ -81,7 +81,9 @@ class Trainer:
                     pre_act_loss=cfg.pre_act_loss,
                 ),
                 cfg,
-                self.out if len(specs) == 1 else self.out / run_name(site, n, k),
+                self.out
+                if len(specs) == 1
+                else self.out / run_name(site, n, k, cfg.architecture, cfg.target),
                 self.device,
             )
             for i, (site, n, k) in enumerate(specs)
