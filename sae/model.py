@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from hooks.errors import UserError
 from sae.kernels import (
     EncodeResult,
+    decode_kept,
     normalize_rows_,
     project_out_rows_,
     sparse_decode,
@@ -295,8 +296,12 @@ class SAE(nn.Module):
             acts, idx = enc.top_acts, enc.top_idx
         return self.decode(acts, idx, x), acts, idx
 
-    def _decode_scaled(self, top_acts: Tensor, top_idx: Tensor) -> Tensor:
-        return sparse_decode(top_acts.to(self.W_dec.dtype), top_idx, self.W_dec)
+    def _decode_scaled(self, top_acts: Tensor, top_idx: Tensor, kept: Tensor | None = None):
+        """(N, d_out) without b_dec; `kept` (N, K) limits the decode to those entries."""
+        acts = top_acts.to(self.W_dec.dtype)
+        if kept is not None:
+            return decode_kept(acts, top_idx, kept, self.W_dec)
+        return sparse_decode(acts, top_idx, self.W_dec)
 
     def forward(
         self,
@@ -334,6 +339,7 @@ class SAE(nn.Module):
         zero = xs.new_zeros(())
         skip = xs @ self.W_skip if cfg.skip else None  # (N, d_out)
         aux_loss = multi_fvu = prefix_fvu = sparsity_loss = zero
+        kept = None  # the entries to decode, where only some of (N, K) are non-zero
         if arch in THRESHOLD_KINDS:
             acts, idx, sparsity_loss, aux_loss = self._threshold_forward(
                 xs, dead_mask if use_dead else None, encode_dtype, reduce
@@ -360,15 +366,15 @@ class SAE(nn.Module):
                 multi_fvu = F.mse_loss(multi, ys, reduction="sum") / total_variance
             if batch_topk:
                 acts = self._batch_topk(acts, reduce, gather)  # k*N over the global batch
-                acts, idx = _compact(acts, idx, acts > 0)  # (N, K <= 4k): decode only those
+                kept = acts > 0  # (N, 4k): about k per token, so only these are decoded
             elif k_cand is not None and k_cand > cfg.k:
                 order = acts.topk(cfg.k, dim=1).indices
                 acts, idx = acts.gather(1, order), idx.gather(1, order)  # (N, k)
         base = self.b_dec if skip is None else skip + self.b_dec  # (N | 1, d_out)
         if arch == "matryoshka" and self.training:
-            recon_s, prefix_fvu = self._matryoshka(acts, idx, base, ys, total_variance)
+            recon_s, prefix_fvu = self._matryoshka(acts, idx, kept, base, ys, total_variance)
         else:
-            recon_s = self._decode_scaled(acts, idx) + base  # (N, d_out), scaled units
+            recon_s = self._decode_scaled(acts, idx, kept) + base  # (N, d_out), scaled units
         # one fused pass each way, no (N, d) error and square temporaries
         fvu = F.mse_loss(recon_s, ys, reduction="sum") / total_variance
         if use_dead:
@@ -438,15 +444,15 @@ class SAE(nn.Module):
         sparsity = lam * (enc.acts * norms[enc.idx]).sum() / rows
         return enc.acts, enc.idx, sparsity, xs.new_zeros(())
 
-    def _matryoshka(self, acts, idx, base, ys, total_variance) -> tuple[Tensor, Tensor]:
+    def _matryoshka(self, acts, idx, kept, base, ys, total_variance) -> tuple[Tensor, Tensor]:
         """(full reconstruction, summed FVU of the shorter prefixes): each prefix of the
         dictionary reconstructs from its own latents, built up group by group."""
         recon = base
         prefix_fvu = ys.new_zeros(())
         lo = 0
         for hi in self.cfg.prefixes:
-            in_group = (idx >= lo) & (idx < hi)  # (N, K)
-            recon = recon + self._decode_scaled(*_compact(acts * in_group, idx, in_group))
+            in_group = kept & (idx >= lo) & (idx < hi)  # (N, K)
+            recon = recon + self._decode_scaled(acts, idx, in_group)
             if hi < self.cfg.n_latents:
                 prefix_fvu = prefix_fvu + F.mse_loss(recon, ys, reduction="sum") / total_variance
             lo = hi
@@ -604,20 +610,6 @@ def _scale_and_mean(x: Tensor, d: int, reduce: Reduce | None) -> tuple[float, Te
     count = stats[-1].clamp_min(1)
     mean_sq = float(stats[0] / count)
     return math.sqrt(d / max(mean_sq, 1e-12)), stats[1:-1] / count
-
-
-def _compact(acts: Tensor, idx: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """The entries where `keep` (N, K), gathered to the front of each row: (N, K') with K' the
-    widest row's count, zeros after. Exact for the values and their gradients, as the dropped
-    entries are zero. Only on the CPU, where the decoder's cost is per entry; on CUDA reading
-    K' would wait for the GPU."""
-    if acts.is_cuda:
-        return acts * keep, idx
-    width = max(1, int(keep.sum(1).max()))
-    if width >= acts.shape[1]:
-        return acts * keep, idx
-    order = keep.to(torch.uint8).topk(width, dim=1).indices  # (N, K'): kept entries first
-    return (acts * keep).gather(1, order), idx.gather(1, order)
 
 
 def _fixed_width(acts: Tensor, idx: Tensor, width: int) -> tuple[Tensor, Tensor]:

@@ -4,7 +4,8 @@ step. Torch everywhere, Triton on CUDA where it is installed.
 
     encode.py          topk_encode: chunked matmul + exact top-k forward, sparse backward
     threshold.py       threshold_encode: JumpReLU / ReLU, chunked, sparse backward + theta's STE
-    decode.py          sparse_decode: embedding_bag forward, sampled-dot backward
+    decode.py          sparse_decode: embedding_bag forward, sampled-dot backward;
+                       decode_kept: the same on a varying number of entries per token
     sparse.py          CSR views of the (N, k) activations, per-latent weight-gradient sums
     triton_kernels.py  the optional triton import, when CUDA tensors use it, the gather kernels
     rows.py            project_out_rows_, normalize_rows_: in-place row ops on W_dec
@@ -13,7 +14,7 @@ step. Torch everywhere, Triton on CUDA where it is installed.
 
 # The underscored re-exports are internals that bench/gpu_profile.py and bench/kernels.py time
 # piece by piece; users need only __all__.
-from sae.kernels.decode import sparse_decode, triton_decode
+from sae.kernels.decode import decode_kept, sparse_decode, triton_decode
 from sae.kernels.encode import CUDA_CHUNK_ELEMENTS, DEFAULT_CHUNK_SIZE, EncodeResult, topk_encode
 from sae.kernels.encode import _grouped_topk as _grouped_topk
 from sae.kernels.encode import _topk as _topk
@@ -34,6 +35,7 @@ __all__ = [
     "CUDA_CHUNK_ELEMENTS",
     "DEFAULT_CHUNK_SIZE",
     "EncodeResult",
+    "decode_kept",
     "normalize_rows_",
     "project_out_rows_",
     "sf_sign_step_",

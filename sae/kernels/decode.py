@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae.kernels.sparse import _acc_dtype, _by_token, _latent_sums
+from sae.kernels.sparse import _acc_dtype, _by_token, _csr, _latent_sums, _latent_sums_flat
 from sae.kernels.triton_kernels import _gather_sum, _sampled_dots, _use_triton, triton
 
 
@@ -62,6 +62,45 @@ class _TritonDecode(torch.autograd.Function):
             acc = _acc_dtype(W_dec.dtype)
             dW_dec = _latent_sums(top_idx, top_acts.to(acc), grad_out.to(acc), n).to(W_dec.dtype)
         return d_acts, None, dW_dec
+
+
+class _EntryDecode(torch.autograd.Function):
+    """The decoder on M loose entries sorted by token (values, latents, tokens), for codes whose
+    tokens keep different numbers of latents: no padding is decoded."""
+
+    @staticmethod
+    def forward(ctx, values, cols, tokens, N, W_dec):
+        crow = torch.zeros(N + 1, dtype=torch.long, device=cols.device)
+        torch.cumsum(torch.bincount(tokens, minlength=N), 0, out=crow[1:])  # (N + 1,)
+        ctx.save_for_backward(values, cols, tokens, crow, W_dec)
+        return F.embedding_bag(cols, W_dec, crow[:-1], per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, cols, tokens, crow, W_dec = ctx.saved_tensors
+        N, n = grad_out.shape[0], W_dec.shape[0]
+        acc = _acc_dtype(W_dec.dtype)
+        grad_out = grad_out.to(acc)
+        d_values = dW_dec = None
+        if ctx.needs_input_grad[0]:  # <grad_out[t], W_dec[l]> at the M entries only (CPU CSR)
+            pattern = _csr(crow, cols, grad_out.new_ones(cols.numel()), (N, n))
+            sampled = torch.sparse.sampled_addmm(pattern, grad_out, W_dec.to(acc).t(), beta=0.0)
+            d_values = sampled.values().to(values.dtype)
+        if ctx.needs_input_grad[4]:
+            dW_dec = _latent_sums_flat(cols, tokens, values.to(acc), grad_out, n)
+            dW_dec = dW_dec.to(W_dec.dtype)
+        return d_values, None, None, None, dW_dec
+
+
+def decode_kept(acts: Tensor, idx: Tensor, keep: Tensor, W_dec: Tensor) -> Tensor:
+    """sparse_decode of the (N, K) entries where `keep`, all others taken as zero. On the CPU
+    only those entries are decoded (their number varies by token); on CUDA the padded (N, K)
+    code is, as a count of kept entries would wait for the GPU."""
+    if acts.is_cuda:
+        return sparse_decode(acts * keep, idx, W_dec)
+    tokens, slots = keep.nonzero(as_tuple=True)  # (M,) each, token-major
+    values = acts[tokens, slots].to(W_dec.dtype)
+    return _EntryDecode.apply(values, idx[tokens, slots], tokens, acts.shape[0], W_dec)
 
 
 def sparse_decode(top_acts: Tensor, top_idx: Tensor, W_dec: Tensor) -> Tensor:

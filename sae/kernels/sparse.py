@@ -58,6 +58,15 @@ def _by_latent(idx: Tensor, values: Tensor, n: int) -> Tensor:
     return _csr(crow, tokens, values.reshape(-1)[order], (n, idx.shape[0]))
 
 
+def _latent_sums_flat(cols: Tensor, tokens: Tensor, weights: Tensor, rows: Tensor, n: int):
+    """_latent_sums for M loose entries (latent cols[e] of token tokens[e], weight weights[e]):
+    (n, d) with out[l] = sum of weights[e] * rows[tokens[e]] over the entries of latent l."""
+    crow, order = _latent_order(cols[:, None], n)
+    return F.embedding_bag(  # (n, d)
+        tokens[order], rows, crow[:-1], mode="sum", per_sample_weights=weights[order]
+    )
+
+
 def _latent_sums(idx: Tensor, weights: Tensor, rows: Tensor, n: int) -> Tensor:
     """(n, d) with out[l] = sum of weights[t, j] * rows[t] over the entries idx[t, j] = l: the
     weight gradients of both kernels. On CPU one embedding_bag with a bag per latent writes the
