@@ -119,10 +119,10 @@ def _saelens_sae(kind: str, d: int, n: int, k: int, prefixes: list[int]):
 
 
 def run_saelens(spec: dict) -> dict:
-    from safetensors.torch import load_file
     from sae_lens import SAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
+    from safetensors.torch import load_file
 
     from sae.model import default_prefixes
 

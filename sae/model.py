@@ -193,6 +193,9 @@ class SAE(nn.Module):
             coefficient = torch.full((), INITIAL_SPARSITY / cfg.k, device=device)
             self.register_buffer("sparsity_coefficient", coefficient)
         self.threshold_lr = 0.01  # the EMA rate; the trainer shortens it for short runs
+        # JumpReLU trains as TopK while this is set: the trainer's warm-up, after which
+        # cut_at_target_l0 sets the thresholds from the warmed-up encoder
+        self.warm_topk = False
         self.reset_parameters()
 
     @property
@@ -259,7 +262,10 @@ class SAE(nn.Module):
 
     def _encode_scaled(self, xs, dead_mask=None, k_aux=0, k=None, encode_dtype=None):
         arch = self.cfg.architecture
-        if arch in THRESHOLD_KINDS or (arch in BATCH_KINDS and not self.training and k is None):
+        warm = self.warm_topk and self.training
+        if (arch in THRESHOLD_KINDS and not warm) or (
+            arch in BATCH_KINDS and not self.training and k is None
+        ):
             enc = self._thresholded(xs, encode_dtype)
             width = self.cfg.inference_width
             return EncodeResult(*_fixed_width(enc.acts, enc.idx, width), None, None)
@@ -340,7 +346,7 @@ class SAE(nn.Module):
         skip = xs @ self.W_skip if cfg.skip else None  # (N, d_out)
         aux_loss = multi_fvu = prefix_fvu = sparsity_loss = zero
         kept = None  # the entries to decode, where only some of (N, K) are non-zero
-        if arch in THRESHOLD_KINDS:
+        if arch in THRESHOLD_KINDS and not (self.warm_topk and self.training):
             acts, idx, sparsity_loss, aux_loss = self._threshold_forward(
                 xs, dead_mask if use_dead else None, encode_dtype, reduce
             )
@@ -535,10 +541,14 @@ class SAE(nn.Module):
         else:
             self.b_dec.copy_((mean * scale).to(self.b_dec.dtype))
         if self.cfg.architecture in THRESHOLD_KINDS:
-            self._init_cut(x, reduce, gather)
+            self.cut_at_target_l0(x, reduce, gather)
 
     @torch.no_grad()
-    def _init_cut(self, x: Tensor, reduce: Reduce | None, gather: Reduce | None) -> None:
+    def cut_at_target_l0(
+        self, x: Tensor, reduce: Reduce | None = None, gather: Reduce | None = None
+    ) -> None:
+        """Set each latent's threshold (jumprelu) or lower its bias (relu) so that it fires on
+        k / n of the tokens of x (N, d_in): the target L0 on this sample."""
         cfg, n = self.cfg, self.cfg.n_latents
         rows = x.new_tensor(float(len(x)))
         rows = int(reduce(rows)) if reduce is not None else len(x)
