@@ -45,8 +45,9 @@ def make_run(
 ) -> Path:
     """A run directory with a random TopK SAE (the pass's cost does not depend on training)."""
     from hooks.selection import Selection
+    from sae.config import SAEConfig
     from sae.formats import save_sae
-    from sae.model import SAE, SAEConfig
+    from sae.model import SAE
 
     sae = SAE(SAEConfig(d_in=d, n_latents=n_latents, k=k, model="smollm2-135m", site=site))
     sae.reset_parameters(torch.Generator().manual_seed(0))

@@ -38,8 +38,9 @@ def make_run(folder: Path, site: str, n_latents: int, k: int, seed: int, noise: 
     from hooks.models import load_model
     from hooks.selection import Selection
     from hooks.sites import Capture, resolve_site
+    from sae.config import SAEConfig
     from sae.formats import save_sae
-    from sae.model import SAE, SAEConfig
+    from sae.model import SAE
 
     if (folder / "run.json").exists():
         return

@@ -120,7 +120,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tick = clock(args.clock)
 
-    from sae.model import SAE, SAEConfig
+    from sae.config import SAEConfig
+    from sae.model import SAE
 
     if args.model == "tiny":
         model, site = tiny_model(), args.site or "resid_post.1"

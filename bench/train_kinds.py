@@ -124,7 +124,7 @@ def run_saelens(spec: dict) -> dict:
     from sae_lens.training.sae_trainer import SAETrainer
     from safetensors.torch import load_file
 
-    from sae.model import default_prefixes
+    from sae.config import default_prefixes
 
     held = load_file(spec["eval"])["x"]
     kind = SAELENS_KIND[spec["kind"]]

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "SAE": "sae.model",
-    "SAEConfig": "sae.model",
+    "SAEConfig": "sae.config",
     "load_sae": "sae.formats",
     "save_sae": "sae.formats",
     "export_saelens": "sae.formats",

@@ -21,8 +21,6 @@ the sparsity penalty reaches (see `update_sparsity_coefficient`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -30,108 +28,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hooks.errors import UserError
+from sae.config import BATCH_KINDS, THRESHOLD_KINDS, SAEConfig
 from sae.kernels import (
     EncodeResult,
     decode_kept,
+    fixed_width,
     normalize_rows_,
     project_out_rows_,
     sparse_decode,
     threshold_encode,
     topk_encode,
 )
-
-ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")
-BATCH_KINDS = ("batchtopk", "matryoshka")  # a cutoff over the batch; one threshold at inference
-THRESHOLD_KINDS = ("jumprelu", "relu")  # L0 varies by token; k is the target L0
-# The sparsity controller: log lambda moves by at most this much per step, in proportion to
-# (L0 - target) / target: lambda can change e-fold in 20 steps, and batch-to-batch noise in L0
-# of a few percent moves it by a fraction of a percent.
-L0_CONTROL_RATE = 0.05
-INITIAL_SPARSITY = 0.1  # lambda * k at the start (sign descent reads only its sign anyway)
-
-
-def default_prefixes(n: int) -> list[int]:
-    """Bussmann et al.'s group sizes n/16, n/16, n/8, n/4, n/2 + n/16 as prefix sizes."""
-    sizes = [n // 16, n // 8, n // 4, n // 2, n]
-    return sorted({s for s in sizes if s > 0})
-
-
-def check_kind(arch: str, n: int, k: int, prefixes: list[int] | None) -> list[int] | None:
-    """One sentence for a bad kind, k or prefix list; returns matryoshka's prefix sizes (the
-    default, or the given ones with n appended where the last is smaller)."""
-    if arch not in ARCHITECTURES:
-        raise UserError(f"Unknown SAE architecture '{arch}'; use one of {ARCHITECTURES}.")
-    if arch in THRESHOLD_KINDS and k <= 0:
-        raise UserError(f"The target L0 (--k) of a {arch} SAE must be positive, got {k}.")
-    if not 0 < k <= n:
-        raise UserError(f"k must be between 1 and the number of latents ({n}), got {k}.")
-    if arch != "matryoshka":
-        if prefixes is not None:
-            raise UserError(f"Prefix sizes belong to a matryoshka SAE, not a {arch} one.")
-        return None
-    sizes = default_prefixes(n) if prefixes is None else list(prefixes)
-    if not sizes or sizes[0] <= 0 or any(b <= a for a, b in zip(sizes, sizes[1:])):
-        raise UserError(f"Matryoshka prefix sizes must be positive and increasing, got {sizes}.")
-    if sizes[-1] > n:
-        raise UserError(
-            f"Matryoshka prefix size {sizes[-1]} exceeds the {n} latents; every prefix must be "
-            "at most the dictionary's width."
-        )
-    return sizes if sizes[-1] == n else [*sizes, n]
-
-
-@dataclass
-class SAEConfig:
-    d_in: int
-    n_latents: int
-    k: int  # active latents per token; the target L0 for jumprelu and relu
-    architecture: str = "topk"
-    k_aux: int | None = None  # latents in the AuxK loss; None: d_in // 2, as in Gao et al.
-    aux_alpha: float = 1 / 32
-    multi_topk: bool = False  # add FVU(4k) / 8 to the loss
-    model: str = ""  # where the activations came from
-    site: str = ""
-    target: str = ""  # a transcoder's output site; "" for an SAE, which reconstructs its input
-    d_out: int | None = None  # the target's width; None: d_in
-    skip: bool = False  # a transcoder's linear skip connection
-    prefixes: list[int] | None = None  # matryoshka's nested dictionary sizes; None: the default
-    bandwidth: float = 0.05  # jumprelu's STE kernel width, in the scaled pre-activation's units
-    pre_act_loss: float = 0.0  # jumprelu: coefficient on relu(theta - pre) of dead latents
-
-    def __post_init__(self) -> None:
-        if self.d_in <= 0 or self.n_latents <= 0:
-            raise UserError(
-                f"d_in and n_latents must be positive, got {self.d_in} and {self.n_latents}."
-            )
-        self.prefixes = check_kind(self.architecture, self.n_latents, self.k, self.prefixes)
-        if self.k_aux is None:
-            self.k_aux = min(self.d_in // 2, self.n_latents)
-        if self.d_out is None:
-            self.d_out = self.d_in
-        if self.skip and not self.target:
-            raise UserError("A skip connection belongs to a transcoder; give --target SITE too.")
-        if self.architecture == "jumprelu" and not self.bandwidth > 0:
-            raise UserError(f"The JumpReLU bandwidth must be positive, got {self.bandwidth}.")
-
-    @property
-    def is_transcoder(self) -> bool:
-        return bool(self.target)
-
-    @property
-    def inference_width(self) -> int:
-        """Latents per token in the (N, width) code at inference: k, or at most 4k."""
-        return self.k if self.architecture == "topk" else min(4 * self.k, self.n_latents)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SAEConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-Reduce = Callable[[Tensor], Tensor]
+from sae.sparsity import INITIAL_SPARSITY, Reduce, batch_topk, control_sparsity, rate_cut
 
 
 def variance(x: Tensor, reduce: Reduce | None = None) -> Tensor:
@@ -268,7 +176,7 @@ class SAE(nn.Module):
         ):
             enc = self._thresholded(xs, encode_dtype)
             width = self.cfg.inference_width
-            return EncodeResult(*_fixed_width(enc.acts, enc.idx, width), None, None)
+            return EncodeResult(*fixed_width(enc.acts, enc.idx, width), None, None)
         params = dict(b_dec=self._centre(), encode_dtype=encode_dtype)
         return topk_encode(xs, self.W_enc, self.b_enc, k or self.cfg.k, dead_mask, k_aux, **params)
 
@@ -353,9 +261,9 @@ class SAE(nn.Module):
             use_dead = False  # no AuxK: JumpReLU's pre-act loss plays its part
             enc = None
         else:
-            batch_topk = arch in BATCH_KINDS and self.training
+            by_batch = arch in BATCH_KINDS and self.training
             # Multi-TopK and BatchTopK both start from each token's 4k largest candidates.
-            k_cand = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk or batch_topk else cfg.k
+            k_cand = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk or by_batch else cfg.k
             if arch in BATCH_KINDS and not self.training:
                 k_cand = None  # inference: the JumpReLU threshold (see encode)
             n_dead = n_dead if use_dead else 0
@@ -370,8 +278,8 @@ class SAE(nn.Module):
                 multi = self._decode_scaled(acts, idx) + self.b_dec
                 multi = multi if skip is None else multi + skip
                 multi_fvu = F.mse_loss(multi, ys, reduction="sum") / total_variance
-            if batch_topk:
-                acts = self._batch_topk(acts, reduce, gather)  # k*N over the global batch
+            if by_batch:
+                acts = batch_topk(acts, cfg.k, self.threshold, self.threshold_lr, reduce, gather)
                 kept = acts > 0  # (N, 4k): about k per token, so only these are decoded
             elif k_cand is not None and k_cand > cfg.k:
                 order = acts.topk(cfg.k, dim=1).indices
@@ -464,46 +372,10 @@ class SAE(nn.Module):
             lo = hi
         return recon, prefix_fvu
 
-    @torch.no_grad()
     def update_sparsity_coefficient(self, l0: Tensor) -> None:
-        """lambda *= exp(rate * clip((L0 - target) / target, -1, 1)): an integral controller
-        that moves the sparsity penalty until the batch L0 sits at cfg.k (jumprelu, relu)."""
-        if self.cfg.architecture not in THRESHOLD_KINDS:
-            return
-        error = ((l0 - self.cfg.k) / self.cfg.k).clamp(-1, 1)
-        self.sparsity_coefficient.mul_(torch.exp(L0_CONTROL_RATE * error))
-
-    def _batch_topk(
-        self, acts: Tensor, reduce: Reduce | None = None, gather: Reduce | None = None
-    ) -> Tensor:
-        """Keep the k*N largest activations of the (global) batch, zeros elsewhere, and track
-        the smallest kept one as the threshold for inference.
-
-        Under data parallelism each rank sends its own k*N_global largest values (padded with
-        -inf): the global k*N-th value is among them, so the cutoff is exactly one process's.
-        """
-        with torch.no_grad():
-            flat = acts.detach().flatten()  # (N * k_cand,)
-            keep = self.cfg.k * acts.shape[0]
-            total = flat.numel()
-            if gather is not None:
-                counts = reduce(acts.new_tensor([acts.shape[0], flat.numel()], dtype=torch.int64))
-                rows, total = (int(c) for c in counts.tolist())  # one host sync
-                keep = self.cfg.k * rows
-                mine = flat.topk(min(keep, flat.numel()), sorted=False).values
-                padded = flat.new_full((keep,), -math.inf)
-                padded[: mine.numel()] = mine
-                candidates = gather(padded)  # (world * keep,), the global top keep among them
-            else:
-                candidates = flat
-            cutoff = candidates.topk(keep, sorted=False).values.min() if keep < total else None
-            # The smallest kept positive value, by masks rather than indexing: no host sync.
-            kept = candidates > 0 if cutoff is None else (candidates >= cutoff) & (candidates > 0)
-            low = torch.where(kept, candidates, math.inf).min().to(self.threshold.dtype)
-            rate = self.threshold_lr
-            moved = torch.where(self.threshold == 0, low, (1 - rate) * self.threshold + rate * low)
-            self.threshold.copy_(torch.where(torch.isfinite(low), moved, self.threshold))
-        return acts if cutoff is None else acts * (acts >= cutoff)
+        """Move lambda towards the target L0 cfg.k (jumprelu, relu; see sae.sparsity)."""
+        if self.cfg.architecture in THRESHOLD_KINDS:
+            control_sparsity(self.sparsity_coefficient, l0, self.cfg.k)
 
     # -- constraints and folding ---------------------------------------------------------
 
@@ -553,20 +425,19 @@ class SAE(nn.Module):
         rows = x.new_tensor(float(len(x)))
         rows = int(reduce(rows)) if reduce is not None else len(x)
         m = max(1, round(rows * cfg.k / n))  # tokens each latent should fire on
-        top = x.new_full((m, n), -math.inf)  # (m, n): each latent's m largest so far
-        for start in range(0, len(x), 1024):  # (1024, n) pre-activations at a time
-            xs = self._scaled(x[start : start + 1024])
-            if self._centre() is not None:
-                xs = xs - self._centre()
-            pre = torch.addmm(self.b_enc, xs, self.W_enc)
-            top = torch.cat([top, pre]).topk(m, dim=0).values
-        if gather is not None:  # the global m largest are among every rank's own m largest
-            top = gather(top.flatten()).view(-1, n).topk(m, dim=0).values
-        cut = top[-1]  # (n,): each latent's m-th largest pre-activation
+        cut = rate_cut(self._pre_chunks(x), m, n, gather)  # (n,): each latent's m-th largest
         if cfg.architecture == "jumprelu":
             self.log_threshold.copy_(cut.float().clamp_min(cfg.bandwidth).log())
         else:
             self.b_enc.sub_(cut.clamp(-1e4, 1e4).to(self.b_enc.dtype))
+
+    def _pre_chunks(self, x: Tensor):
+        """The encoder's pre-activations on raw x, (1024, n) at a time."""
+        for start in range(0, len(x), 1024):
+            xs = self._scaled(x[start : start + 1024])
+            if self._centre() is not None:
+                xs = xs - self._centre()
+            yield torch.addmm(self.b_enc, xs, self.W_enc)
 
     @torch.no_grad()
     def folded_state(self) -> dict[str, Tensor]:
@@ -620,15 +491,3 @@ def _scale_and_mean(x: Tensor, d: int, reduce: Reduce | None) -> tuple[float, Te
     count = stats[-1].clamp_min(1)
     mean_sq = float(stats[0] / count)
     return math.sqrt(d / max(mean_sq, 1e-12)), stats[1:-1] / count
-
-
-def _fixed_width(acts: Tensor, idx: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """(N, K) entries as (N, width): the `width` largest where K is wider, zeros padding else."""
-    K = acts.shape[1]
-    if K > width:
-        order = acts.topk(width, dim=1).indices
-        return acts.gather(1, order), idx.gather(1, order)
-    if K < width:
-        acts = F.pad(acts, (0, width - K))
-        idx = F.pad(idx, (0, width - K))
-    return acts, idx

@@ -179,8 +179,9 @@ def build_planted_run(root, tokenizer, docs: int = 1600):
     import json
 
     from hooks.selection import Selection
+    from sae.config import SAEConfig
     from sae.formats import save_sae
-    from sae.model import SAE, SAEConfig
+    from sae.model import SAE
 
     ids = {
         name: single_token(tokenizer, text)

@@ -15,8 +15,9 @@ from hooks.errors import UserError
 from hooks.models import LoadedModel
 from hooks.selection import Selection
 from hooks.sites import Capture, Splice, special_token_ids, token_mask
+from sae.config import SAEConfig
 from sae.formats import save_sae
-from sae.model import SAE, SAEConfig
+from sae.model import SAE
 from saewb_cli.measure import add_parsers, cmd_eval
 
 SITE, LAYER, CONTEXT, D = "resid_post.1", 1, 32, 32

@@ -25,8 +25,9 @@ from hooks.errors import UserError
 from hooks.paths import sha256_file
 from hooks.selection import Selection
 from hooks.sites import special_token_ids, token_mask
+from sae.config import SAEConfig
 from sae.formats import save_sae
-from sae.model import SAE, SAEConfig
+from sae.model import SAE
 from saewb_cli.measure import add_parsers, cmd_analyze
 
 # -- streaming accumulator vs brute force ---------------------------------------------------------

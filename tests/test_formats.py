@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import hooks.paths
 from hooks.errors import UserError
 from hooks.sites import Capture
+from sae.config import ARCHITECTURES, BATCH_KINDS, SAEConfig
 from sae.formats import (
     detect_format,
     export_saelens,
@@ -22,7 +23,7 @@ from sae.formats import (
     saelens_hook_name,
     save_sae,
 )
-from sae.model import ARCHITECTURES, BATCH_KINDS, SAE, SAEConfig
+from sae.model import SAE
 
 D, N, K, D_OUT = 16, 64, 4, 24
 HOOK = "model.layers.3"  # resid_post.3 of a Llama, as SAELens's HF wrapper names it
@@ -602,7 +603,7 @@ def test_crash_between_the_two_files_is_reported(tmp_path, monkeypatch):
             raise OSError("killed")
         real_write(path, data)
 
-    monkeypatch.setattr("sae.formats.atomic_write_bytes", write)
+    monkeypatch.setattr("sae.formats.common.atomic_write_bytes", write)
     monkeypatch.setattr(hooks.paths, "atomic_write_bytes", write)
     with pytest.raises(OSError, match="killed"):
         save_sae(make_sae(d=32), tmp_path)

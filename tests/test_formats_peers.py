@@ -23,8 +23,9 @@ from test_formats import (
 
 from hooks.models import load_model
 from hooks.sites import Splice
+from sae.config import SAEConfig
 from sae.formats import export_saelens, export_sparsify, load_sae
-from sae.model import SAE, SAEConfig
+from sae.model import SAE
 
 pytestmark = pytest.mark.bench
 TOL = dict(rtol=1e-4, atol=1e-4)

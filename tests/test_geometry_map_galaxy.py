@@ -21,7 +21,8 @@ from analysis.geometry import galaxy as gx
 from analysis.geometry.map import feature_map
 from analysis.store.layout import FORMAT, VERSION
 from hooks.errors import UserError
-from sae.model import SAE, SAEConfig
+from sae.config import SAEConfig
+from sae.model import SAE
 
 
 def planted_directions(n_clusters=6, per=100, d=64, noise=0.15, seed=0):

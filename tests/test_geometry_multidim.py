@@ -219,7 +219,8 @@ class PlantedInputs:
 
 def planted_sae_run(run):
     """The planted run with the 25-latent planted dictionary as its SAE."""
-    from sae.model import SAE, SAEConfig
+    from sae.config import SAEConfig
+    from sae.model import SAE
 
     W, _ = planted(d=32)
     sae = SAE(SAEConfig(d_in=32, n_latents=25, k=3))

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from hooks.errors import UserError
+from sae.config import ARCHITECTURES, SAEConfig
 from sae.kernels import threshold_encode
-from sae.model import ARCHITECTURES, SAE, SAEConfig
+from sae.model import SAE
 from sae.synthetic import recovery, write_synthetic_cache
 from sae.train import TrainConfig, Trainer
 

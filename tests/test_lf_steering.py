@@ -20,7 +20,8 @@ from conftest import make_model
 from analysis.steering.lf import Runner, dense_codes, lf_steering, rank_latents
 from analysis.steering.paraphrases import Group, builtin_groups, normalise, read_groups
 from hooks.errors import UserError
-from sae.model import SAE, SAEConfig
+from sae.config import SAEConfig
+from sae.model import SAE
 
 SITE = "resid_post.0"
 WORDS = dict(a=" mat", a2=" park", a_wording=" Paris", trigger=" France", b=" Monday",

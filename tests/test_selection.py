@@ -12,8 +12,9 @@ from analysis.run import open_run
 from hooks.cache import harvest
 from hooks.errors import UserError
 from hooks.selection import Selection
+from sae.config import SAEConfig
 from sae.formats import save_sae
-from sae.model import SAE, SAEConfig
+from sae.model import SAE
 from saewb_cli import main
 
 

@@ -347,8 +347,9 @@ def test_transformerlens_names_are_aliases():
 
 
 def test_saelens_folder_with_a_transformerlens_hook_name_loads_and_resolves(tmp_path):
+    from sae.config import SAEConfig
     from sae.formats import export_saelens, load_sae
-    from sae.model import SAE, SAEConfig
+    from sae.model import SAE
 
     model = tiny("llama")
     sae = SAE(SAEConfig(32, 64, 4, model="tiny", site="resid_post.1"))

@@ -8,7 +8,8 @@ from conftest import make_model
 from analysis.steering.interventions import Intervention, Steering
 from hooks.errors import UserError
 from hooks.sites import Capture
-from sae.model import SAE, SAEConfig
+from sae.config import SAEConfig
+from sae.model import SAE
 
 SITE = "resid_post.1"
 

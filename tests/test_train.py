@@ -300,15 +300,15 @@ def test_batchtopk_cutoff_is_global_over_ranks():
     activations, and track exactly the threshold, that one process keeps on the whole batch."""
     import threading
 
-    from sae.model import SAE, SAEConfig
+    from sae.sparsity import batch_topk
 
     torch.manual_seed(0)
     acts = torch.rand(40, 12).relu_() * (torch.rand(40, 12) > 0.3)  # (N, 4k) candidates
     parts = [acts[:15], acts[15:]]
-    cfg = SAEConfig(d_in=4, n_latents=64, k=3, architecture="batchtopk")
-    reference = SAE(cfg)
-    expected = reference._batch_topk(acts)
-    ranks = [SAE(cfg) for _ in parts]
+    k, rate = 3, 0.01
+    reference = torch.zeros(())  # each one's inference threshold, moved in place
+    expected = batch_topk(acts, k, reference, rate)
+    ranks = [torch.zeros(()) for _ in parts]
     barrier, slots, got = threading.Barrier(2), [None, None], [None, None]
 
     def exchange(rank, t, combine):
@@ -322,7 +322,7 @@ def test_batchtopk_cutoff_is_global_over_ranks():
     def run(rank):
         reduce = lambda t: exchange(rank, t, lambda s: s[0] + s[1])  # noqa: E731
         gather = lambda t: exchange(rank, t, torch.cat)  # noqa: E731
-        got[rank] = ranks[rank]._batch_topk(parts[rank], reduce, gather)
+        got[rank] = batch_topk(parts[rank], k, ranks[rank], rate, reduce, gather)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     for t in threads:
@@ -331,17 +331,18 @@ def test_batchtopk_cutoff_is_global_over_ranks():
         t.join()
     torch.testing.assert_close(torch.cat(got), expected, rtol=0, atol=0)
     assert (expected > 0).sum() == 3 * 40  # the cutoff keeps k * N in all
-    for sae in ranks:
-        assert float(sae.threshold) == float(reference.threshold) > 0
+    for threshold in ranks:
+        assert float(threshold) == float(reference) > 0
     # each rank's own cutoff would keep 3 * 15 and 3 * 25 of its own: not the same set
-    alone = SAE(cfg)._batch_topk(parts[0])
+    alone = batch_topk(parts[0], k, torch.zeros(()), rate)
     assert not torch.equal(alone, got[0])
 
 
 def test_clipping_is_skipped_only_where_it_commutes(planted, tmp_path):
     """Signum's momentum sums gradients of several steps, so clipping each by its own factor
     changes the sign it follows; schedule-free sign descent takes the sign of the raw gradient."""
-    from sae.model import SAE, SAEConfig
+    from sae.config import SAEConfig
+    from sae.model import SAE
     from sae.optim import Signum, clipping_commutes, make_optimizer
 
     sae = SAE(SAEConfig(d_in=8, n_latents=16, k=2))
@@ -571,8 +572,9 @@ def test_dense_auxk_path_matches_the_sparse_kernel():
     values and gradients must equal the sparse kernel's selection of all dead latents."""
     import copy
 
+    from sae.config import SAEConfig
     from sae.kernels import sparse_decode, topk_encode
-    from sae.model import SAE, SAEConfig, variance
+    from sae.model import SAE, variance
 
     torch.manual_seed(0)
     dense = SAE(SAEConfig(d_in=32, n_latents=256, k=8, k_aux=40))

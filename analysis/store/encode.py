@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae.model import THRESHOLD_KINDS
+from sae.config import THRESHOLD_KINDS
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from sae.kernels.rows import normalize_rows_, project_out_rows_
 from sae.kernels.sign_step import sf_sign_step_
 from sae.kernels.sparse import _by_latent as _by_latent
 from sae.kernels.sparse import _latent_order as _latent_order
-from sae.kernels.threshold import ThresholdResult, threshold_encode
+from sae.kernels.threshold import ThresholdResult, fixed_width, threshold_encode
 from sae.kernels.triton_kernels import _block_k as _block_k
 from sae.kernels.triton_kernels import _gather_sum as _gather_sum
 from sae.kernels.triton_kernels import triton
@@ -41,6 +41,7 @@ __all__ = [
     "sf_sign_step_",
     "sparse_decode",
     "ThresholdResult",
+    "fixed_width",
     "threshold_encode",
     "topk_encode",
     "triton",

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sae.kernels.encode import CUDA_CHUNK_ELEMENTS, DEFAULT_CHUNK_SIZE, sparse_encoder_grads
@@ -128,3 +129,15 @@ def threshold_encode(
             x, W_enc, b_enc, threshold, bandwidth, chunk_size, b_dec, encode_dtype
         )
     )
+
+
+def fixed_width(acts: Tensor, idx: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """(N, K) entries as (N, width): the `width` largest where K is wider, zeros padding else."""
+    K = acts.shape[1]
+    if K > width:
+        order = acts.topk(width, dim=1).indices
+        return acts.gather(1, order), idx.gather(1, order)
+    if K < width:
+        acts = F.pad(acts, (0, width - K))
+        idx = F.pad(idx, (0, width - K))
+    return acts, idx

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from hooks.errors import UserError
 from hooks.selection import Selection
 from hooks.sites import canonical_site
-from sae.model import check_kind
+from sae.config import check_kind
 
 
 @dataclass
@@ -23,7 +23,7 @@ class TrainConfig:
     sites: list[str] = field(default_factory=lambda: ["resid_post.9"])
     latents: list[int] = field(default_factory=lambda: [9216])
     ks: list[int] = field(default_factory=lambda: [32])
-    architecture: str = "topk"  # topk, batchtopk, matryoshka, jumprelu or relu (sae.model)
+    architecture: str = "topk"  # topk, batchtopk, matryoshka, jumprelu or relu (sae.config)
     multi_topk: bool = False
     target: str | None = None  # a transcoder's output site; the one --site is its input
     skip: bool = False  # a transcoder's linear skip connection

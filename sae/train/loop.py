@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from hooks.errors import UserError
 from hooks.paths import atomic_write_json
-from sae.model import THRESHOLD_KINDS, SAEConfig
+from sae.config import THRESHOLD_KINDS, SAEConfig
 from sae.optim import clipping_commutes, eval_weights, is_schedule_free, lr_factor
 from sae.train.config import Derived, TrainConfig, derive, run_name, total_steps
 from sae.train.data import DataStream
@@ -358,8 +358,11 @@ class Trainer:
         m.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.world.size > 1:
+            # JumpReLU's thresholds get no gradient while it warms up as TopK; every rank
+            # is at the same step, so all skip the same parameters
             for p in sae.parameters():
-                self.world.sum(p.grad)
+                if p.grad is not None:
+                    self.world.sum(p.grad)
         sae.remove_gradient_parallel_to_decoder_directions()
         # Where clipping cannot change the update (sign descent without momentum), its pass
         # (~3 bytes moved per parameter byte) is skipped.

@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hooks.paths import atomic_write, atomic_write_bytes, atomic_write_json
-from sae.model import SAE, SAEConfig
+from sae.config import SAEConfig
+from sae.model import SAE
 from sae.optim import default_lr, make_optimizer
 from sae.train.config import TrainConfig
 

@@ -1,58 +1,33 @@
-"""Checkpoint formats: our native folder, SAELens and EleutherAI sparsify. Never pickle.
-
-    saewb     cfg.json (SAEConfig + "format": "saewb", "version")  sae.safetensors (folded weights)
-    saelens   cfg.json  sae_weights.safetensors  [sparsity.safetensors]
-    sparsify  cfg.json (SparseCoderConfig + d_in)  sae.safetensors (encoder.weight [n, d], ...)
-
-How each kind is written (load_sae reads every row back as the same kind):
-
-    kind        SAELens SAE   SAELens transcoder (skip: ..._skip_...)         sparsify
-    topk        topk          none: no TopK transcoder (use sparsify)         topk SAE or transcoder
-    batchtopk   jumprelu      jumprelu_transcoder, jumprelu_skip_transcoder   none
-    matryoshka  jumprelu      jumprelu_transcoder, jumprelu_skip_transcoder   none
-    jumprelu    jumprelu      jumprelu_transcoder, jumprelu_skip_transcoder   none
-    relu        standard      transcoder, skip_transcoder                     none
-
-SAELens files record `k` and `metadata.saewb_architecture`; BatchTopK and Matryoshka repeat their
-one threshold for every latent and set `metadata.training_architecture` ("batchtopk",
-"matryoshka_batchtopk" with training_architecture_details.matryoshka_widths), as SAELens's own
-save_inference_model does. load_sae also reads SAELens's files of these architectures (its
-Gemma Scope style JumpReLU files, its training checkpoints of batchtopk and matryoshka_batchtopk)
-and sparsify's TopK SAEs and transcoders. A SAELens W_skip is (d_out, d_in), sparsify's too;
-ours is (d_in, d_out). sparsify has one width, so its transcoders map d_in to d_in. SAELens runs
-a jumprelu or standard file on every latent above its threshold, and so does our
-`SAE.reconstruct`; `SAE.encode`'s fixed-width code keeps the largest 4k of them a token
-(SAEConfig.inference_width).
-
-Every writer stores folded weights (input scale 1), so each file takes raw activations. Every
-reader checks the tensors against cfg.json and turns bad input into one-sentence UserErrors.
-Checked against sae-lens 6.54.12 and eai-sparsify 1.3.3 (tests/test_formats_peers.py).
-"""
+"""SAELens (>= 6) folders: export_saelens writes every kind as the SAELens architecture it runs
+as, read_saelens reads ours and SAELens's own (see sae/formats/__init__.py for the table)."""
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from pathlib import Path
 
-import safetensors.torch
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from hooks.errors import UserError
-from hooks.paths import atomic_write_bytes, atomic_write_json
+from hooks.paths import atomic_write_json
 from hooks.sites import canonical_site, layout, resolve_site
-from sae.model import ARCHITECTURES, BATCH_KINDS, SAE, SAEConfig
+from sae.config import ARCHITECTURES, BATCH_KINDS, SAEConfig
+from sae.formats.common import (
+    CFG,
+    SAELENS_SPARSITY,
+    SAELENS_WEIGHTS,
+    check_tensors,
+    entry,
+    log10_density,
+    read_cfg,
+    read_tensors,
+    tensor_shapes,
+    write_tensors,
+)
+from sae.model import SAE
 
-NATIVE, NATIVE_VERSION = "saewb", 1
-CFG = "cfg.json"
-WEIGHTS = "sae.safetensors"  # ours and sparsify's
-SAELENS_WEIGHTS, SAELENS_SPARSITY = "sae_weights.safetensors", "sparsity.safetensors"
 SAELENS_VERSION = "6.54.12"  # the version we verified against; >= 6 skips its legacy-config path
-SPARSIFY_NAMES = dict(W_enc="encoder.weight", b_enc="encoder.bias", W_dec="W_dec", b_dec="b_dec")
-SPARSIFY_NAMES_SKIP = SPARSIFY_NAMES | dict(W_skip="W_skip")
 # our kind -> its SAELens architecture as (an SAE, a transcoder, a skip transcoder)
 _JUMPRELU = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 SAELENS_ARCHITECTURE = {
@@ -88,48 +63,6 @@ DEFAULT_K = 64  # the inference width's k for a JumpReLU or ReLU file that recor
 _MLP_NORMS = ("pre_feedforward_layernorm", "ln_mlp", "ln_2", "post_attention_layernorm")
 # The one input norm of a parallel-attention block (GPT-J, Phi, Falcon), which the MLP shares
 _SHARED_NORMS = ("ln_1", "input_layernorm")
-# a sparsify hookpoint on an MLP module (relative to base_model: layers.3.mlp, h.3.mlp)
-_SPARSIFY_MLP = re.compile(r"^(?:.+\.)?(?:layers|h|blocks|layer)\.(\d+)\.(?:mlp|feed_forward)$")
-
-
-def weights_file(run_dir: Path) -> Path | None:
-    """The SAE weights file of a run folder (ours, sparsify's or SAELens's), or None."""
-    for name in (WEIGHTS, SAELENS_WEIGHTS):
-        if (Path(run_dir) / name).is_file():
-            return Path(run_dir) / name
-    return None
-
-
-def log10_density(density: Tensor) -> Tensor:
-    """SAELens's sparsity convention: log10 of the firing fraction, 1e-10 keeping dead ones finite."""
-    return torch.log10(density + 1e-10)
-
-
-def _shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
-    """Our folded tensors and their shapes: the batch kinds and JumpReLU add a threshold per
-    latent, a transcoder with a skip connection its W_skip."""
-    d, n, d_out = cfg.d_in, cfg.n_latents, cfg.d_out
-    shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d_out), "b_dec": (d_out,)}
-    if cfg.architecture in (*BATCH_KINDS, "jumprelu"):
-        shapes["threshold"] = (n,)
-    return shapes | ({"W_skip": (d, d_out)} if cfg.skip else {})
-
-
-def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata={"format": "pt"}))
-
-
-# -- writers -----------------------------------------------------------------------------------
-
-
-def save_sae(sae: SAE, run_dir: Path, extra_cfg: dict | None = None) -> None:
-    """Native checkpoint. Each file is replaced atomically; the weights go first, so a crash
-    between the two leaves the old cfg.json, and load_sae reports any shape mismatch."""
-    run_dir = Path(run_dir)
-    cfg = {**sae.cfg.to_dict(), **(extra_cfg or {}), "format": NATIVE, "version": NATIVE_VERSION}
-    _write_tensors(run_dir / WEIGHTS, sae.folded_state())
-    atomic_write_json(run_dir / CFG, cfg)
 
 
 def export_saelens(
@@ -210,9 +143,9 @@ def export_saelens(
     if cfg.architecture == "topk":  # false: folding the input scale leaves rows of norm 1/s
         out["rescale_acts_by_decoder_norm"] = False
     out["architecture"] = arch
-    _write_tensors(out_dir / SAELENS_WEIGHTS, state)
+    write_tensors(out_dir / SAELENS_WEIGHTS, state)
     if sparsity is not None:
-        _write_tensors(out_dir / SAELENS_SPARSITY, {"sparsity": log10_density(sparsity)})
+        write_tensors(out_dir / SAELENS_SPARSITY, {"sparsity": log10_density(sparsity)})
     atomic_write_json(out_dir / CFG, {**out, "metadata": meta})
 
 
@@ -303,150 +236,7 @@ def _loadable_name(name: str, model: nn.Module | None) -> str:
     return resolve_model_path(name, progress=False) if name else name
 
 
-def export_sparsify(sae: SAE, out_dir: Path) -> None:
-    """sparsify hookpoint folder (load it with SparseCoder.load_from_disk): a TopK SAE, or a
-    TopK transcoder (transcode, skip_connection) from a module's input to its output, which
-    sparsify gives one width. Name the folder after the hookpoint (layers.N.mlp for mlp_in.N ->
-    mlp_out.N): load_sae reads a transcoder's sites from it.
-
-    sparsify encodes ReLU(linear(x - b_dec)) then top-k (no b_dec for a transcoder); we take the
-    top-k, then ReLU. Whenever at least k pre-activations are positive both pick the same latents
-    and values; otherwise the extra slots hold zeros in both (with possibly different indices), so
-    the dense activations and the reconstruction agree.
-    """
-    cfg = sae.cfg
-    if cfg.architecture != "topk":
-        what = "transcoder" if cfg.is_transcoder else "SAE"
-        raise UserError(
-            f"sparsify has only TopK activations, so a {cfg.architecture} {what} has no sparsify "
-            "form; export it with export_saelens or keep the native format."
-        )
-    if cfg.d_out != cfg.d_in:
-        raise UserError(
-            f"A sparsify transcoder has one width for its input and output, but this one maps "
-            f"{cfg.d_in} to {cfg.d_out}; keep the native format (SAELens has no TopK transcoder)."
-        )
-    out_dir, state = Path(out_dir), sae.folded_state()
-    state["W_enc"] = state["W_enc"].T  # nn.Linear layout, (n, d)
-    names = SPARSIFY_NAMES
-    if cfg.skip:
-        state["W_skip"] = state["W_skip"].T  # sparsify's (d_out, d_in), applied as x @ W_skip.mT
-        names = SPARSIFY_NAMES_SKIP
-    _write_tensors(out_dir / WEIGHTS, {theirs: state[ours] for ours, theirs in names.items()})
-    # true only if the folded rows really are unit norm: sparsify renormalises them while
-    # training an SAE (and ignores the flag while transcoding)
-    unit_rows = torch.allclose(state["W_dec"].norm(dim=1), torch.ones(()), atol=1e-4)
-    out = dict(activation="topk", expansion_factor=cfg.n_latents // cfg.d_in)
-    out |= dict(normalize_decoder=unit_rows, num_latents=cfg.n_latents, k=cfg.k)
-    out |= dict(multi_topk=cfg.multi_topk, skip_connection=cfg.skip)
-    out |= dict(transcode=cfg.is_transcoder, d_in=cfg.d_in)
-    atomic_write_json(out_dir / CFG, out)
-
-
-# -- readers -----------------------------------------------------------------------------------
-
-
-def _read_cfg(file: Path) -> dict:
-    if not file.is_file():
-        raise UserError(f"{file.parent} has no {CFG}, which every SAE checkpoint needs.")
-    try:
-        cfg = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file} is not valid JSON ({e}).") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{file} must hold a JSON object, not {type(cfg).__name__}.")
-    return cfg
-
-
-def _read_tensors(file: Path, keys_only: bool = False) -> dict[str, Tensor] | list[str]:
-    if not file.is_file():
-        raise UserError(f"{file.parent} has no {file.name}, which its {CFG} calls for.")
-    try:
-        if keys_only:
-            with safe_open(file, framework="pt") as f:
-                return list(f.keys())
-        return {k: v.float() for k, v in safetensors.torch.load_file(file).items()}
-    except Exception as e:  # SafetensorError, OSError...: any failure means an unreadable file
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{file} is not a readable safetensors file ({reason}).") from None
-
-
-def _check(tensors: dict[str, Tensor], shapes: dict[str, tuple], file: Path, cfg) -> None:
-    """Every expected tensor is there, with the shape that cfg.json implies."""
-    for name, shape in shapes.items():
-        if name not in tensors:
-            have = ", ".join(sorted(tensors)) or "none"
-            raise UserError(f"{file} has no tensor '{name}' (it has: {have}).")
-        if tuple(tensors[name].shape) != shape:
-            d_out = f", d_out={cfg.d_out}" if cfg.is_transcoder else ""
-            raise UserError(
-                f"Tensor {name} in {file} has shape {tuple(tensors[name].shape)}, but {CFG} "
-                f"(d_in={cfg.d_in}{d_out}, {cfg.n_latents} latents) needs {shape}."
-            )
-
-
-def _get(raw: dict, key: str, file: Path):
-    if key not in raw:
-        raise UserError(f"{file} has no '{key}' entry (it has: {', '.join(raw)}).")
-    return raw[key]
-
-
-def _detect_one(folder: Path) -> str | None:
-    if (folder / CFG).is_file() and _read_cfg(folder / CFG).get("format") == NATIVE:
-        return NATIVE
-    if (folder / SAELENS_WEIGHTS).is_file():
-        return "saelens"
-    if (folder / WEIGHTS).is_file() and "encoder.weight" in _read_tensors(folder / WEIGHTS, True):
-        return "sparsify"
-    return None
-
-
-def _resolve(path: Path) -> tuple[Path, str]:
-    """(checkpoint folder, format). A file means its folder; a sparsify run, its one hookpoint."""
-    path = Path(path)
-    folder = path.parent if path.is_file() else path
-    if not folder.is_dir():
-        raise UserError(f"No SAE checkpoint at {path}: the folder does not exist.")
-    if fmt := _detect_one(folder):
-        return folder, fmt
-    hooks = sorted(p.name for p in folder.iterdir() if p.is_dir() and _detect_one(p) == "sparsify")
-    if len(hooks) == 1:
-        return folder / hooks[0], "sparsify"
-    if hooks:
-        raise UserError(
-            f"{folder} is a sparsify run with {len(hooks)} hookpoints ({', '.join(hooks)}); "
-            f"pass the folder of one of them."
-        )
-    found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
-    raise UserError(
-        f"{folder} holds no known SAE checkpoint (found: {found}); expected {CFG} with "
-        f'"format": "{NATIVE}", {SAELENS_WEIGHTS} (SAELens) or {WEIGHTS} with encoder.weight '
-        f"(sparsify)."
-    )
-
-
-def detect_format(path: Path) -> str:
-    """ "saewb", "saelens" or "sparsify" for a checkpoint folder (or a file inside one)."""
-    return _resolve(path)[1]
-
-
-def _load_native(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
-    raw, file = _read_cfg(folder / CFG), folder / WEIGHTS
-    if raw.get("version") != NATIVE_VERSION:
-        raise UserError(
-            f"{folder / CFG} has format version {raw.get('version')!r}; this workbench reads "
-            f"version {NATIVE_VERSION}."
-        )
-    try:
-        cfg = SAEConfig.from_dict(raw)
-    except TypeError as e:  # a missing field
-        raise UserError(f"{folder / CFG} is incomplete: {e}.") from None
-    tensors = _read_tensors(file)
-    _check(tensors, _shapes(cfg), file, cfg)
-    return cfg, tensors
-
-
-def _load_saelens(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
+def read_saelens(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     """Our kind, from the first rule that applies: metadata.saewb_architecture (our exports);
     metadata.training_architecture batchtopk or matryoshka_batchtopk (SAELens's
     save_inference_model; training_architecture_details.matryoshka_widths are the prefixes);
@@ -462,7 +252,7 @@ def _load_saelens(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     when SAELens recorded the L0, else min(n, 64): k only sets how many latents a token may keep
     at inference (cfg.inference_width, 4k), so a token above 4k active latents loses its smallest.
     """
-    raw, file = _read_cfg(folder / CFG), folder / SAELENS_WEIGHTS
+    raw, file = read_cfg(folder / CFG), folder / SAELENS_WEIGHTS
     arch, meta = raw.get("architecture", "standard"), raw.get("metadata") or {}
     if arch not in SAELENS_KINDS:
         supported = ", ".join(repr(a) for a in SAELENS_KINDS)
@@ -474,16 +264,16 @@ def _load_saelens(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
             raise UserError(f"{folder / CFG} sets {key}={raw[key]!r}; only 'none' is supported.")
     kind, transcoder, skip = SAELENS_KINDS[arch]
     details = meta.get("training_architecture_details") or {}
-    d_in, n = (_get(raw, key, folder / CFG) for key in ("d_in", "d_sae"))
-    d_out = _get(raw, "d_out", folder / CFG) if transcoder else None
+    d_in, n = (entry(raw, key, folder / CFG) for key in ("d_in", "d_sae"))
+    d_out = entry(raw, "d_out", folder / CFG) if transcoder else None
     if transcoder and raw.get("apply_b_dec_to_input"):
         raise UserError(
             f"{folder / CFG} sets apply_b_dec_to_input on a transcoder, whose b_dec has the "
             "output's width; SAELens refuses this too."
         )
-    t = _read_tensors(file)
+    t = read_tensors(file)
     if arch in SAELENS_TRAINING_FORMS:  # the scalar batch threshold of a training checkpoint
-        _check(t, {"topk_threshold": ()}, file, SAEConfig(d_in, n, 1))
+        check_tensors(t, {"topk_threshold": ()}, file, SAEConfig(d_in, n, 1))
         t["threshold"] = t.pop("topk_threshold").expand(n).clone()
     kind = _saelens_kind(raw, meta, kind, arch, t, folder / CFG)
     prefixes = raw.get("matryoshka_widths", details.get("matryoshka_widths"))
@@ -501,10 +291,10 @@ def _load_saelens(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
         d_in, n, k, kind, model=model, site=site, target=target, d_out=d_out, skip=skip,
         prefixes=prefixes if kind == "matryoshka" else None,
     )  # fmt: skip
-    shapes = _shapes(cfg)
+    shapes = tensor_shapes(cfg)
     if skip:
         shapes["W_skip"] = shapes["W_skip"][::-1]  # SAELens's (d_out, d_in)
-    _check(t, shapes, file, cfg)
+    check_tensors(t, shapes, file, cfg)
     if skip:
         t["W_skip"] = t["W_skip"].T
     if kind in BATCH_KINDS and not (t["threshold"] == t["threshold"][0]).all():
@@ -525,7 +315,7 @@ def _load_saelens(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
 
 
 def _saelens_kind(raw: dict, meta: dict, kind: str, arch: str, t: dict, file: Path) -> str:
-    """Our kind for a SAELens file whose architecture reads as `kind` (see _load_saelens)."""
+    """Our kind for a SAELens file whose architecture reads as `kind` (see read_saelens)."""
     ours = meta.get("saewb_architecture")
     if ours is not None:
         if ours not in ARCHITECTURES or arch not in SAELENS_ARCHITECTURE[ours]:
@@ -550,7 +340,7 @@ def _saelens_k(raw: dict, meta: dict, details: dict, n: int, kind: str, file: Pa
     """The recorded k; for the non-TopK kinds without one, ceil(metadata.l0), else min(n, 64)."""
     k = raw.get("k", details.get("k"))
     if k is None and kind == "topk":
-        _get(raw, "k", file)  # a TopK SAE is nothing without its k: one sentence
+        entry(raw, "k", file)  # a TopK SAE is nothing without its k: one sentence
     if k is None:
         l0 = meta.get("l0")
         k = l0 if isinstance(l0, int | float) and l0 > 0 else DEFAULT_K
@@ -558,56 +348,3 @@ def _saelens_k(raw: dict, meta: dict, details: dict, n: int, kind: str, file: Pa
         raise UserError(f"{file} has k={k!r}; it must be a number of latents per token.")
     k = math.ceil(k)  # SAELens's BatchTopK k is a mean per token, a float
     return k if kind == "topk" else min(max(k, 1), n)
-
-
-def _load_sparsify(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
-    """A TopK SAE, or with transcode a TopK transcoder from the hookpoint module's input to its
-    output (one width). A transcoder's sites come from the folder's name, the hookpoint: an MLP
-    module (layers.N.mlp, h.N.mlp) reads as mlp_in.N -> mlp_out.N (on Gemma 2/3 and OLMo 2 our
-    mlp_out.N is the post-norm after that module, so relabel those); any other folder name is
-    kept as the site, meaning that module's input, and the target says it is its output."""
-    raw, file = _read_cfg(folder / CFG), folder / WEIGHTS
-    if raw.get("activation", "topk") != "topk":
-        raise UserError(
-            f"{folder / CFG} sets activation={raw['activation']!r}; only 'topk' is supported."
-        )
-    transcode, skip = bool(raw.get("transcode", False)), bool(raw.get("skip_connection", False))
-    if skip and not transcode:
-        raise UserError(
-            f"{folder / CFG} sets skip_connection on an SAE (transcode false); saewb gives a skip "
-            "connection to transcoders only."
-        )
-    d_in = _get(raw, "d_in", folder / CFG)
-    n = raw.get("num_latents") or d_in * raw.get("expansion_factor", 32)  # sparsify's defaults
-    site = target = ""
-    if transcode:
-        hookpoint = folder.name
-        match = _SPARSIFY_MLP.match(hookpoint)
-        site, target = (
-            (f"mlp_in.{match.group(1)}", f"mlp_out.{match.group(1)}")
-            if match
-            else (hookpoint, f"output of {hookpoint}")
-        )
-    cfg = SAEConfig(
-        d_in, n, raw.get("k", 32), multi_topk=bool(raw.get("multi_topk", False)), site=site,
-        target=target, skip=skip,
-    )  # fmt: skip
-    t, shapes = _read_tensors(file), _shapes(cfg)
-    shapes["W_enc"] = shapes["W_enc"][::-1]  # nn.Linear layout
-    names = SPARSIFY_NAMES_SKIP if skip else SPARSIFY_NAMES
-    _check(t, {names[k]: shape for k, shape in shapes.items()}, file, cfg)
-    state = {ours: t[theirs] for ours, theirs in names.items()}
-    state["W_enc"] = state["W_enc"].T
-    if skip:
-        state["W_skip"] = state["W_skip"].T  # sparsify's (d_out, d_in) -> our (d_in, d_out)
-    return cfg, state
-
-
-def load_sae(path: Path, device: str | torch.device = "cpu") -> SAE:
-    """An eval-mode SAE or transcoder (scales 1) from a folder in any of the three formats."""
-    folder, fmt = _resolve(path)
-    loader = {NATIVE: _load_native, "saelens": _load_saelens, "sparsify": _load_sparsify}[fmt]
-    cfg, state = loader(folder)
-    sae = SAE(cfg, device=device)
-    sae.load_folded(state)
-    return sae.eval()
