@@ -431,6 +431,19 @@ class SAE(nn.Module):
         else:
             self.b_enc.sub_(cut.clamp(-1e4, 1e4).to(self.b_enc.dtype))
 
+    @torch.no_grad()
+    def cut_like_batch_topk(
+        self, x: Tensor, reduce: Reduce | None = None, gather: Reduce | None = None
+    ) -> None:
+        """One threshold for every latent (jumprelu): the smallest of the k*N largest
+        activations of x (N, d_in), which BatchTopK keeps, so that the target L0 holds and each
+        latent keeps the firing rate that the TopK warm-up gave it."""
+        k = min(4 * self.cfg.k, self.cfg.n_latents)
+        enc = topk_encode(self._scaled(x), self.W_enc, self.b_enc, k, b_dec=self._centre())
+        low = enc.top_acts.new_zeros(())
+        batch_topk(enc.top_acts, self.cfg.k, low, 1.0, reduce, gather)  # low: the cutoff
+        self.log_threshold.fill_(math.log(max(float(low), self.cfg.bandwidth)))
+
     def _pre_chunks(self, x: Tensor):
         """The encoder's pre-activations on raw x, (1024, n) at a time."""
         for start in range(0, len(x), 1024):

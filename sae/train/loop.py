@@ -350,7 +350,7 @@ class Trainer:
             # thresholds would rise until few latents fire (see docs/dictionaries.md)
             warmup = self.derived.warmup_steps
             if self.step == warmup and warmup > 0:
-                sae.cut_at_target_l0(x, self._reduce, self._gather)
+                sae.cut_like_batch_topk(x, self._reduce, self._gather)
             sae.warm_topk = self.step < warmup
         dead = (m.since_fired >= self.dead_tokens) if cfg.auxk else None
         out = sae(x, dead, self.encode_dtype, self._reduce, n_dead, self._gather, target)
