@@ -78,6 +78,20 @@ def sparsify(n: int, k: int, steps: int):
     return step
 
 
+def with_chunk(chunk: int, step):
+    """`step` with the CPU encoder's chunk (sae.kernels.encode.DEFAULT_CHUNK_SIZE) at `chunk`."""
+    import sae.kernels.encode as encode
+
+    def stepped(x: torch.Tensor) -> None:
+        default, encode.DEFAULT_CHUNK_SIZE = encode.DEFAULT_CHUNK_SIZE, chunk
+        try:
+            step(x)
+        finally:
+            encode.DEFAULT_CHUNK_SIZE = default
+
+    return stepped
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=12)
@@ -85,6 +99,9 @@ def main() -> None:
     p.add_argument("--latents", type=int, default=9216)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--chunks", default="", help="also ours with these CPU encoder chunk sizes, e.g. 1024,4096"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high")  # as sparsify's fit() sets it
@@ -100,6 +117,10 @@ def main() -> None:
             "sparsify": sparsify(n, k, steps),
             "matmul": lambda x: torch.matmul(x, W, out=out),
         }
+        for chunk in filter(None, args.chunks.split(",")):
+            steppers[f"ours-chunk{chunk}"] = with_chunk(
+                int(chunk), ours(n, k, steps, Path(tmp) / chunk, auxk=True)
+            )
         times: dict[str, list[list[float]]] = {name: [] for name in steppers}
         for r in range(args.rounds):
             for name, step in steppers.items():
@@ -127,6 +148,11 @@ def main() -> None:
         "speedup": statistics.median(per_round("ours", "sparsify")),
         "speedup_rounds": per_round("ours", "sparsify"),
         "speedup_noauxk": statistics.median(per_round("ours-noauxk", "sparsify")),
+        **{
+            f"speedup_{name}": statistics.median(per_round(name, "sparsify"))
+            for name in steppers
+            if name.startswith("ours-chunk")
+        },
         "matmul_share": {
             name: median["matmul"] / v for name, v in median.items() if name != "matmul"
         },

@@ -39,28 +39,8 @@ from sae.kernels import (
     threshold_encode,
     topk_encode,
 )
-from sae.sparsity import INITIAL_SPARSITY, Reduce, batch_topk, control_sparsity, rate_cut
-
-
-def variance(x: Tensor, reduce: Reduce | None = None) -> Tensor:
-    """sum ||x - mean x||^2 over the rows of x (N, d), and over all ranks when `reduce` sums.
-
-    Computed from float64 sums so that ranks can add their parts before subtracting.
-    """
-    xd = x.detach().double()
-    flat = xd.reshape(-1)
-    stats = torch.cat(
-        [
-            torch.dot(flat, flat).view(1),  # one pass, no (N, d) temporary of squares
-            xd.sum(0),
-            # a fill, not new_tensor: copying a host list to the GPU waits for the GPU
-            torch.full((1,), x.shape[0], dtype=torch.float64, device=x.device),
-        ]
-    )
-    if reduce is not None:
-        stats = reduce(stats)
-    total = stats[0] - stats[1:-1].pow(2).sum() / stats[-1].clamp_min(1)
-    return total.to(x.dtype)
+from sae.sparsity import INITIAL_SPARSITY, batch_topk, control_sparsity, rate_cut
+from sae.statistics import Reduce, scale_and_mean, variance
 
 
 class ForwardOutput(NamedTuple):
@@ -404,10 +384,10 @@ class SAE(nn.Module):
         input, or a transcoder's target), and for jumprelu and relu the encoder's cut so that
         each latent fires on k / n of the sample to start with, as it should at the target L0.
         Under data parallelism the cut needs `gather` too, and equals one process's exactly."""
-        scale, mean = _scale_and_mean(x, self.cfg.d_in, reduce)
+        scale, mean = scale_and_mean(x, self.cfg.d_in, reduce)
         self.input_scale.fill_(scale)
         if self.cfg.is_transcoder:
-            out_scale, mean = _scale_and_mean(target, self.cfg.d_out, reduce)
+            out_scale, mean = scale_and_mean(target, self.cfg.d_out, reduce)
             self.output_scale.fill_(out_scale)
             self.b_dec.copy_((mean * out_scale).to(self.b_dec.dtype))
         else:
@@ -488,19 +468,3 @@ class SAE(nn.Module):
             self.threshold.copy_(state["threshold"].float().mean())
         if "threshold" in state and self.cfg.architecture == "jumprelu":
             self.log_threshold.copy_(state["threshold"].float().clamp_min(1e-30).log())
-
-
-def _scale_and_mean(x: Tensor, d: int, reduce: Reduce | None) -> tuple[float, Tensor]:
-    """(s with E||x s||^2 = d, the mean row (d,) in x's units), pooled over ranks by `reduce`."""
-    stats = torch.cat(
-        [
-            x.double().pow(2).sum().view(1),
-            x.double().sum(0),
-            x.new_tensor([x.shape[0]], dtype=torch.float64),
-        ]
-    )
-    if reduce is not None:
-        stats = reduce(stats)
-    count = stats[-1].clamp_min(1)
-    mean_sq = float(stats[0] / count)
-    return math.sqrt(d / max(mean_sq, 1e-12)), stats[1:-1] / count

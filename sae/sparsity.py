@@ -5,12 +5,12 @@ that moves the sparsity penalty of JumpReLU and ReLU until their L0 sits at the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
-Reduce = Callable[[Tensor], Tensor]
+from sae.statistics import Reduce
 
 # The sparsity controller: log lambda moves by at most this much per step, in proportion to
 # (L0 - target) / target: lambda can change e-fold in 20 steps, and batch-to-batch noise in L0

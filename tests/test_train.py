@@ -574,7 +574,8 @@ def test_dense_auxk_path_matches_the_sparse_kernel():
 
     from sae.config import SAEConfig
     from sae.kernels import sparse_decode, topk_encode
-    from sae.model import SAE, variance
+    from sae.model import SAE
+    from sae.statistics import variance
 
     torch.manual_seed(0)
     dense = SAE(SAEConfig(d_in=32, n_latents=256, k=8, k_aux=40))
