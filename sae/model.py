@@ -82,7 +82,7 @@ class SAE(nn.Module):
             self.register_buffer("sparsity_coefficient", coefficient)
         self.threshold_lr = 0.01  # the EMA rate; the trainer shortens it for short runs
         # JumpReLU trains as TopK while this is set: the trainer's warm-up, after which
-        # cut_at_target_l0 sets the thresholds from the warmed-up encoder
+        # cut_like_batch_topk sets the thresholds from the warmed-up encoder
         self.warm_topk = False
         self.reset_parameters()
 
