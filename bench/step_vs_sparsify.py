@@ -62,8 +62,6 @@ def ours(n: int, k: int, steps: int, folder: Path, auxk: bool):
         tokens=steps * BATCH, batch=BATCH, seed=0, auxk=auxk,
     )  # fmt: skip
     trainer = Trainer(cfg, folder / f"run-auxk{int(auxk)}", progress=False)
-    for m in trainer.members:
-        m.optimizer.train()
     return lambda x: trainer._step(SimpleNamespace(acts={SITE: x}))
 
 

@@ -405,7 +405,7 @@ class SAE(nn.Module):
         rows = x.new_tensor(float(len(x)))
         rows = int(reduce(rows)) if reduce is not None else len(x)
         m = max(1, round(rows * cfg.k / n))  # tokens each latent should fire on
-        cut = rate_cut(self._pre_chunks(x), m, n, gather)  # (n,): each latent's m-th largest
+        cut = rate_cut(self._pre_chunks(x), m, gather)  # (n,): each latent's m-th largest
         if cfg.architecture == "jumprelu":
             self.log_threshold.copy_(cut.float().clamp_min(cfg.bandwidth).log())
         else:

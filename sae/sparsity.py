@@ -65,13 +65,13 @@ def batch_topk(
 
 
 @torch.no_grad()
-def rate_cut(pre_chunks: Iterable[Tensor], m: int, n: int, gather: Reduce | None = None) -> Tensor:
+def rate_cut(pre_chunks: Iterable[Tensor], m: int, gather: Reduce | None = None) -> Tensor:
     """Each latent's m-th largest pre-activation (n,) over chunks of (rows, n), and over all
     ranks with `gather`: the global m largest are among every rank's own m largest."""
     top = None  # (m, n): each latent's m largest so far
     for pre in pre_chunks:
-        top = pre.new_full((m, n), -math.inf) if top is None else top
+        top = pre.new_full((m, pre.shape[1]), -math.inf) if top is None else top
         top = torch.cat([top, pre]).topk(m, dim=0).values
     if gather is not None:
-        top = gather(top.flatten()).view(-1, n).topk(m, dim=0).values
+        top = gather(top.flatten()).view(-1, top.shape[1]).topk(m, dim=0).values
     return top[-1]

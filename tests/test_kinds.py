@@ -193,8 +193,7 @@ def test_sparsity_controller_moves_lambda_towards_the_target_l0():
 def test_the_warm_up_cut_keeps_each_latents_firing_rate():
     """JumpReLU leaves its TopK warm-up with one threshold, BatchTopK's cutoff: the batch keeps
     L0 = k and a frequent latent keeps its rate. A cut giving every latent the rate k / n
-    silences most of what the frequent latents carry (on the planted Zipf stream of
-    bench/train_kinds.py this doubled the FVU, 0.34 to 0.61, and the L0 then fell to 10 of 32)."""
+    silences most of what the frequent latents carry (BENCHMARKS.md, More dictionaries)."""
     from sae.synthetic import firing_probabilities, sample_codes
 
     n, k, N = 64, 4, 4096
