@@ -176,7 +176,11 @@ def serve(path: Path | str, host: str = "127.0.0.1", port: int = 8050, device: s
         f"[saewb] dashboard at http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/ "
         "(Ctrl-C to stop)"
     )
-    app.run(host=host, port=port, debug=False)
+    # waitress, a production WSGI server, rather than Flask's development server; its threads
+    # serve requests while 'try your own text' and steering jobs run in their own threads.
+    from waitress import serve as serve_wsgi
+
+    serve_wsgi(app.server, host=host, port=port, threads=8)
 
 
 __all__ = ["NotFound", "create_app", "serve", "route", "guard"]

@@ -39,7 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from analysis.evaluate import EVAL_FILE, evaluate, format_table
+    from analysis.evaluation import EVAL_FILE, evaluate, format_table
     from analysis.run import open_run
     from hooks.models import parse_device
     from hooks.paths import atomic_write_json

@@ -22,7 +22,7 @@ from conftest import (
 )
 from dash import no_update
 
-from analysis.evaluate import evaluate
+from analysis.evaluation import evaluate
 from analysis.run import open_run
 from analysis.store.build import analyze
 from dashboard import app as dash_app
@@ -296,10 +296,18 @@ def test_binds_to_loopback_unless_told(folder, monkeypatch):
     args = build_parser().parse_args(["dashboard", str(folder[0])])
     assert args.host == "127.0.0.1" and args.port == 8050
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
+    import waitress
+
     served = {}
-    monkeypatch.setattr(dash_app.Dash, "run", lambda self, **kw: served.update(kw))
+
+    def development_server(self, **kw):
+        raise AssertionError("served by Flask's development server")
+
+    monkeypatch.setattr(dash_app.Dash, "run", development_server)
+    monkeypatch.setattr(waitress, "serve", lambda app, **kw: served.update(app=app, **kw))
     assert main(["dashboard", str(folder[0]), "--port", "8123"]) == 0
-    assert served == {"host": "127.0.0.1", "port": 8123, "debug": False}
+    assert type(served.pop("app")).__name__ == "Flask"  # the Dash app's WSGI server, in waitress
+    assert served == {"host": "127.0.0.1", "port": 8123, "threads": 8}
     assert main(["dashboard", str(folder[0] / "nope")]) == 2
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_model
 
-from analysis.evaluate import ReconstructionStats, evaluate, sae_splice, with_error_term
+from analysis.evaluation import ReconstructionStats, evaluate, sae_splice, with_error_term
 from analysis.run import open_run
 from hooks.errors import UserError
 from hooks.models import LoadedModel
@@ -455,7 +455,7 @@ def test_transcoder_error_term_gives_the_clean_loss_exactly(tc_world, tmp_path):
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_transcoder_error_term_splice_is_bitwise_on_every_architecture(tokenizer, arch):
     """Capture records mlp_in.1 and, later in the same forward, the Splice at mlp_out.1 reads it."""
-    from analysis.evaluate import recorded_input
+    from analysis.evaluation import recorded_input
     from hooks.sites import Capture, resolve_site
 
     model = make_model(arch, len(tokenizer))

@@ -104,7 +104,7 @@ def test_a_run_from_a_cache_keeps_the_cache_selection_after_the_cache_moves(
 
 
 def test_a_missing_source_is_an_error_that_names_it(tmp_path, tiny_dir, tiny_llama):
-    from analysis.evaluate import evaluate
+    from analysis.evaluation import evaluate
 
     gone = tmp_path / "gone.txt"
     run = open_run(_run_dir(tmp_path / "run", tiny_dir, Selection(dataset=str(gone))))

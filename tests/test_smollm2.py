@@ -135,48 +135,66 @@ def test_short_training_run_on_live_smollm2_lowers_fvu(tmp_path: Path):
     assert fvu[-1] < 0.9 * fvu[0]
 
 
-def test_demo_runs_every_stage(tmp_path: Path, capsys):
+def test_the_tiny_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path: Path, capsys):
+    """`saewb demo --tiny --no-serve`, as CI runs it: every stage writes its files, the summary
+    reads them, and a rerun redoes nothing."""
     import json
 
     from saewb_cli import main
+    from saewb_cli.demo import STAGES, TINY
 
+    out_dir = tmp_path / "demo"
     with user_cache():
-        code = main(
-            [
-                "demo",
-                "--out",
-                str(tmp_path / "demo"),
-                "--tokens",
-                "4096",
-                "--latents",
-                "256",
-                "--batch",
-                "1024",
-                "--eval-tokens",
-                "1024",
-                "--analyze-tokens",
-                "2048",
-                "--no-serve",
-            ]
-        )
+        code = main(["demo", "--tiny", "--no-serve", "--out", str(out_dir)])
     out = capsys.readouterr().out
     assert code == 0, out
-    run = tmp_path / "demo" / "run"
-    assert json.loads((run / "eval.json").read_text())["metrics"]["l0"] == 16
-    assert (run / "features" / "manifest.json").exists()
-    assert "== done" in out
-    # The dashboard serves what the demo made, and live text runs the real model and SAE.
+    for stage in STAGES:
+        assert stage.output == "" or (out_dir / stage.output).exists(), stage.name
+    run = out_dir / "run"
+    metrics = json.loads((run / "eval.json").read_text())["metrics"]
+    assert metrics["l0"] == TINY.k and 0 < metrics["fvu"] < 1
+    for name in ("map", "lobes", "galaxy", "crystals", "multidim"):
+        assert (run / "geometry" / name / "summary.json").exists(), name
+    record = json.loads((out_dir / "demo.json").read_text())
+    summary = record["summary"]
+    assert summary["fvu"] == metrics["fvu"]
+    assert set(summary["circles"]) == {"weekday", "month"}
+    assert {"lf", "caa", "random"} <= set(summary["lf_steering"])
+    lf = json.loads((run / "steering" / "lf_steering.json").read_text())
+    assert (
+        summary["lf_steering"]["lf"]["consistency_delta"]
+        == (lf["methods"]["lf"]["consistency_delta"])
+    )
+    frontier = json.loads((run / "steering/frontiers/demo-sentiment.json").read_text())
+    assert set(frontier["curves"]) == {"sae", "caa:sentiment"}
+    assert summary["frontier"]["feature"] == frontier["settings"]["methods"]["sae"][0]["feature"]
+    assert "saewb demo: done in" in out and "CE loss recovered" in out
+    assert out.count("] ") >= len(STAGES)  # one line per stage
+
+    with user_cache():
+        assert main(["demo", "--tiny", "--no-serve", "--out", str(out_dir)]) == 0
+    again = capsys.readouterr().out
+    assert again.count("done already") == len(STAGES) - 1  # all but the model's instant check
+    stages = json.loads((out_dir / "demo.json").read_text())["stages"]
+    assert {k: v for k, v in stages.items() if k != "model"} == {
+        k: v for k, v in record["stages"].items() if k != "model"
+    }
+    # The dashboard serves what the demo made.
     from dashboard.app import route
     from dashboard.data import Workspace
+
+    ws = Workspace(out_dir)
+    assert list(ws.runs()) == ["run"]
+    body, _ = route(ws, f"/feature/{summary['frontier']['feature']}", "?run=run")
+    assert "Top activations" in str(body)
+    body, _ = route(ws, "/map", "?run=run")
+    assert "not found" not in str(body).lower()
+    # Live text runs the real model and SAE.
     from dashboard.pages import feature
 
-    ws = Workspace(tmp_path / "demo")
-    assert list(ws.runs()) == ["run"]
-    body, _ = route(ws, "/feature/0", "?run=run")
-    assert "Top activations" in str(body) or "never fired" in str(body)
     with user_cache():
         codes = ws.probe("run").encode("Paris is the capital of France.")
     assert not codes.kept[0] and all(codes.kept[1:])  # position 0 is never encoded
-    assert all(len(row) == 16 for row in codes.idx.tolist())
+    assert all(len(row) == TINY.k for row in codes.idx.tolist())
     text = str(feature.probe_result(ws, "run", int(codes.idx[3, 0]), "Paris is lovely."))
     assert "probe-tokens" in text
