@@ -95,7 +95,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--tokens", default=None, help=f"tokens to train on (default {FULL.train_tokens:,})"
     )
-    demo.add_argument("--tiny", action="store_true", help="the same stages, small, in about a minute and a half")
+    demo.add_argument(
+        "--tiny", action="store_true", help="the same stages, small, in about a minute and a half"
+    )
     demo.add_argument("--no-serve", action="store_true", help="stop before the dashboard")
     demo.add_argument("--host", default="127.0.0.1", help="dashboard address (this machine only)")
     demo.add_argument("--port", type=int, default=8050, help="dashboard port")
