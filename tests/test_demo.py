@@ -78,3 +78,14 @@ def test_tokens_sets_the_training_tokens_and_caps_the_cache(tmp_path, capsys):
     assert plan.train_tokens == 100_000 and plan.harvest_tokens == 100_000
     plan = plan_from_args(build_parser().parse_args(["demo", "--tokens", "5M"]))
     assert plan.train_tokens == 5_000_000 and plan.harvest_tokens == FULL.harvest_tokens
+
+
+def test_ctrl_c_stops_the_dashboard_cleanly(tmp_path, monkeypatch, capsys):
+    import waitress
+
+    def interrupted(app, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(waitress, "serve", interrupted)
+    assert main(["dashboard", str(tmp_path)]) == 0
+    assert "dashboard stopped" in capsys.readouterr().err
