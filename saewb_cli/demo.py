@@ -173,6 +173,13 @@ class Demo:
 # -- the stages ----------------------------------------------------------------------------------
 
 
+def write_lines(path: Path, lines: list[str]) -> None:
+    """A jsonl file the stage hands to a command, written atomically."""
+    from hooks.paths import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+
+
 def fetch(demo: Demo) -> None:
     from hooks.models import smollm2_dir
 
@@ -215,8 +222,6 @@ def lf_steering(demo: Demo) -> None:
     p = demo.plan
     data = []
     if p.lf_groups is not None:  # the first few groups of each task, in a file of their own
-        from hooks.paths import atomic_write
-
         lines, seen = [], {}
         for line in BUILTIN.read_text().splitlines():
             task = json.loads(line)["task"]
@@ -224,7 +229,7 @@ def lf_steering(demo: Demo) -> None:
             if seen[task] <= p.lf_groups:
                 lines.append(line)
         subset = demo.out / "paraphrases.jsonl"
-        atomic_write(subset, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+        write_lines(subset, lines)
         data = ["--data", subset]
     demo.saewb("lf-steer", demo.run, *data, "--counts", p.lf_counts, "--strengths",
                p.lf_strengths, "--boot", p.lf_boot)  # fmt: skip
@@ -235,7 +240,6 @@ def frontier(demo: Demo) -> None:
     decoder direction is nearest it, and both swept over strength: which turns a negative
     review's answer to " positive" more per unit of KL on neutral text."""
     from analysis.steering.paraphrases import TEMPLATES, builtin_groups
-    from hooks.paths import atomic_write
 
     template = TEMPLATES["sentiment"]
     groups = [g for g in builtin_groups() if g.task == "sentiment"]
@@ -243,14 +247,15 @@ def frontier(demo: Demo) -> None:
     bad = [template.format(text=t) for g in groups if g.gold == " negative" for t in g.paraphrases]
     lines = [json.dumps(dict(positive=a, negative=b)) for a, b in zip(good, bad)]
     pairs = demo.out / PAIRS_FILE
-    atomic_write(pairs, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    write_lines(pairs, lines)
     demo.saewb("caa", demo.run, "--pairs", pairs, "--name", VECTOR)
     feature, norm = nearest_latent(demo.run)
     print(f"the latent nearest the CAA sentiment vector is {feature}")
     targets = [a for t in SWEEP_TARGETS for a in ("--target", t)]
+    vector = f"{VECTOR}:{CAA_LENGTH * norm:.4g}"
     demo.saewb("steer", demo.run, "--prompt", template.format(text=SWEEP_REVIEW),
-               "--feature", f"{feature}:1", "--units", "max", "--vector", f"{VECTOR}:{CAA_LENGTH * norm:.4g}",
-               *targets, "--sweep", "--strengths", demo.plan.sweep_strengths, "--max-new", 2,
+               "--feature", f"{feature}:1", "--units", "max", "--vector", vector, *targets,
+               "--sweep", "--strengths", demo.plan.sweep_strengths, "--max-new", 2,
                "--name", FRONTIER)  # fmt: skip
 
 
@@ -428,7 +433,8 @@ def print_summary(demo: Demo) -> None:
               f"angle for {_num(c['neighbours'], '.2f')} of them")  # fmt: skip
     for method, m in s["lf_steering"].items():
         lo, hi = m.get("consistency_delta_ci") or (None, None)
-        print(f"  {METHOD_NAMES.get(method, method):16s} paraphrase consistency {_num(m['consistency'])} "
+        name = METHOD_NAMES.get(method, method)
+        print(f"  {name:16s} paraphrase consistency {_num(m['consistency'])} "
               f"({_num(m['consistency_delta'], '+.3f')}, 95% CI {_num(lo, '+.3f')}.."
               f"{_num(hi, '+.3f')})")  # fmt: skip
     matched = s["frontier"].get("matched") or {}
