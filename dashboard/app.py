@@ -180,7 +180,10 @@ def serve(path: Path | str, host: str = "127.0.0.1", port: int = 8050, device: s
     # serve requests while 'try your own text' and steering jobs run in their own threads.
     from waitress import serve as serve_wsgi
 
-    serve_wsgi(app.server, host=host, port=port, threads=8)
+    try:
+        serve_wsgi(app.server, host=host, port=port, threads=8)
+    except KeyboardInterrupt:  # Ctrl-C is how a served dashboard ends, not an interruption
+        print("[saewb] dashboard stopped.", file=sys.stderr)
 
 
 __all__ = ["NotFound", "create_app", "serve", "route", "guard"]

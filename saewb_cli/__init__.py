@@ -49,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saewb: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.command == "dashboard":  # Ctrl-C is how a served dashboard ends
-            print("saewb: dashboard stopped.", file=sys.stderr)
-            return 0
         hint = " with --resume" if args.command in ("train", "analyze") else ""
         print(f"saewb: interrupted; rerun the same command{hint} to continue.", file=sys.stderr)
         return 130

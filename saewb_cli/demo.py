@@ -315,10 +315,8 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         from dashboard.app import serve
 
         print(first_pages(demo, args.host, args.port), flush=True)
-        try:
-            serve(demo.out, args.host, args.port)
-        except KeyboardInterrupt:  # Ctrl-C is how a served dashboard ends: not an interruption
-            print(f"\ndashboard stopped; `saewb dashboard {demo.out}` serves it again")
+        serve(demo.out, args.host, args.port)
+        print(f"`saewb dashboard {demo.out}` serves it again")
     return demo.record
 
 
